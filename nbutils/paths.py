@@ -1,0 +1,24 @@
+"""Paths built from the repository root (never from the current directory)."""
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+PROCESSED_DIR = DATA_DIR / "processed"
+RUNS_DIR = REPO_ROOT / "runs"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models and downloads: ``$NBUTILS_CACHE`` or ``~/.cache/nbutils``."""
+    root = os.environ.get("NBUTILS_CACHE") or Path.home() / ".cache" / "nbutils"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A user path: absolute as given, relative ones taken from the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
