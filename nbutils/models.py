@@ -152,36 +152,53 @@ def _describe_accepted() -> str:
     )
 
 
-def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
-    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path."""
-    import keras_hub
-
-    start = time.perf_counter()
-    if model == TINY_MODEL:
-        lm = tiny_gemma(sequence_length, seed)
-    elif model == LOCAL_MODEL:
-        lm = keras_hub.models.CausalLM.from_preset(str(local_preset_dir()))
-    elif model.endswith(".gguf"):
+def resolve_preset(model: str) -> str:
+    """A keras-hub preset folder or handle for ``model`` (converting the GGUF if needed)."""
+    if model == LOCAL_MODEL:
+        return str(local_preset_dir())
+    if model.endswith(".gguf"):
         gguf_path = paths.resolve(model)
         if not gguf_path.is_file():
             raise ModelLoadError(f"model={model!r}: no such file {gguf_path}.")
         preset = paths.cache_dir() / f"gguf-{sha256_file(gguf_path)[:16]}"
         if not (preset / "config.json").exists():
             convert_gguf(gguf_path, preset)
-        lm = keras_hub.models.CausalLM.from_preset(str(preset))
-    elif paths.resolve(model).is_dir():
-        lm = keras_hub.models.CausalLM.from_preset(str(paths.resolve(model)))
-    elif "://" in model or model in known_presets():
+        return str(preset)
+    if paths.resolve(model).is_dir():
+        return str(paths.resolve(model))
+    if "://" in model or model in known_presets():
         _check_reachable(model)
-        try:
-            lm = keras_hub.models.CausalLM.from_preset(model)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model={model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
-                f"Use model={LOCAL_MODEL!r} offline, or attach the model on Kaggle."
-            ) from None
-    else:
-        raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
+        return model
+    raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
+
+
+def _from_preset(cls, model: str):
+    """``cls.from_preset`` with download failures turned into one clear error."""
+    preset = resolve_preset(model)
+    try:
+        return cls.from_preset(preset)
+    except Exception as exc:
+        if preset != model:
+            raise
+        raise ModelLoadError(
+            f"model={model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"Use model={LOCAL_MODEL!r} offline, or attach the model on Kaggle."
+        ) from None
+
+
+def load_tokenizer(model: str = LOCAL_MODEL):
+    """Just the tokenizer of ``model`` (cheap: no weights are loaded)."""
+    import keras_hub
+
+    return local_tokenizer() if model == TINY_MODEL else _from_preset(keras_hub.models.Tokenizer, model)
+
+
+def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
+    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path."""
+    import keras_hub
+
+    start = time.perf_counter()
+    lm = tiny_gemma(sequence_length, seed) if model == TINY_MODEL else _from_preset(keras_hub.models.CausalLM, model)
     if lm.preprocessor is None:
         raise ModelLoadError(f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32).")
     lm.preprocessor.sequence_length = sequence_length

@@ -29,8 +29,11 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(real_lm):
-    return real_lm.preprocessor.tokenizer
+def tokenizer():
+    """The real Gemma 3 tokenizer (no weights loaded)."""
+    from nbutils import models
+
+    return models.local_tokenizer()
 
 
 @pytest.fixture(scope="session")

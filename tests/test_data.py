@@ -1,0 +1,205 @@
+"""Notebook 01's data layer: formats, bad input, validation, splits, determinism, template."""
+
+import json
+import socket
+
+import pytest
+
+from nbutils import data, paths, prompts, pycode_task
+
+from conftest import SHARED_ALPACA
+
+ROWS = [
+    {"instruction": "Give a synonym.", "input": "happy", "output": "Glad."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Say hello in French.", "output": "Bonjour."},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Capital of Italy?", "input": "", "output": "Rome."},
+    {"instruction": "Reverse the word.", "input": "stressed", "output": "desserts"},
+]
+
+
+@pytest.fixture(autouse=True)
+def processed_in_tmp(tmp_path, monkeypatch):
+    """Every test writes its processed data under tmp, never into the repository."""
+    monkeypatch.setattr(paths, "PROCESSED_DIR", tmp_path / "processed")
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def prepare(tok, path, **kw):
+    kw = {"val_size": 1, "test_size": 1, "sequence_length": 128, **kw}
+    return data.prepare(tok, data_path=str(path), **kw)
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_alpaca_json_list(tokenizer, tmp_path):
+    m = prepare(tokenizer, write(tmp_path / "a.json", json.dumps(ROWS)))
+    assert m["source"]["format"] == "alpaca" and m["rows_read"] == 6
+    assert m["counts"] == {"train": 4, "val": 1, "test": 1}
+
+
+def test_alpaca_jsonl(tokenizer, tmp_path):
+    m = prepare(tokenizer, write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS)))
+    assert m["source"]["format"] == "alpaca" and sum(m["counts"].values()) == 6
+
+
+def test_dolly_jsonl_with_category_filter(tokenizer, tmp_path):
+    dolly = [{"instruction": r["instruction"], "context": r.get("input", ""), "response": r["output"],
+              "category": "closed_qa" if i % 2 else "brainstorming"} for i, r in enumerate(ROWS)]  # fmt: skip
+    path = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in dolly))
+    m = prepare(tokenizer, path, categories=["closed_qa"], val_size=0, test_size=1)
+    assert m["source"]["format"] == "dolly"
+    assert m["drops"]["category_filtered"] == 3 and sum(m["counts"].values()) == 3
+    rows = data.read_jsonl(data.processed_dir("d") / "train.jsonl")
+    assert {r["output"] for r in rows} <= {"5", "Blue.", "desserts"}
+
+
+@pytest.mark.parametrize("sep,ext", [(",", "csv"), ("\t", "tsv")])
+def test_csv_tsv_with_column_mapping(tokenizer, tmp_path, sep, ext):
+    lines = [sep.join(["question", "context", "answer"])]
+    lines += [sep.join([r["instruction"], r.get("input", ""), r["output"]]) for r in ROWS]
+    path = write(tmp_path / f"t.{ext}", "\n".join(lines) + "\n")
+    m = prepare(tokenizer, path, columns={"instruction": "question", "input": "context", "output": "answer"})
+    assert m["source"]["format"] == ext and sum(m["counts"].values()) == 6
+
+
+def test_shared_alpaca_file_loads_999_rows():
+    if not SHARED_ALPACA.exists():
+        pytest.skip(f"{SHARED_ALPACA} is not on this machine")
+    rows, info = data.load_file(SHARED_ALPACA)
+    assert len(rows) == 999 and info["format"] == "alpaca"
+    assert all(data.row_problem(r) is None for r in rows)
+
+
+# ------------------------------------------------------------------ bad input (structural)
+
+
+@pytest.mark.parametrize("name,text,pattern", [
+    ("bad.json", "[{\"instruction\": \"x\",", r"bad.json line 1: not valid JSON"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops}\n', r"bad.jsonl line 2: not valid JSON"),
+    ("empty.json", "  \n", r"empty.json: the file is empty"),
+    ("none.json", "[]", r"none.json: no rows found"),
+    ("nofield.json", json.dumps([{"instruction": "a", "answer": "b"}]), r"no row has the field 'output'"),
+    ("rows.txt", "hello", r"rows.txt: cannot tell the format.*DATA_FORMAT"),
+    ("cols.csv", "q,a\nx,y\n", r"cols.csv: column\(s\) \['instruction', 'output'\] not in the header"),
+])  # fmt: skip
+def test_structural_errors_name_the_file(tokenizer, tmp_path, name, text, pattern):
+    with pytest.raises(data.DataError, match=pattern):
+        prepare(tokenizer, write(tmp_path / name, text))
+
+
+def test_missing_file_and_unknown_dataset(tokenizer, tmp_path):
+    with pytest.raises(data.DataError, match="no such file"):
+        prepare(tokenizer, tmp_path / "nope.json")
+    with pytest.raises(data.DataError, match="DATASET='squad' is unknown"):
+        data.prepare(tokenizer, dataset="squad")
+
+
+def test_online_dataset_without_network_names_offline_choices(monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(data.DataError, match="pycode-summary.*DATA_PATH"):
+        data.load_online("hf:tatsu-lab/alpaca")
+
+
+# ------------------------------------------------------------------ row-level validation
+
+
+def test_row_problems_are_dropped_and_counted(tokenizer, tmp_path):
+    rows = ROWS + [
+        {"instruction": "no output"},
+        {"instruction": 42, "output": "number instruction"},
+        {"instruction": "empty output", "output": "   "},
+        ROWS[0],
+        {"instruction": "Too long", "output": "word " * 400},
+        "not an object",
+    ]
+    m = prepare(tokenizer, write(tmp_path / "mixed.json", json.dumps(rows)))
+    assert m["drops"] == {"duplicate": 1, "empty_output": 1, "instruction_not_a_string": 1,
+                          "missing_output": 1, "not_an_object": 1, "too_long": 1,
+                          "truncated_prompt (kept)": 0}  # fmt: skip
+    assert sum(m["counts"].values()) == 6
+
+
+def test_truncation_cuts_prompt_never_response(tokenizer):
+    row = {"instruction": "Summarize.", "input": "lorem ipsum dolor " * 200, "output": "A long text about lorem."}
+    fitted, truncated = data.fit_to_length(row, tokenizer, "gemma", 96)
+    assert truncated and fitted["output"] == row["output"]
+    p, t = prompts.encode_example(tokenizer, fitted, "gemma")
+    assert len(p) + len(t) <= 96 and t[-1] == 106
+    assert t[:-1] == prompts.tokenize_batch(tokenizer, [row["output"]])[0]
+    # a response that alone overflows the budget drops the row instead of cutting it
+    assert data.fit_to_length({**row, "output": "x " * 200}, tokenizer, "gemma", 96) == (None, False)
+
+
+# ------------------------------------------------------------------ splits and determinism
+
+
+def test_same_seed_gives_byte_identical_outputs(tokenizer, tmp_path):
+    rows = [{"instruction": f"Task {i}", "input": f"value {i * 7}", "output": f"Answer {i}."} for i in range(40)]
+    path = write(tmp_path / "det.json", json.dumps(rows))
+    out = data.processed_dir("det")
+    snapshots = []
+    for _ in range(2):
+        prepare(tokenizer, path, val_size=0.2, test_size=0.2, seed=3)
+        snapshots.append({f: (out / f).read_bytes() for f in ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json")})
+    assert snapshots[0] == snapshots[1]
+    prepare(tokenizer, path, val_size=0.2, test_size=0.2, seed=4)
+    assert (out / "test.jsonl").read_bytes() != snapshots[0]["test.jsonl"]
+
+
+def test_grouped_split_keeps_modules_apart():
+    rows = [{"id": str(i), "module": f"m{i % 13}"} for i in range(300)]
+    splits = data.split_rows(rows, 0.15, 0.15, seed=0, group_key="module")
+    modules = {s: {r["module"] for r in rs} for s, rs in splits.items()}
+    assert not (modules["train"] & modules["test"] or modules["train"] & modules["val"] or modules["val"] & modules["test"])
+    assert sum(len(v) for v in splits.values()) == 300 and all(splits.values())
+
+
+def test_test_path_replaces_the_test_split(tokenizer, tmp_path):
+    main = write(tmp_path / "main.json", json.dumps(ROWS))
+    held = write(tmp_path / "held.json", json.dumps([ROWS[0], {"instruction": "New task", "output": "New."}]))
+    m = prepare(tokenizer, main, test_path=str(held), val_size=1)
+    assert m["counts"]["test"] == 2 and m["drops"]["also_in_TEST_PATH"] == 1
+    assert m["counts"]["train"] + m["counts"]["val"] == 5
+
+
+def test_builtin_task_mines_the_stdlib(tokenizer):
+    rows, info = pycode_task.mine_stdlib(tokenizer, max_source_tokens=192)
+    assert len(rows) > 2000 and info["python_version"] and sum(info["per_module"].values()) == len(rows)
+    assert not any("/test" in r["id"] or r["id"].startswith(("test/", "idlelib/")) for r in rows)
+    for r in rows[:200]:
+        assert '"""' not in r["input"].split("\n", 2)[1] and 3 <= len(r["output"].split()) <= 30
+
+
+def test_pycode_source_drops_docstring_and_dedents():
+    import ast
+
+    src = 'class A:\n    @property\n    def f(self):\n        """Return the thing.\n\n        More."""\n        return 1\n'
+    node = ast.parse(src).body[0].body[0]
+    assert pycode_task.source_without_docstring(src.splitlines(keepends=True), node) == "@property\ndef f(self):\n    return 1"
+    assert pycode_task.first_sentence("Return the thing. More words.\n\nDetails.") == "Return the thing."
+
+
+# ------------------------------------------------------------------ the template
+
+
+@pytest.mark.parametrize("style,stop_id", [("gemma", 106), ("alpaca", 1)])
+def test_targets_end_with_the_single_stop_token(tokenizer, style, stop_id):
+    for row in ROWS:
+        p, t = prompts.encode_example(tokenizer, {**row, "input": row.get("input", "")}, style)
+        assert t[-1] == stop_id and stop_id not in t[:-1] and p[0] == 2
+        assert prompts.render_prompt(row, style).endswith("model\n" if style == "gemma" else "### Response:\n")
+
+
+def test_unknown_template_is_a_clear_error():
+    with pytest.raises(ValueError, match="TEMPLATE='chatml'.*gemma, alpaca"):
+        prompts.render_prompt(ROWS[0], "chatml")
