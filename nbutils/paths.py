@@ -5,8 +5,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
-PROCESSED_DIR = DATA_DIR / "processed"
-RUNS_DIR = REPO_ROOT / "runs"
+# Tests point these elsewhere (the notebook kernels inherit the environment).
+PROCESSED_DIR = Path(os.environ.get("NBUTILS_PROCESSED_DIR") or DATA_DIR / "processed")
+RUNS_DIR = Path(os.environ.get("NBUTILS_RUNS_DIR") or REPO_ROOT / "runs")
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 

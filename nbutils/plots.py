@@ -40,3 +40,36 @@ def token_length_histogram(prompt_lens: list[int], target_lens: list[int], seque
     ax.set(xlabel="tokens", ylabel="rows", title=f"Token lengths ({truncated_share:.2%} of rows had their prompt truncated)")
     ax.legend()
     return save(fig, path)
+
+
+def loss_curve(log_csv: Path, path: Path) -> Path:
+    """Train loss per step and validation loss at each evaluation, from ``train_log.csv``."""
+    import csv
+
+    rows = list(csv.DictReader(open(log_csv)))
+    fig, ax = _figure()
+    ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train (per response token)", alpha=0.7)
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="training batch", ylabel="loss (nats / response token)", title="LoRA fine-tuning")
+    ax.legend()
+    return save(fig, path)
+
+
+def metric_bars(comparison: dict, path: Path, metrics: tuple = ("rougeL_f1", "chrf", "exact_match", "stop_rate")) -> Path:
+    """Baseline vs tuned bars per metric, with the tuned bar's paired-bootstrap 95% CI of the difference."""
+    import numpy as np
+
+    keys = [m for m in metrics if m in comparison]
+    fig, ax = _figure()
+    x = np.arange(len(keys))
+    base = [comparison[k]["baseline"] for k in keys]
+    tuned = [comparison[k]["tuned"] for k in keys]
+    err = np.array([[comparison[k]["diff"] - comparison[k]["ci95"][0], comparison[k]["ci95"][1] - comparison[k]["diff"]] for k in keys]).T
+    ax.bar(x - 0.2, base, 0.4, label="baseline")
+    ax.bar(x + 0.2, tuned, 0.4, yerr=err, capsize=4, label="LoRA-tuned (error bar: 95% CI of the gain)")
+    ax.set_xticks(x, keys)
+    ax.set(ylim=(0, 1.05), title="Test-set metrics, baseline vs LoRA")
+    ax.legend()
+    return save(fig, path)

@@ -15,7 +15,7 @@ import json
 
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, models, paths, prompts
+from nbutils import data, models, prompts
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"  # whose tokenizer measures lengths: "gemma3_270m_local", "tiny", a keras-hub preset…
@@ -102,4 +102,4 @@ assert (out_dir / "token_lengths.png").stat().st_size > 0
 if "modules_per_split" in manifest:
     m = manifest["modules_per_split"]
     assert not (set(m["train"]) & set(m["test"])) and not (set(m["val"]) & set(m["test"]))
-print(f"OK: wrote {out_dir.relative_to(paths.REPO_ROOT)} with {manifest['counts']}")
+print(f"OK: wrote {out_dir} with {manifest['counts']}")

@@ -1,0 +1,195 @@
+"""Generation, metrics and paired comparison (notebooks 02 and 04).
+
+Generation calls keras-hub's compiled generate function on token ids we build with the shared
+template, so we know exactly how many tokens each answer used and whether it ended on the stop
+token. Metrics come from established packages (``rouge-score``, ``sacrebleu``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import time
+
+import numpy as np
+
+from nbutils import prompts
+
+METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
+HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "response_loss": False,
+                    "stop_rate": True, "mean_tokens": None}  # fmt: skip
+
+
+def make_sampler(spec: str = "greedy", seed: int = 0):
+    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded)."""
+    import keras_hub
+
+    kind, _, value = spec.partition(":")
+    if kind == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    if kind == "top_k":
+        return keras_hub.samplers.TopKSampler(k=int(value or 50), seed=seed)
+    if kind == "top_p":
+        return keras_hub.samplers.TopPSampler(p=float(value or 0.9), seed=seed)
+    raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' or 'top_p:<p>'.")
+
+
+def _bucket(n: int, size: int = 32) -> int:
+    """Round up to a multiple of ``size`` so few distinct shapes get compiled."""
+    return -(-n // size) * size
+
+
+def generate(lm, rows: list[dict], style: str, max_new_tokens: int = 48, batch_size: int = 16,
+             sampler: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens."""
+    from tqdm.auto import tqdm
+
+    tokenizer = lm.preprocessor.tokenizer
+    stop = prompts.stop_token_id(tokenizer, style)
+    bos = int(tokenizer.token_to_id("<bos>"))
+    texts = [prompts.render_prompt(r, style) for r in rows]
+    prompt_ids = [[bos, *ids] for ids in prompts.tokenize_batch(tokenizer, texts)]
+    lm.compile(sampler=make_sampler(sampler, seed))
+    generate_fn = lm.make_generate_function()
+    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        padded = idx + [idx[-1]] * (batch_size - len(idx))  # fixed batch shape: one compile
+        length = _bucket(max(len(prompt_ids[i]) for i in idx) + max_new_tokens)
+        token_ids = np.zeros((batch_size, length), np.int32)
+        for row, i in enumerate(padded):
+            token_ids[row, : len(prompt_ids[i])] = prompt_ids[i]
+        out = generate_fn({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=[stop])
+        out_ids, out_mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
+        for row, i in enumerate(idx):
+            new = out_ids[row, len(prompt_ids[i]) :][out_mask[row, len(prompt_ids[i]) :]][:max_new_tokens].tolist()
+            stopped = stop in new
+            new = new[: new.index(stop)] if stopped else new
+            results[i] = {"id": rows[i].get("id", str(i)), "prompt": texts[i], "reference": rows[i]["output"],
+                          "prediction": tokenizer.detokenize(new) if new else "", "stopped": stopped,
+                          "n_tokens": len(new)}  # fmt: skip
+        bar.update(len(idx))
+    bar.close()
+    return [results[i] for i in range(len(rows))]
+
+
+def hidden_states(backbone, token_ids: np.ndarray, padding_mask: np.ndarray):
+    """Final hidden states from a jit-compiled forward pass (compiled once per input shape)."""
+    import jax
+
+    if getattr(backbone, "_nbutils_forward", None) is None:
+
+        def forward(trainable, non_trainable, ids, mask):
+            hidden, _ = backbone.stateless_call(trainable, non_trainable, {"token_ids": ids, "padding_mask": mask})
+            return hidden
+
+        backbone._nbutils_forward = jax.jit(forward)
+    trainable = [v.value for v in backbone.trainable_variables]
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    return backbone._nbutils_forward(trainable, non_trainable, token_ids, padding_mask)
+
+
+def response_losses(lm, rows: list[dict], style: str, sequence_length: int, batch_size: int = 16) -> list[dict]:
+    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count."""
+    import keras
+
+    from nbutils import training
+
+    arrays = training.make_arrays(rows, lm.preprocessor.tokenizer, style, sequence_length)
+    lengths = arrays["padding_mask"].sum(1)
+    order = np.argsort(lengths, kind="stable")
+    soft_cap = getattr(lm.backbone, "final_logit_soft_cap", None)
+    out: dict[int, dict] = {}
+    for start in range(0, len(rows), batch_size):
+        idx = order[start : start + batch_size]
+        padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])  # fixed batch shape
+        width = min(_bucket(int(lengths[idx].max()), 64), sequence_length)
+        ids, mask = arrays["token_ids"][padded, :width], arrays["padding_mask"][padded, :width]
+        hidden = hidden_states(lm.backbone, ids, mask)
+        targets = arrays["response_mask"][padded, 1:width]
+        targets[len(idx) :] = False  # positions whose *next* token is a response token
+        rows_i, cols_i = np.nonzero(targets)
+        picked = keras.ops.take(keras.ops.reshape(hidden, (-1, hidden.shape[-1])), rows_i * width + cols_i, axis=0)
+        logits = keras.ops.cast(lm.backbone.token_embedding(picked, reverse=True), "float32")
+        if soft_cap:
+            logits = keras.ops.tanh(logits / soft_cap) * soft_cap
+        nll = np.asarray(keras.ops.sparse_categorical_crossentropy(ids[rows_i, cols_i + 1], logits, from_logits=True))
+        for k, i in enumerate(idx):
+            sel = rows_i == k
+            out[int(i)] = {"loss_sum": float(nll[sel].sum()), "loss_tokens": int(sel.sum())}
+    return [out[i] for i in range(len(rows))]
+
+
+def normalise(text: str) -> str:
+    """Lowercase, drop punctuation and collapse whitespace (for exact match)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def score_rows(predictions: list[dict], losses: list[dict] | None = None) -> list[dict]:
+    """Per-row ROUGE-L F1, chrF, exact match, stop flag, token count and loss."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    scorer, chrf = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True), CHRF()
+    scored = []
+    for k, p in enumerate(predictions):
+        ref, hyp = p["reference"], p["prediction"]
+        row = {"id": p["id"], "rougeL_f1": scorer.score(ref, hyp)["rougeL"].fmeasure,
+               "chrf": chrf.sentence_score(hyp, [ref]).score / 100, "exact_match": float(normalise(ref) == normalise(hyp)),
+               "stopped": float(p["stopped"]), "n_tokens": float(p["n_tokens"])}  # fmt: skip
+        if losses:
+            row.update(losses[k])
+        scored.append(row)
+    return scored
+
+
+def aggregate(scored: list[dict], idx: np.ndarray | None = None) -> dict:
+    """Corpus metrics from per-row scores (optionally on a resampled index)."""
+    idx = np.arange(len(scored)) if idx is None else idx
+    col = lambda k: np.array([scored[i][k] for i in idx], dtype=float)  # noqa: E731
+    out = {"rougeL_f1": col("rougeL_f1").mean(), "chrf": col("chrf").mean(), "exact_match": col("exact_match").mean(),
+           "stop_rate": col("stopped").mean(), "mean_tokens": col("n_tokens").mean()}  # fmt: skip
+    if "loss_sum" in scored[0]:
+        out["response_loss"] = col("loss_sum").sum() / max(col("loss_tokens").sum(), 1)
+        out["perplexity"] = float(np.exp(out["response_loss"]))
+    return {k: float(v) for k, v in out.items()}
+
+
+def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Tuned − baseline per metric, with a paired bootstrap 95% CI over test rows."""
+    if [r["id"] for r in base] != [r["id"] for r in tuned]:
+        raise ValueError("baseline and tuned predictions are not on the same test rows in the same order; rerun 02.")
+    rng = np.random.default_rng(seed)
+    point_b, point_t = aggregate(base), aggregate(tuned)
+    keys = [k for k in point_b if k in point_t]
+    diffs = {k: [] for k in keys}
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(base), len(base))
+        b, t = aggregate(base, idx), aggregate(tuned, idx)
+        for k in keys:
+            diffs[k].append(t[k] - b[k])
+    return {k: {"baseline": point_b[k], "tuned": point_t[k], "diff": point_t[k] - point_b[k],
+                "ci95": [float(np.percentile(diffs[k], 2.5)), float(np.percentile(diffs[k], 97.5))]}
+            for k in keys}  # fmt: skip
+
+
+def run_inference(lm, rows: list[dict], style: str, sequence_length: int, max_new_tokens: int,
+                  batch_size: int, sampler: str, seed: int) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
+    """Generate + teacher-forced loss + per-row scores; returns predictions, scores and timings."""
+    t0 = time.perf_counter()
+    predictions = generate(lm, rows, style, max_new_tokens, batch_size, sampler, seed)
+    t1 = time.perf_counter()
+    losses = response_losses(lm, rows, style, sequence_length)
+    t2 = time.perf_counter()
+    return predictions, score_rows(predictions, losses), {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)}
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """Atomic JSONL write."""
+    from nbutils import data
+
+    data.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,62 @@
+"""Markdown tables and the run's ``report.md`` (notebook 04)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nbutils import data
+
+LABELS = {"rougeL_f1": "ROUGE-L F1", "chrf": "chrF", "exact_match": "exact match", "response_loss": "response loss (nats/token)",
+          "perplexity": "perplexity", "stop_rate": "stop rate", "mean_tokens": "mean answer tokens"}  # fmt: skip
+
+
+def _cell(text: str, width: int = 140) -> str:
+    """Text safe for one Markdown table cell."""
+    text = " ".join(str(text).replace("|", "\\|").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def comparison_table(comparison: dict) -> str:
+    """Metric | baseline | tuned | difference | 95% CI."""
+    lines = ["| metric | baseline | tuned | difference | 95% CI of difference |", "|---|---:|---:|---:|---|"]
+    for key, label in LABELS.items():
+        if key in comparison:
+            c = comparison[key]
+            lines.append(f"| {label} | {c['baseline']:.3f} | {c['tuned']:.3f} | {c['diff']:+.3f} | "
+                         f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def examples_table(rows: list[dict], baseline: list[dict], tuned: list[dict], n: int = 8) -> str:
+    """Prompt input, reference, baseline and tuned answers for the first ``n`` test rows."""
+    lines = ["| input | reference | baseline | tuned |", "|---|---|---|---|"]
+    for row, b, t in list(zip(rows, baseline, tuned))[:n]:
+        prompt = row.get("input") or row["instruction"]
+        lines.append(f"| `{_cell(prompt, 90)}` | {_cell(row['output'])} | {_cell(b['prediction'])} | {_cell(t['prediction'])} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, metrics: dict, examples: str) -> Path:
+    """``report.md``: settings, adapter, comparison table, chart and examples."""
+    s, a = metrics["settings"], metrics["adapter"]
+    text = "\n".join([
+        f"# LoRA fine-tuning report: {s['model']} on {s['dataset']}",
+        "",
+        f"- Test rows: {metrics['n_test_rows']}; template `{s['template']}`; sampler `{s['sampler']}`; "
+        f"max new tokens {s['max_new_tokens']}; seed {s['seed']}.",
+        f"- Adapter: rank {a['rank']}, targets `{a['targets']}`, alpha {a['alpha']}.",
+        "",
+        "## Baseline vs tuned (paired bootstrap 95% CI)",
+        "",
+        comparison_table(metrics["comparison"]),
+        "",
+        "![metrics](metrics.png)",
+        "",
+        "## Examples",
+        "",
+        examples,
+        "",
+    ])  # fmt: skip
+    path = Path(out) / "report.md"
+    data.write_atomic(path, text)
+    return path

@@ -1,0 +1,313 @@
+"""LoRA fine-tuning behind one function, :func:`train_lora` (notebook 03).
+
+Data in (rows rendered with the shared template), adapter and history out. The loss counts only
+response tokens (prompt and padding masked) and is reported per response token: each batch's
+sample weights are scaled so that Keras' ``sum_over_batch_size`` reduction equals the mean over the
+batch's response tokens. A faster path can replace :func:`fit_adapter` without touching notebooks.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nbutils import prompts
+
+# Our target names -> layer names inside keras-hub's Gemma decoder blocks.
+LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
+                "gate": "ffw_gating", "up": "ffw_gating_2", "down": "ffw_linear"}  # fmt: skip
+TARGET_GROUPS = {"attention": "query,key,value,output", "all": ",".join(LORA_TARGETS)}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a fine-tuning run (the notebook's parameters)."""
+
+    rank: int = 8
+    targets: str = "query,value"
+    alpha: float = 0.0  # 0 means alpha = rank (scale 1)
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # or "linear"
+    clipnorm: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # optimizer updates; 0 means EPOCHS over the train split
+    eval_every: int = 25
+    patience: int = 3
+    seed: int = 0
+
+
+def lora_layer_names(targets: str) -> list[str]:
+    """keras-hub layer names for ``query,value`` / ``attention`` / ``all`` (one-line error otherwise)."""
+    names = []
+    for part in TARGET_GROUPS.get(targets.strip(), targets).split(","):
+        part = part.strip()
+        if part not in LORA_TARGETS:
+            raise ValueError(f"LORA_TARGETS={targets!r}: unknown target {part!r}; use a comma list of "
+                             f"{', '.join(LORA_TARGETS)}, or 'attention' or 'all'.")  # fmt: skip
+        names.append(LORA_TARGETS[part])
+    return names
+
+
+def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0) -> dict:
+    """Freeze the model and add rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
+    if rank < 1:
+        raise ValueError(f"RANK={rank} must be a positive integer.")
+    backbone = lm.backbone
+    backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
+    layers = [lyr for lyr in backbone._flatten_layers(include_self=False) if lyr.weights]
+    for index in backbone._lora_enabled_layers:
+        layers[index].lora_alpha = float(alpha or rank)  # keras-hub's enable_lora has no alpha argument
+    return parameter_summary(lm)
+
+
+def parameter_summary(lm) -> dict:
+    """Total and trainable parameter counts, trainable share and adapter size."""
+    total = int(sum(np.prod(v.shape) for v in lm.backbone.weights))
+    trainable = int(sum(np.prod(v.shape) for v in lm.backbone.trainable_weights))
+    return {"total_params": total, "trainable_params": trainable, "trainable_share_pct": 100 * trainable / total,
+            "adapter_mb": trainable * 4 / 1e6}  # fmt: skip
+
+
+def mixed_precision(setting: str = "auto") -> str:
+    """Set Keras' global dtype policy (call before loading the model); returns its name."""
+    import jax
+    import keras
+
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'on' or 'off'.")
+    on = setting == "on" or (setting == "auto" and jax.default_backend() in ("gpu", "tpu"))
+    policy = "mixed_bfloat16" if on else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def make_arrays(rows: list[dict], tokenizer, style: str, sequence_length: int) -> dict[str, np.ndarray]:
+    """Token ids, padding mask and response mask of shape ``(rows, sequence_length)``."""
+    prompt_ids = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, style) for r in rows])
+    target_ids = prompts.tokenize_batch(tokenizer, [r["output"] for r in rows])
+    bos, stop = int(tokenizer.token_to_id("<bos>")), prompts.stop_token_id(tokenizer, style)
+    n = len(rows)
+    ids = np.zeros((n, sequence_length), np.int32)
+    response = np.zeros((n, sequence_length), bool)
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
+        seq = [bos, *p, *t, stop]
+        if len(seq) > sequence_length:
+            raise ValueError(f"row {rows[i].get('id', i)}: {len(seq)} tokens > SEQUENCE_LENGTH={sequence_length}; "
+                             "re-run notebook 01 with the same SEQUENCE_LENGTH.")  # fmt: skip
+        ids[i, : len(seq)] = seq
+        response[i, len(seq) - len(t) - 1 : len(seq)] = True
+    return {"token_ids": ids, "padding_mask": ids != 0, "response_mask": response}
+
+
+def batch_dataset(arrays: dict, batch_size: int, seed: int | None, repeat_epochs: int = 1):
+    """A tf.data pipeline of ``(x, y, sample_weight)`` with per-batch normalised response weights.
+
+    Autotuning is disabled: keras-hub's default numpy path stalled 0-39 s at the end of every fit().
+    """
+    import tensorflow as tf
+
+    n = len(arrays["token_ids"])
+    xs, ys, ws, ms = [], [], [], []
+    for epoch in range(repeat_epochs):
+        order = np.random.default_rng(seed + epoch).permutation(n) if seed is not None else np.arange(n)
+        for start in range(0, n - batch_size + 1 if seed is not None else n, batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = arrays["token_ids"][idx], arrays["padding_mask"][idx]
+            weight = arrays["response_mask"][idx][:, 1:].astype(np.float32)
+            weight *= weight.size / max(weight.sum(), 1.0)  # mean over response tokens
+            xs.append(ids[:, :-1])
+            ms.append(mask[:, :-1])
+            ys.append(ids[:, 1:])
+            ws.append(weight)
+    ds = tf.data.Dataset.from_generator(
+        lambda: (({"token_ids": x, "padding_mask": m}, y, w) for x, m, y, w in zip(xs, ms, ys, ws)),
+        output_signature=(
+            {"token_ids": tf.TensorSpec((None, None), tf.int32), "padding_mask": tf.TensorSpec((None, None), tf.bool)},
+            tf.TensorSpec((None, None), tf.int32),
+            tf.TensorSpec((None, None), tf.float32),
+        ),
+    )
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options), len(xs)
+
+
+def lr_schedule(cfg: TrainConfig, total_batches: int):
+    """Linear warmup to ``learning_rate`` then cosine or linear decay (counted in batches)."""
+    import keras
+
+    warmup = cfg.warmup_steps * cfg.grad_accum
+    decay = max(total_batches - warmup, 1)
+    if cfg.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
+    if cfg.schedule == "linear":
+        return WarmupLinear(cfg.learning_rate, warmup, total_batches)
+    raise ValueError(f"SCHEDULE={cfg.schedule!r}: use 'cosine' or 'linear'.")
+
+
+class WarmupLinear:
+    """Linear warmup then linear decay to zero (a keras LearningRateSchedule)."""
+
+    def __new__(cls, peak: float, warmup: int, total: int):
+        import keras
+
+        class _Schedule(keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):
+                step = keras.ops.cast(step, "float32")
+                up = step / max(warmup, 1)
+                down = (total - step) / max(total - warmup, 1)
+                return peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+            def get_config(self):
+                return {"peak": peak, "warmup": warmup, "total": total}
+
+        return _Schedule()
+
+
+def make_optimizer(cfg: TrainConfig, total_batches: int):
+    """AdamW with warmup+decay, clipping and accumulation; biases and norm scales skip weight decay."""
+    import keras
+
+    opt = keras.optimizers.AdamW(
+        learning_rate=lr_schedule(cfg, total_batches), weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm or None,
+        gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None,
+    )  # fmt: skip
+    opt.exclude_from_weight_decay(var_names=["bias", "scale"])
+    return opt
+
+
+def _step_logger_class():
+    """A Keras callback class that writes one CSV row per training batch."""
+    import keras
+
+    class StepLogger(keras.callbacks.Callback):
+        """CSV of step, train loss, val loss, learning rate and tokens/s."""
+
+        def __init__(self, path: Path, tokens_per_batch: list[int]):
+            super().__init__()
+            self.path, self.tokens, self.rows, self.step = Path(path), tokens_per_batch, [], 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            seconds = time.perf_counter() - self.t0
+            lr = float(self.model.optimizer._get_current_learning_rate())
+            tokens = self.tokens[self.step % len(self.tokens)]
+            self.rows.append({"step": self.step + 1, "train_loss": float(logs["loss"]), "val_loss": "",
+                              "learning_rate": lr, "tokens_per_s": round(tokens / seconds, 1)})  # fmt: skip
+            self.step += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.rows and logs and "val_loss" in logs:
+                self.rows[-1]["val_loss"] = float(logs["val_loss"])
+            self.flush()
+
+        def flush(self):
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+            tmp.replace(self.path)
+
+    return StepLogger
+
+
+def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) -> dict:
+    """Train the enabled LoRA weights with keras-hub's stock ``fit``; returns the Keras history."""
+    import keras
+
+    n_batches = len(train["token_ids"]) // cfg.batch_size
+    if n_batches < 1:
+        raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {len(train['token_ids'])} training rows.")
+    updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
+    total_batches = updates * cfg.grad_accum
+    epochs_needed = math.ceil(total_batches / n_batches)
+    train_ds, _ = batch_dataset(train, cfg.batch_size, cfg.seed, repeat_epochs=epochs_needed)
+    val_ds, val_batches = batch_dataset(val, cfg.batch_size, None)
+    steps_per_eval = cfg.eval_every * cfg.grad_accum
+    tokens = [int(train["padding_mask"][i : i + cfg.batch_size].sum()) for i in range(0, n_batches * cfg.batch_size, cfg.batch_size)]
+    logger = _step_logger_class()(log_path, tokens)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=1)
+    lm.compile(
+        optimizer=make_optimizer(cfg, total_batches),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    preprocessor, lm.preprocessor = lm.preprocessor, None  # inputs are already token ids
+    try:
+        history = lm.fit(train_ds.repeat(), validation_data=val_ds.repeat(), validation_steps=val_batches,
+                         steps_per_epoch=steps_per_eval,
+                         epochs=math.ceil(total_batches / steps_per_eval), callbacks=[logger, stopper], verbose=1)  # fmt: skip
+    finally:
+        lm.preprocessor = preprocessor
+    logger.flush()
+    return {"history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+            "best_val_loss": float(min(history.history["val_loss"])), "updates_planned": updates,
+            "batches_run": len(logger.rows), "stopped_early": stopper.stopped_epoch > 0}  # fmt: skip
+
+
+def train_lora(lm, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, style: str,
+               sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
+    """Tokenize, fit, and report; writes ``train_log.csv`` into ``out_dir``."""
+    tokenizer = lm.preprocessor.tokenizer
+    train = make_arrays(train_rows, tokenizer, style, sequence_length)
+    val = make_arrays(val_rows, tokenizer, style, sequence_length)
+    start = time.perf_counter()
+    result = fit_adapter(lm, train, val, cfg, Path(out_dir) / "train_log.csv")
+    result["train_seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def adapter_spec(cfg: TrainConfig, model: str, template: str, sequence_length: int, manifest_sha256: str) -> dict:
+    """Everything needed to rebuild the adapter on top of its base model."""
+    return {"model": model, "template": template, "sequence_length": sequence_length, "rank": cfg.rank,
+            "targets": cfg.targets, "lora_layers": lora_layer_names(cfg.targets), "alpha": float(cfg.alpha or cfg.rank),
+            "data_manifest_sha256": manifest_sha256, "config": dataclasses.asdict(cfg)}  # fmt: skip
+
+
+def save_adapter(lm, path: Path, spec: dict) -> tuple[Path, Path]:
+    """Write ``<name>.lora.h5`` (adapter weights only) and ``<name>.json`` (its spec), atomically."""
+    from nbutils import data
+
+    path = Path(path)
+    if not path.name.endswith(".lora.h5"):
+        raise ValueError(f"{path}: adapter files must end in .lora.h5")
+    tmp = path.with_name(path.name.replace(".lora.h5", ".tmp.lora.h5"))
+    lm.backbone.save_lora_weights(str(tmp))
+    tmp.replace(path)
+    spec_path = path.with_name(path.name.replace(".lora.h5", ".json"))
+    data.write_atomic(spec_path, json.dumps(spec, indent=2, sort_keys=True))
+    return path, spec_path
+
+
+def load_adapter(lm, path: Path, model: str) -> dict:
+    """Attach a saved adapter to ``lm`` after checking it was made for this model and shape."""
+    path = Path(path)
+    spec_path = path.with_name(path.name.replace(".lora.h5", ".json"))
+    if not path.exists() or not spec_path.exists():
+        raise FileNotFoundError(f"{path} (or its .json) not found: run notebooks/03_lora_finetune.ipynb first.")
+    spec = json.loads(spec_path.read_text())
+    if spec["model"] != model:
+        raise ValueError(f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match.")
+    enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        stored_rank, stored = int(f["lora/vars/rank"][()]), sorted(int(k) for k in f["lora"] if k.isdigit())
+    if stored_rank != spec["rank"] or stored != sorted(lm.backbone._lora_enabled_layers):
+        raise ValueError(f"{path}: weights (rank {stored_rank}, {len(stored)} layers) do not match its spec "
+                         f"(rank {spec['rank']}, targets {spec['targets']!r}); the adapter files are inconsistent.")  # fmt: skip
+    lm.backbone.load_lora_weights(str(path))
+    return spec

@@ -1,0 +1,79 @@
+# %% [markdown]
+# # 02 · Baseline inference
+#
+# **Purpose:** measure the base model on the test split *before* fine-tuning, with exactly the
+# prompt template and generation settings that notebook 04 will reuse for the tuned model.
+#
+# - **Reads:** `data/processed/<DATASET>/` (from 01).
+# - **Writes:** `runs/<RUN_ID>/baseline_predictions.jsonl`, `baseline_scores.jsonl`, `baseline_metrics.json`.
+# - **Previous:** `01_prepare_data` · **Next:** `03_lora_finetune`
+
+# %%
+import json
+
+from IPython.display import Markdown, display
+
+from nbutils import data, evaluation, models, runs
+
+# %% tags=["parameters"]
+MODEL = "gemma3_270m_local"  # "gemma3_270m_local" (offline), "tiny" (tests), or a keras-hub preset such as "gemma3_1b"
+DATASET = "pycode-summary"  # folder name under data/processed written by notebook 01
+RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
+MAX_TEST_ROWS = 0  # 0 means the whole test split
+MAX_NEW_TOKENS = 48  # answer length cap; the base model rarely stops on its own
+SAMPLER = "greedy"  # or "top_k:50" / "top_p:0.9" (seeded)
+GEN_BATCH_SIZE = 16
+SEED = 0
+
+# %% [markdown]
+# ## 1. Test rows and the model
+# The template and sequence length come from notebook 01's manifest, so every notebook renders
+# prompts the same way.
+
+# %%
+splits, manifest = data.load_processed(DATASET)
+test_rows = splits["test"][: MAX_TEST_ROWS or None]
+TEMPLATE, SEQUENCE_LENGTH = manifest["template"], manifest["params"]["sequence_length"]
+out = runs.run_dir(RUN_ID)
+lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
+print(f"{len(test_rows)} test rows · template {TEMPLATE!r} · model {MODEL} loaded in {lm.load_seconds}s")
+
+# %% [markdown]
+# ## 2. Generate, and score the references
+# Generation stops on the template's stop token or after `MAX_NEW_TOKENS`. We also compute the
+# teacher-forced **response loss**: how surprised the model is by the reference answers (lower is
+# better; `exp(loss)` is the perplexity).
+
+# %%
+predictions, scores, timing = evaluation.run_inference(
+    lm, test_rows, TEMPLATE, SEQUENCE_LENGTH, MAX_NEW_TOKENS, GEN_BATCH_SIZE, SAMPLER, SEED
+)
+metrics = evaluation.aggregate(scores)
+settings = {"model": MODEL, "dataset": DATASET, "template": TEMPLATE, "sequence_length": SEQUENCE_LENGTH,
+            "max_new_tokens": MAX_NEW_TOKENS, "sampler": SAMPLER, "gen_batch_size": GEN_BATCH_SIZE, "seed": SEED,
+            "test_rows": len(test_rows), "data_manifest_sha256": manifest["split_sha256"]}  # fmt: skip
+evaluation.write_jsonl(out / "baseline_predictions.jsonl", predictions)
+evaluation.write_jsonl(out / "baseline_scores.jsonl", scores)
+runs.write_json(out / "baseline_metrics.json", {"settings": settings, "metrics": metrics, "timing": timing})
+print(json.dumps(metrics, indent=1), timing)
+
+# %% [markdown]
+# ## 3. A few examples
+# Read them: numbers alone hide whether the model answers the question at all.
+
+# %%
+table = "| reference | baseline prediction | stopped |\n|---|---|---|\n"
+for p in predictions[:5]:
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+    table += f"| {cell(p['reference'])} | {cell(p['prediction'])} | {p['stopped']} |\n"
+display(Markdown(table))
+
+# %% [markdown]
+# ## Summary
+
+# %%
+saved = data.read_jsonl(out / "baseline_predictions.jsonl")
+assert len(saved) == len(test_rows) > 0 and [p["id"] for p in saved] == [r["id"] for r in test_rows]
+assert all(0 <= p["n_tokens"] <= MAX_NEW_TOKENS for p in saved)
+assert metrics["response_loss"] > 0 and 0 <= metrics["rougeL_f1"] <= 1
+print(f"OK: baseline ROUGE-L {metrics['rougeL_f1']:.3f}, stop rate {metrics['stop_rate']:.0%}, written to {out}")

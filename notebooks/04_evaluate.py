@@ -1,0 +1,95 @@
+# %% [markdown]
+# # 04 · Evaluate: baseline vs LoRA
+#
+# **Purpose:** load the base model plus the adapter, answer the same test rows with the same
+# settings as notebook 02, and compare honestly: per-metric differences with paired bootstrap 95%
+# confidence intervals, a chart, and examples side by side.
+#
+# - **Reads:** `data/processed/<DATASET>/`, `runs/<RUN_ID>/baseline_*` (02) and `adapter.*` (03).
+# - **Writes:** `runs/<RUN_ID>/tuned_predictions.jsonl`, `metrics.json`, `metrics.png`, `report.md`.
+# - **Previous:** `03_lora_finetune` · **Next:** none (see the README for rank experiments)
+
+# %%
+import json
+
+from IPython.display import Image, Markdown, display
+
+from nbutils import data, evaluation, models, plots, report, runs, training
+
+# %% tags=["parameters"]
+MODEL = "gemma3_270m_local"
+DATASET = "pycode-summary"
+RUN_ID = "manual"
+N_BOOTSTRAP = 1000  # paired bootstrap resamples of the test rows
+SEED = 0
+
+# %% [markdown]
+# ## 1. Base model + adapter, with 02's settings
+# The generation settings are read from notebook 02's output, not repeated here, so both sides are
+# generated identically.
+
+# %%
+baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
+settings = baseline["settings"]
+if settings["model"] != MODEL:
+    raise ValueError(f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02.")
+splits, manifest = data.load_processed(DATASET)
+test_rows = splits["test"][: settings["test_rows"]]
+out = runs.run_dir(RUN_ID)
+lm = models.load_gemma(MODEL, sequence_length=settings["sequence_length"], seed=SEED)
+spec = training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
+print(f"adapter: rank {spec['rank']}, targets {spec['targets']}, alpha {spec['alpha']}")
+
+# %% [markdown]
+# ## 2. Tuned predictions and scores
+
+# %%
+predictions, scores, timing = evaluation.run_inference(
+    lm, test_rows, settings["template"], settings["sequence_length"], settings["max_new_tokens"],
+    settings["gen_batch_size"], settings["sampler"], settings["seed"],
+)  # fmt: skip
+evaluation.write_jsonl(out / "tuned_predictions.jsonl", predictions)
+evaluation.write_jsonl(out / "tuned_scores.jsonl", scores)
+
+# %% [markdown]
+# ## 3. Baseline vs tuned
+# Each difference comes with a **paired bootstrap** 95% CI: we resample test rows (the same rows for
+# both models) and recompute the metrics. An interval entirely above 0 means the gain is not luck of
+# the draw of test rows.
+
+# %%
+base_scores = data.read_jsonl(out / "baseline_scores.jsonl")
+comparison = evaluation.paired_bootstrap(base_scores, scores, N_BOOTSTRAP, SEED)
+display(Markdown(report.comparison_table(comparison)))
+plots.metric_bars(comparison, out / "metrics.png")
+display(Image(filename=str(out / "metrics.png")))
+
+# %% [markdown]
+# ## 4. Examples side by side
+
+# %%
+base_predictions = data.read_jsonl(out / "baseline_predictions.jsonl")
+examples = report.examples_table(test_rows, base_predictions, predictions, n=8)
+display(Markdown(examples))
+
+# %% [markdown]
+# ## 5. Report
+# `metrics.json` holds every number above; `report.md` is the same story in one readable file.
+
+# %%
+metrics = {"settings": settings, "adapter": spec, "comparison": comparison, "timing": timing, "n_test_rows": len(test_rows)}
+runs.write_json(out / "metrics.json", metrics)
+report_path = report.write_report(out, metrics, examples)
+print(f"report: {report_path}")
+
+# %% [markdown]
+# ## Summary
+
+# %%
+saved = json.loads((out / "metrics.json").read_text())["comparison"]
+assert set(saved) >= {"rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens"}
+assert all(v["ci95"][0] <= v["diff"] <= v["ci95"][1] for v in saved.values())
+assert [p["id"] for p in predictions] == [p["id"] for p in base_predictions]
+assert report_path.read_text().startswith("# ")
+gain = saved["rougeL_f1"]
+print(f"OK: ROUGE-L {gain['baseline']:.3f} -> {gain['tuned']:.3f} (diff {gain['diff']:+.3f}, 95% CI {gain['ci95'][0]:+.3f}..{gain['ci95'][1]:+.3f})")
