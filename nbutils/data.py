@@ -191,9 +191,9 @@ def row_problem(row: dict) -> str | None:
     return None
 
 
-def fit_to_length(row: dict, tokenizer, style: str, sequence_length: int) -> tuple[dict | None, bool]:
+def fit_to_length(row: dict, tokenizer, template, sequence_length: int) -> tuple[dict | None, bool]:
     """Truncate the prompt side (input, then instruction) so the row fits; never the response."""
-    prompt_ids, target_ids = prompts.encode_example(tokenizer, row, style)
+    prompt_ids, target_ids = prompts.encode_example(tokenizer, row, template)
     if len(prompt_ids) + len(target_ids) <= sequence_length:
         return row, False
     row = dict(row)
@@ -205,13 +205,13 @@ def fit_to_length(row: dict, tokenizer, style: str, sequence_length: int) -> tup
             if field == "instruction" and keep < MIN_PROMPT_CONTENT_TOKENS:
                 return None, False
             row[field] = tokenizer.detokenize(ids[: max(keep, 0)]) if keep > 0 else ""
-            prompt_ids, _ = prompts.encode_example(tokenizer, row, style)
+            prompt_ids, _ = prompts.encode_example(tokenizer, row, template)
     if len(prompt_ids) + len(target_ids) > sequence_length:
         return None, False
     return row, True
 
 
-def validate(rows: list[dict], tokenizer, style: str, sequence_length: int) -> tuple[list[dict], collections.Counter]:
+def validate(rows: list[dict], tokenizer, template, sequence_length: int) -> tuple[list[dict], collections.Counter]:
     """Keep usable rows (truncating prompts where needed); count every dropped or truncated row."""
     counts: collections.Counter = collections.Counter()
     usable, seen = [], set()
@@ -226,10 +226,10 @@ def validate(rows: list[dict], tokenizer, style: str, sequence_length: int) -> t
         seen.add(key)
         usable.append({**row, "input": row.get("input") or ""})
     kept = []
-    for row, p_len, t_len in zip(usable, *token_lengths(usable, tokenizer, style)):
+    for row, p_len, t_len in zip(usable, *token_lengths(usable, tokenizer, template)):
         truncated = p_len + t_len > sequence_length
         if truncated:
-            row, truncated = fit_to_length(row, tokenizer, style, sequence_length)
+            row, truncated = fit_to_length(row, tokenizer, template, sequence_length)
             if row is None:
                 counts["too_long"] += 1
                 continue
@@ -324,9 +324,9 @@ def percentiles(values: list[int]) -> dict:
             "p99": int(np.percentile(arr, 99)), "max": int(arr.max())}  # fmt: skip
 
 
-def token_lengths(rows: list[dict], tokenizer, style: str) -> tuple[list[int], list[int]]:
+def token_lengths(rows: list[dict], tokenizer, template) -> tuple[list[int], list[int]]:
     """Prompt (with <bos>) and target (with stop token) lengths of each row."""
-    p = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, style) for r in rows])
+    p = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])
     t = prompts.tokenize_batch(tokenizer, [r["output"] for r in rows])
     return [len(x) + 1 for x in p], [len(x) + 1 for x in t]
 
@@ -376,11 +376,13 @@ def prepare(tokenizer, *, dataset: str = BUILTIN, data_path: str = "", data_form
             columns: dict | None = None, categories: list[str] | None = None, test_path: str = "",
             template: str = "gemma", sequence_length: int = 256, val_size: float = 0.1,
             test_size: float = 0.1, max_train: int = 0, max_val: int = 0, max_test: int = 0,
-            max_source_tokens: int = 192, seed: int = 0, model: str = "") -> dict:  # fmt: skip
+            max_source_tokens: int = 192, seed: int = 0, model: str = "", stop_token: str = "auto") -> dict:  # fmt: skip
     """Load, validate, split and write ``data/processed/<name>/``; returns the manifest."""
     from nbutils import plots, provenance
 
-    prompts.check_style(template)
+    template = prompts.Template(template, prompts.auto_stop_token(template, model) if stop_token == "auto" else stop_token)
+    if tokenizer.token_to_id(template.stop) in (None, int(tokenizer.token_to_id("<unk>"))):
+        raise DataError(f"STOP_TOKEN={template.stop!r} is not a single token of {model or 'this'} tokenizer; use '<eos>'.")
     rows, source = load_source(dataset, data_path, data_format, columns, categories, tokenizer, max_source_tokens)
     kept, counts = validate(rows, tokenizer, template, sequence_length)
     if not kept:
@@ -406,7 +408,7 @@ def prepare(tokenizer, *, dataset: str = BUILTIN, data_path: str = "", data_form
     truncated_share = float(np.mean([r["truncated"] for r in all_rows]))
     plots.token_length_histogram(p_len, t_len, sequence_length, truncated_share, out / "token_lengths.png")
     manifest = {
-        "dataset": name, "source": source, "template": template, "stop_token": prompts.stop_token(template),
+        "dataset": name, "source": source, "template": template.style, "stop_token": template.stop,
         "model_for_tokenizer": model, "seed": seed,
         "params": {"sequence_length": sequence_length, "val_size": val_size, "test_size": test_size,
                    "max_train": max_train, "max_val": max_val, "max_test": max_test, "data_format": data_format,

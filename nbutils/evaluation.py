@@ -40,15 +40,26 @@ def _bucket(n: int, size: int = 32) -> int:
     return -(-n // size) * size
 
 
-def generate(lm, rows: list[dict], style: str, max_new_tokens: int = 48, batch_size: int = 16,
+def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop: int, max_new_tokens: int) -> tuple[list[int], bool]:
+    """The generated ids of one row (without the stop token) and whether it ended on the stop token.
+
+    The stop token counts towards ``max_new_tokens``; tokens after it (or past the cap) are ignored.
+    """
+    new = token_ids[prompt_len:][mask[prompt_len:]][:max_new_tokens].tolist()
+    if stop in new:
+        return new[: new.index(stop)], True
+    return new, False
+
+
+def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_size: int = 16,
              sampler: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
     """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens."""
     from tqdm.auto import tqdm
 
     tokenizer = lm.preprocessor.tokenizer
-    stop = prompts.stop_token_id(tokenizer, style)
+    stop = prompts.stop_token_id(tokenizer, template)
     bos = int(tokenizer.token_to_id("<bos>"))
-    texts = [prompts.render_prompt(r, style) for r in rows]
+    texts = [prompts.render_prompt(r, template) for r in rows]
     prompt_ids = [[bos, *ids] for ids in prompts.tokenize_batch(tokenizer, texts)]
     lm.compile(sampler=make_sampler(sampler, seed))
     generate_fn = lm.make_generate_function()
@@ -65,9 +76,7 @@ def generate(lm, rows: list[dict], style: str, max_new_tokens: int = 48, batch_s
         out = generate_fn({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=[stop])
         out_ids, out_mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
         for row, i in enumerate(idx):
-            new = out_ids[row, len(prompt_ids[i]) :][out_mask[row, len(prompt_ids[i]) :]][:max_new_tokens].tolist()
-            stopped = stop in new
-            new = new[: new.index(stop)] if stopped else new
+            new, stopped = answer_tokens(out_ids[row], out_mask[row], len(prompt_ids[i]), stop, max_new_tokens)
             results[i] = {"id": rows[i].get("id", str(i)), "prompt": texts[i], "reference": rows[i]["output"],
                           "prediction": tokenizer.detokenize(new) if new else "", "stopped": stopped,
                           "n_tokens": len(new)}  # fmt: skip
@@ -92,13 +101,13 @@ def hidden_states(backbone, token_ids: np.ndarray, padding_mask: np.ndarray):
     return backbone._nbutils_forward(trainable, non_trainable, token_ids, padding_mask)
 
 
-def response_losses(lm, rows: list[dict], style: str, sequence_length: int, batch_size: int = 16) -> list[dict]:
+def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16) -> list[dict]:
     """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count."""
     import keras
 
     from nbutils import training
 
-    arrays = training.make_arrays(rows, lm.preprocessor.tokenizer, style, sequence_length)
+    arrays = training.make_arrays(rows, lm.preprocessor.tokenizer, template, sequence_length)
     lengths = arrays["padding_mask"].sum(1)
     order = np.argsort(lengths, kind="stable")
     soft_cap = getattr(lm.backbone, "final_logit_soft_cap", None)
@@ -177,13 +186,13 @@ def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 100
             for k in keys}  # fmt: skip
 
 
-def run_inference(lm, rows: list[dict], style: str, sequence_length: int, max_new_tokens: int,
+def run_inference(lm, rows: list[dict], template, sequence_length: int, max_new_tokens: int,
                   batch_size: int, sampler: str, seed: int) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
     """Generate + teacher-forced loss + per-row scores; returns predictions, scores and timings."""
     t0 = time.perf_counter()
-    predictions = generate(lm, rows, style, max_new_tokens, batch_size, sampler, seed)
+    predictions = generate(lm, rows, template, max_new_tokens, batch_size, sampler, seed)
     t1 = time.perf_counter()
-    losses = response_losses(lm, rows, style, sequence_length)
+    losses = response_losses(lm, rows, template, sequence_length)
     t2 = time.perf_counter()
     return predictions, score_rows(predictions, losses), {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)}
 

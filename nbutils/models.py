@@ -123,7 +123,7 @@ def known_presets() -> list[str]:
     """keras-hub's built-in Gemma preset names (Gemma, Gemma 2/3 families)."""
     import keras_hub
 
-    return sorted(n for n in keras_hub.models.CausalLM.presets if "gemma" in n and "pali" not in n)
+    return sorted(n for n in keras_hub.models.CausalLM.presets if "gemma" in n and not n.startswith(("pali", "t5gemma")))
 
 
 def _check_reachable(model: str) -> None:
@@ -148,7 +148,8 @@ def _describe_accepted() -> str:
     """Human-readable list of accepted ``model`` values."""
     return (
         f"{LOCAL_MODEL!r} (embedded, offline), {TINY_MODEL!r} (random weights, tests), a keras-hub preset "
-        f"({', '.join(known_presets())}), a 'kaggle://…' or 'hf://…' handle, a local preset folder, or a .gguf path"
+        f"({', '.join(n for n in known_presets() if n.startswith('gemma') and 'assistant' not in n)}, and the other "
+        "keras-hub Gemma presets), a 'kaggle://…' or 'hf://…' handle, a local preset folder, or a .gguf path"
     )
 
 

@@ -78,10 +78,11 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
                                           "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
     import logging
 
-    handler = logging.FileHandler(out / "pipeline.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("papermill").addHandler(handler)
-    logging.getLogger("papermill").setLevel(logging.INFO)
+    logger = logging.getLogger("papermill")  # papermill logs each cell's output as it runs
+    for handler in (logging.FileHandler(out / "pipeline.log"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     timings = {}
     for name in NOTEBOOKS:
         source = paths.NOTEBOOKS_DIR / f"{name}.ipynb"

@@ -1,11 +1,19 @@
 """The one prompt template shared by training, baseline, evaluation and generation.
 
 An example is a dict with ``instruction``, ``input`` (may be empty) and ``output``. The model sees
-``render_prompt(example)`` and learns to continue it with ``output`` followed by the style's stop
-token, the same token generation stops on.
+``render_prompt(example)`` and learns to continue it with ``output`` followed by the template's stop
+token, the same single token id that generation stops on.
+
+Which stop token: ``<end_of_turn>`` is what Gemma's chat format ends a turn with, and instruction-tuned
+checkpoints know it. The *base* Gemma 3 270M never learned it: its embedding is one of ~6,400
+near-identical untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here), so greedy decoding
+after LoRA picks a random member of that cluster instead of stopping. ``<eos>`` is a trained, distinct
+token in every Gemma, so ``stop="auto"`` uses it for base models (tests/test_models.py checks the facts).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 STYLES = ("gemma", "alpaca")
 STOP_TOKENS = {"gemma": "<end_of_turn>", "alpaca": "<eos>"}
@@ -13,6 +21,35 @@ ALPACA_HEADER = (
     "Below is an instruction that describes a task{ctx}. "
     "Write a response that appropriately completes the request.\n\n"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A prompt style plus the stop token every target ends with and generation stops on."""
+
+    style: str = "gemma"
+    stop: str = ""  # empty: the style's own stop token
+
+    def __post_init__(self):
+        check_style(self.style)
+        object.__setattr__(self, "stop", self.stop or STOP_TOKENS[self.style])
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Template":
+        """The template notebook 01 wrote into the data manifest."""
+        return cls(manifest["template"], manifest["stop_token"])
+
+
+def auto_stop_token(style: str, model: str) -> str:
+    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module docstring)."""
+    check_style(style)
+    tuned = any(tag in model for tag in ("instruct", "_it"))
+    return "<end_of_turn>" if style == "gemma" and tuned else "<eos>"
+
+
+def as_template(template: "Template | str") -> Template:
+    """Accept a Template or a bare style name."""
+    return template if isinstance(template, Template) else Template(template)
 
 
 def check_style(style: str) -> str:
@@ -28,9 +65,10 @@ def user_text(example: dict) -> str:
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
-def render_prompt(example: dict, style: str = "gemma") -> str:
+def render_prompt(example: dict, template: Template | str = "gemma") -> str:
     """The text the model is given; its answer starts right after it."""
-    if check_style(style) == "gemma":
+    style = as_template(template).style
+    if style == "gemma":
         return f"<start_of_turn>user\n{user_text(example)}<end_of_turn>\n<start_of_turn>model\n"
     extra = (example.get("input") or "").strip("\n")
     if extra.strip():
@@ -39,14 +77,14 @@ def render_prompt(example: dict, style: str = "gemma") -> str:
     return f"{ALPACA_HEADER.format(ctx='')}### Instruction:\n{example['instruction'].strip()}\n\n### Response:\n"
 
 
-def stop_token(style: str = "gemma") -> str:
+def stop_token(template: Template | str = "gemma") -> str:
     """The token that ends every training target and stops generation."""
-    return STOP_TOKENS[check_style(style)]
+    return as_template(template).stop
 
 
-def stop_token_id(tokenizer, style: str = "gemma") -> int:
+def stop_token_id(tokenizer, template: Template | str = "gemma") -> int:
     """Id of the stop token in ``tokenizer`` (a single id, never its characters)."""
-    return int(tokenizer.token_to_id(stop_token(style)))
+    return int(tokenizer.token_to_id(stop_token(template)))
 
 
 def tokenize_batch(tokenizer, texts: list[str], chunk: int = 512) -> list[list[int]]:
@@ -59,8 +97,8 @@ def tokenize_batch(tokenizer, texts: list[str], chunk: int = 512) -> list[list[i
     return out
 
 
-def encode_example(tokenizer, example: dict, style: str = "gemma") -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, example: dict, template: Template | str = "gemma") -> tuple[list[int], list[int]]:
     """``(prompt_ids, target_ids)``: <bos> + prompt, and response + stop id."""
-    prompt, response = tokenize_batch(tokenizer, [render_prompt(example, style), example["output"]])
+    prompt, response = tokenize_batch(tokenizer, [render_prompt(example, template), example["output"]])
     bos = int(tokenizer.token_to_id("<bos>"))
-    return [bos, *prompt], [*response, stop_token_id(tokenizer, style)]
+    return [bos, *prompt], [*response, stop_token_id(tokenizer, template)]

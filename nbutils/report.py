@@ -42,7 +42,7 @@ def write_report(out: Path, metrics: dict, examples: str) -> Path:
     text = "\n".join([
         f"# LoRA fine-tuning report: {s['model']} on {s['dataset']}",
         "",
-        f"- Test rows: {metrics['n_test_rows']}; template `{s['template']}`; sampler `{s['sampler']}`; "
+        f"- Test rows: {metrics['n_test_rows']}; template `{s['template']}`, stop token `{s['stop_token']}`; sampler `{s['sampler']}`; "
         f"max new tokens {s['max_new_tokens']}; seed {s['seed']}.",
         f"- Adapter: rank {a['rank']}, targets `{a['targets']}`, alpha {a['alpha']}.",
         "",

@@ -91,11 +91,11 @@ def mixed_precision(setting: str = "auto") -> str:
     return policy
 
 
-def make_arrays(rows: list[dict], tokenizer, style: str, sequence_length: int) -> dict[str, np.ndarray]:
+def make_arrays(rows: list[dict], tokenizer, template, sequence_length: int) -> dict[str, np.ndarray]:
     """Token ids, padding mask and response mask of shape ``(rows, sequence_length)``."""
-    prompt_ids = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, style) for r in rows])
+    prompt_ids = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])
     target_ids = prompts.tokenize_batch(tokenizer, [r["output"] for r in rows])
-    bos, stop = int(tokenizer.token_to_id("<bos>")), prompts.stop_token_id(tokenizer, style)
+    bos, stop = int(tokenizer.token_to_id("<bos>")), prompts.stop_token_id(tokenizer, template)
     n = len(rows)
     ids = np.zeros((n, sequence_length), np.int32)
     response = np.zeros((n, sequence_length), bool)
@@ -258,21 +258,22 @@ def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) ->
             "batches_run": len(logger.rows), "stopped_early": stopper.stopped_epoch > 0}  # fmt: skip
 
 
-def train_lora(lm, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, style: str,
+def train_lora(lm, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
                sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
     """Tokenize, fit, and report; writes ``train_log.csv`` into ``out_dir``."""
     tokenizer = lm.preprocessor.tokenizer
-    train = make_arrays(train_rows, tokenizer, style, sequence_length)
-    val = make_arrays(val_rows, tokenizer, style, sequence_length)
+    train = make_arrays(train_rows, tokenizer, template, sequence_length)
+    val = make_arrays(val_rows, tokenizer, template, sequence_length)
     start = time.perf_counter()
     result = fit_adapter(lm, train, val, cfg, Path(out_dir) / "train_log.csv")
     result["train_seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
-def adapter_spec(cfg: TrainConfig, model: str, template: str, sequence_length: int, manifest_sha256: str) -> dict:
+def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, manifest_sha256: str) -> dict:
     """Everything needed to rebuild the adapter on top of its base model."""
-    return {"model": model, "template": template, "sequence_length": sequence_length, "rank": cfg.rank,
+    template = prompts.as_template(template)
+    return {"model": model, "template": template.style, "stop_token": template.stop, "sequence_length": sequence_length, "rank": cfg.rank,
             "targets": cfg.targets, "lora_layers": lora_layer_names(cfg.targets), "alpha": float(cfg.alpha or cfg.rank),
             "data_manifest_sha256": manifest_sha256, "config": dataclasses.asdict(cfg)}  # fmt: skip
 

@@ -26,6 +26,7 @@ COLUMNS = {}  # CSV/TSV only: {"instruction": "<column>", "input": "<column>", "
 CATEGORIES = ""  # Dolly only: comma-separated categories to keep, e.g. "summarization,closed_qa"
 TEST_PATH = ""  # optional separate test file that replaces the test split
 TEMPLATE = "gemma"  # "gemma" (chat turns) or "alpaca" (### Instruction / ### Response)
+STOP_TOKEN = "auto"  # "<eos>" for base models, "<end_of_turn>" for instruction-tuned ones; or name one
 SEQUENCE_LENGTH = 256  # prompt + response tokens; longer rows get their prompt truncated or are dropped
 VAL_SIZE = 0.1  # fraction (< 1) or row count
 TEST_SIZE = 0.1
@@ -39,7 +40,10 @@ SEED = 0
 # ## 1. The prompt template
 # Training targets, baseline prompts, evaluation and generation all go through this one function, so
 # the model is always asked the same way. Every training target ends with the **stop token**, the
-# same single token id that generation stops on.
+# same single token id that generation stops on. With `STOP_TOKEN = "auto"` that is `<eos>` for base
+# models: a base Gemma never learned `<end_of_turn>` (its embedding is one of thousands of
+# near-identical untrained rows), so it could not learn to stop on it; instruction-tuned models use
+# `<end_of_turn>`.
 
 # %%
 print(inspect.getsource(prompts.render_prompt))
@@ -58,8 +62,9 @@ manifest = data.prepare(
     categories=[c.strip() for c in CATEGORIES.split(",") if c.strip()] or None, test_path=TEST_PATH,
     template=TEMPLATE, sequence_length=SEQUENCE_LENGTH, val_size=VAL_SIZE, test_size=TEST_SIZE,
     max_train=MAX_TRAIN, max_val=MAX_VAL, max_test=MAX_TEST, max_source_tokens=MAX_SOURCE_TOKENS,
-    seed=SEED, model=MODEL,
+    seed=SEED, model=MODEL, stop_token=STOP_TOKEN,
 )  # fmt: skip
+template = prompts.Template.from_manifest(manifest)
 out_dir = data.processed_dir(manifest["dataset"])
 print(f"source: {manifest['source']['source']}  ({manifest['source']['format']}, sha256 {manifest['source']['sha256'][:12]}…)")
 print(data.counts_table(manifest["drops"], manifest["rows_read"]))
@@ -73,11 +78,11 @@ print("\nrows per split:", manifest["counts"])
 # %%
 splits, _ = data.load_processed(manifest["dataset"])
 example = splits["train"][0]
-prompt_ids, target_ids = prompts.encode_example(tokenizer, example, TEMPLATE)
+prompt_ids, target_ids = prompts.encode_example(tokenizer, example, template)
 display(Markdown(f"**Rendered prompt + target** (`{example['id']}`):"))
-print(prompts.render_prompt(example, TEMPLATE) + example["output"] + prompts.stop_token(TEMPLATE))
+print(prompts.render_prompt(example, template) + example["output"] + template.stop)
 print("prompt ids:", prompt_ids[:12], "…", prompt_ids[-6:], f"({len(prompt_ids)} tokens)")
-print("target ids:", target_ids, f"(ends with stop id {prompts.stop_token_id(tokenizer, TEMPLATE)})")
+print("target ids:", target_ids, f"(ends with the stop token {template.stop} = id {prompts.stop_token_id(tokenizer, template)})")
 
 # %% [markdown]
 # ## 4. Token lengths
@@ -97,7 +102,7 @@ for split in ("train", "val", "test"):
     rows = data.read_jsonl(out_dir / f"{split}.jsonl")
     assert len(rows) == manifest["counts"][split] > 0, split
     assert all(r["output"].strip() and "instruction" in r for r in rows), split
-assert target_ids[-1] == prompts.stop_token_id(tokenizer, TEMPLATE)
+assert target_ids[-1] == prompts.stop_token_id(tokenizer, template)
 assert (out_dir / "token_lengths.png").stat().st_size > 0
 if "modules_per_split" in manifest:
     m = manifest["modules_per_split"]

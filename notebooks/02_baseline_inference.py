@@ -13,7 +13,7 @@ import json
 
 from IPython.display import Markdown, display
 
-from nbutils import data, evaluation, models, runs
+from nbutils import data, evaluation, models, prompts, runs
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"  # "gemma3_270m_local" (offline), "tiny" (tests), or a keras-hub preset such as "gemma3_1b"
@@ -33,10 +33,10 @@ SEED = 0
 # %%
 splits, manifest = data.load_processed(DATASET)
 test_rows = splits["test"][: MAX_TEST_ROWS or None]
-TEMPLATE, SEQUENCE_LENGTH = manifest["template"], manifest["params"]["sequence_length"]
+template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-print(f"{len(test_rows)} test rows · template {TEMPLATE!r} · model {MODEL} loaded in {lm.load_seconds}s")
+print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.load_seconds}s")
 
 # %% [markdown]
 # ## 2. Generate, and score the references
@@ -46,10 +46,10 @@ print(f"{len(test_rows)} test rows · template {TEMPLATE!r} · model {MODEL} loa
 
 # %%
 predictions, scores, timing = evaluation.run_inference(
-    lm, test_rows, TEMPLATE, SEQUENCE_LENGTH, MAX_NEW_TOKENS, GEN_BATCH_SIZE, SAMPLER, SEED
+    lm, test_rows, template, SEQUENCE_LENGTH, MAX_NEW_TOKENS, GEN_BATCH_SIZE, SAMPLER, SEED
 )
 metrics = evaluation.aggregate(scores)
-settings = {"model": MODEL, "dataset": DATASET, "template": TEMPLATE, "sequence_length": SEQUENCE_LENGTH,
+settings = {"model": MODEL, "dataset": DATASET, "template": template.style, "stop_token": template.stop, "sequence_length": SEQUENCE_LENGTH,
             "max_new_tokens": MAX_NEW_TOKENS, "sampler": SAMPLER, "gen_batch_size": GEN_BATCH_SIZE, "seed": SEED,
             "test_rows": len(test_rows), "data_manifest_sha256": manifest["split_sha256"]}  # fmt: skip
 evaluation.write_jsonl(out / "baseline_predictions.jsonl", predictions)

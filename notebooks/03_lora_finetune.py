@@ -15,7 +15,7 @@ import json
 
 from IPython.display import Image, display
 
-from nbutils import data, models, plots, runs, training
+from nbutils import data, models, plots, prompts, runs, training
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"
@@ -51,7 +51,7 @@ print(inspect.getsource(training.enable_lora))
 # %%
 policy = training.mixed_precision(MIXED_PRECISION)  # must be set before the model is built
 splits, manifest = data.load_processed(DATASET)
-TEMPLATE, SEQUENCE_LENGTH = manifest["template"], manifest["params"]["sequence_length"]
+template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 summary = training.enable_lora(lm, RANK, LORA_TARGETS, LORA_ALPHA)
@@ -71,7 +71,7 @@ cfg = training.TrainConfig(
     warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
     epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
 )  # fmt: skip
-result = training.train_lora(lm, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, TEMPLATE, SEQUENCE_LENGTH, out)
+result = training.train_lora(lm, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, template, SEQUENCE_LENGTH, out)
 print(f"trained {result['batches_run']} batches in {result['train_seconds']} s; best val loss {result['best_val_loss']:.3f}")
 
 # %% [markdown]
@@ -89,7 +89,7 @@ display(Image(filename=str(out / "loss_curve.png")))
 # it on top of the same base model.
 
 # %%
-spec = training.adapter_spec(cfg, MODEL, TEMPLATE, SEQUENCE_LENGTH, manifest["split_sha256"]["train"])
+spec = training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]["train"])
 adapter_path, spec_path = training.save_adapter(lm, out / "adapter.lora.h5", spec)
 runs.write_json(out / "train_summary.json", {"params": summary, "policy": policy, **result})
 print(json.dumps(spec, indent=1)[:600])

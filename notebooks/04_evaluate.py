@@ -14,7 +14,7 @@ import json
 
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, evaluation, models, plots, report, runs, training
+from nbutils import data, evaluation, models, plots, prompts, report, runs, training
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"
@@ -45,7 +45,7 @@ print(f"adapter: rank {spec['rank']}, targets {spec['targets']}, alpha {spec['al
 
 # %%
 predictions, scores, timing = evaluation.run_inference(
-    lm, test_rows, settings["template"], settings["sequence_length"], settings["max_new_tokens"],
+    lm, test_rows, prompts.Template(settings["template"], settings["stop_token"]), settings["sequence_length"], settings["max_new_tokens"],
     settings["gen_batch_size"], settings["sampler"], settings["seed"],
 )  # fmt: skip
 evaluation.write_jsonl(out / "tuned_predictions.jsonl", predictions)

@@ -1,0 +1,66 @@
+"""The notebooks: paired sources, no committed outputs, and all four executed under nbval (smoke)."""
+
+import os
+import subprocess
+import sys
+
+import jupytext
+import pytest
+
+from nbutils import data, paths, pipeline, runs
+
+NOTEBOOKS = [paths.NOTEBOOKS_DIR / f"{name}.ipynb" for name in pipeline.NOTEBOOKS]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_pair_in_sync_and_clean(nb):
+    paired = jupytext.read(nb.with_suffix(".py"))
+    committed = jupytext.read(nb)
+    assert [c.source for c in committed.cells] == [c.source for c in paired.cells], f"run `make sync` for {nb.name}"
+    assert not any(c.get("outputs") or c.get("execution_count") for c in committed.cells if c.cell_type == "code")
+    tags = [c.metadata.get("tags", []) for c in committed.cells]
+    assert sum("parameters" in t for t in tags) == 1
+
+
+def test_all_notebooks_run_under_nbval(tmp_path):
+    """01 -> 04 with the smoke profile's parameters, executed by nbval (--nbval-lax)."""
+    import papermill as pm
+
+    params = {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}
+    prepared = []
+    for nb in NOTEBOOKS:
+        accepted = pm.inspect_notebook(str(nb))
+        target = tmp_path / nb.name
+        pm.execute_notebook(str(nb), str(target), parameters={k: v for k, v in params.items() if k in accepted},
+                            prepare_only=True, progress_bar=False)  # fmt: skip
+        prepared.append(str(target))
+    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(tmp_path / "processed"), "NBUTILS_RUNS_DIR": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-cell-timeout=600", *prepared], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
+    assert "| ROUGE-L F1 |" in report
+
+
+def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "PROCESSED_DIR", tmp_path / "processed")
+    monkeypatch.setattr(paths, "RUNS_DIR", tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match="run notebooks/01_prepare_data.ipynb first"):
+        data.load_processed("pycode-summary")
+    with pytest.raises(FileNotFoundError, match="run notebooks/02_baseline_inference.ipynb first"):
+        runs.read_step_output("r1", "02_baseline_inference")
+
+
+def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
+    assert pipeline.parse_value("16") == 16 and pipeline.parse_value("query,value") == "query,value"
+    assert pipeline.parse_value("{'a': 'b'}") == {"a": "b"} and pipeline.parse_value("3e-4") == 3e-4
+    p = pipeline.notebook_parameters("cpu", {"DATA_PATH": "my data/rows.jsonl", "RANK": 4})
+    assert p["DATASET"] == "rows" and p["RANK"] == 4 and p["MODEL"] == "gemma3_270m_local"
+    with pytest.raises(SystemExit, match="--profile 'gpu' is unknown"):
+        pipeline.notebook_parameters("gpu", {})
+    monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a finished run"):
+        pipeline.run("smoke", {}, run_id="done")
+    assert pipeline.new_run_id("cpu") != pipeline.new_run_id("smoke")

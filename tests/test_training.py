@@ -1,0 +1,101 @@
+"""LoRA setup, masking/normalisation of the loss, training, and adapter save/load."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nbutils import evaluation, models, prompts, training
+
+ROWS = [{"id": str(i), "instruction": "Summarize.", "input": f"def f{i}(x):\n    return x * {i}",
+         "output": f"Multiply x by {i}."} for i in range(12)]  # fmt: skip
+
+
+@pytest.fixture
+def tiny():
+    return models.load_gemma("tiny", sequence_length=64)
+
+
+def test_lora_targets_and_alpha(tiny):
+    s = training.enable_lora(tiny, 4, "all", alpha=16)
+    layers = [lyr for lyr in tiny.backbone._flatten_layers(include_self=False) if lyr.weights]
+    enabled = [layers[i] for i in tiny.backbone._lora_enabled_layers]
+    assert len(enabled) == 2 * 7 and all(lyr.lora_alpha == 16 for lyr in enabled)
+    assert s["trainable_params"] == sum(int(np.prod(v.shape)) for lyr in enabled for v in (lyr.lora_kernel_a, lyr.lora_kernel_b))
+    assert 0 < s["trainable_share_pct"] < 1
+    with pytest.raises(ValueError, match="LORA_TARGETS='query,mlp'.*'attention' or 'all'"):
+        training.lora_layer_names("query,mlp")
+
+
+def test_arrays_mask_exactly_the_response(tokenizer):
+    a = training.make_arrays(ROWS[:2], tokenizer, "gemma", 64)
+    for i, row in enumerate(ROWS[:2]):
+        p, t = prompts.encode_example(tokenizer, row, "gemma")
+        assert a["token_ids"][i, : len(p) + len(t)].tolist() == p + t
+        assert a["response_mask"][i].tolist() == [False] * len(p) + [True] * len(t) + [False] * (64 - len(p) - len(t))
+        assert a["token_ids"][i][a["response_mask"][i]][-1] == 106
+
+
+def test_batch_weights_average_over_response_tokens(tokenizer):
+    a = training.make_arrays(ROWS, tokenizer, "gemma", 64)
+    ds, n = training.batch_dataset(a, 4, seed=0)
+    assert n == 3
+    for x, y, w in ds.as_numpy_iterator():
+        assert w.sum() == pytest.approx(w.size, rel=1e-5)  # so Keras' mean over all positions = mean over responses
+        assert ((w > 0) == (np.roll(x["token_ids"], -1, axis=1) == y) | (w == 0)).all()
+
+
+def test_keras_loss_is_the_per_token_response_loss(tiny, tokenizer):
+    """The loss Keras reports during training equals our teacher-forced response loss."""
+    import keras
+
+    rows = ROWS[:4]
+    a = training.make_arrays(rows, tokenizer, "gemma", 64)
+    ds, _ = training.batch_dataset(a, 4, seed=None)
+    tiny.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pre, tiny.preprocessor = tiny.preprocessor, None
+    keras_loss = tiny.evaluate(ds, verbose=0)
+    tiny.preprocessor = pre
+    keras_loss = keras_loss[0] if isinstance(keras_loss, list) else keras_loss
+    losses = evaluation.response_losses(tiny, rows, "gemma", 64)
+    ours = sum(r["loss_sum"] for r in losses) / sum(r["loss_tokens"] for r in losses)
+    assert keras_loss == pytest.approx(ours, rel=1e-3)
+
+
+def test_training_changes_only_the_adapter_and_lowers_loss(tiny, tmp_path):
+    frozen_before = [np.array(v) for v in tiny.backbone.non_trainable_weights]
+    training.enable_lora(tiny, 8, "all", 16)
+    cfg = training.TrainConfig(rank=8, targets="all", alpha=16, learning_rate=3e-3, warmup_steps=1, max_steps=12,
+                               eval_every=4, batch_size=4, patience=5)  # fmt: skip
+    before = evaluation.response_losses(tiny, ROWS, "gemma", 64)
+    result = training.train_lora(tiny, ROWS, ROWS[:4], cfg, "gemma", 64, tmp_path)
+    after = evaluation.response_losses(tiny, ROWS, "gemma", 64)
+    mean = lambda ls: sum(r["loss_sum"] for r in ls) / sum(r["loss_tokens"] for r in ls)  # noqa: E731
+    assert mean(after) < mean(before) - 0.05, (mean(before), mean(after))
+    base_after = [np.array(v) for v in tiny.backbone.non_trainable_weights if "lora" not in v.path]
+    assert all(np.array_equal(a, b) for a, b in zip(frozen_before, base_after))
+    log = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,train_loss,val_loss,learning_rate,tokens_per_s" and len(log) == 1 + result["batches_run"] == 13
+
+
+def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
+    training.enable_lora(tiny, 4, "query,value", 8)
+    for v in tiny.backbone.trainable_weights:
+        v.assign(np.random.default_rng(0).normal(size=v.shape).astype("float32") * 0.05)
+    cfg = training.TrainConfig(rank=4, targets="query,value", alpha=8)
+    path, spec_path = training.save_adapter(tiny, tmp_path / "a.lora.h5", training.adapter_spec(cfg, "tiny", "gemma", 64, "x"))
+    probe = {"token_ids": np.array([[2, 100, 200, 300]]), "padding_mask": np.ones((1, 4), bool)}
+    expected = np.asarray(tiny.backbone(probe))
+
+    fresh = models.load_gemma("tiny", sequence_length=64)
+    training.load_adapter(fresh, path, "tiny")
+    np.testing.assert_allclose(np.asarray(fresh.backbone(probe)), expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="trained on model='tiny', not 'gemma3_270m_local'"):
+        training.load_adapter(models.load_gemma("tiny"), path, "gemma3_270m_local")
+    spec = json.loads(spec_path.read_text())
+    spec_path.write_text(json.dumps({**spec, "rank": 8}))
+    with pytest.raises(ValueError, match="do not match its spec"):
+        training.load_adapter(models.load_gemma("tiny"), path, "tiny")
+    with pytest.raises(FileNotFoundError, match="run notebooks/03_lora_finetune.ipynb first"):
+        training.load_adapter(models.load_gemma("tiny"), tmp_path / "missing.lora.h5", "tiny")
