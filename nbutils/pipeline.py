@@ -22,7 +22,7 @@ PROFILES: dict[str, dict] = {
                   MAX_STEPS=4, EVAL_EVERY=2, BATCH_SIZE=4, MAX_NEW_TOKENS=8, GEN_BATCH_SIZE=4, N_BOOTSTRAP=200),
     # The real embedded Gemma 3 270M on the built-in task, capped to fit a 2-core CPU in under 25 minutes.
     "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=800, MAX_VAL=48,
-                MAX_TEST=200, RANK=8, LORA_TARGETS="query,value", LEARNING_RATE=3e-4, MAX_STEPS=100, BATCH_SIZE=4,
+                MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=125, BATCH_SIZE=4,
                 EVAL_EVERY=25, WARMUP_STEPS=10, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
     # Alpaca-format instruction data (the shared demo file, or your own via -p DATA_PATH ...).
     "alpaca": dict(MODEL="gemma3_270m_local", DATA_PATH="../shared/data/alpaca_en_demo.json", DATASET="alpaca_en_demo",

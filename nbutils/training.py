@@ -58,10 +58,13 @@ def lora_layer_names(targets: str) -> list[str]:
     return names
 
 
-def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0) -> dict:
+def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0) -> dict:
     """Freeze the model and add rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
+    import keras
+
     if rank < 1:
         raise ValueError(f"RANK={rank} must be a positive integer.")
+    keras.utils.set_random_seed(seed)  # the adapters' random initialisation
     backbone = lm.backbone
     backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
     layers = [lyr for lyr in backbone._flatten_layers(include_self=False) if lyr.weights]
@@ -200,11 +203,17 @@ def _step_logger_class():
         def on_train_batch_begin(self, batch, logs=None):
             self.t0 = time.perf_counter()
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.running = 0.0
+
         def on_train_batch_end(self, batch, logs=None):
             seconds = time.perf_counter() - self.t0
             lr = float(self.model.optimizer._get_current_learning_rate())
             tokens = self.tokens[self.step % len(self.tokens)]
-            self.rows.append({"step": self.step + 1, "train_loss": float(logs["loss"]), "val_loss": "",
+            # Keras reports the running mean since the epoch began; recover this batch's own loss.
+            mean = float(logs["loss"])
+            loss, self.running = (batch + 1) * mean - batch * self.running, mean
+            self.rows.append({"step": self.step + 1, "train_loss": loss, "val_loss": "",
                               "learning_rate": lr, "tokens_per_s": round(tokens / seconds, 1)})  # fmt: skip
             self.step += 1
 
@@ -232,11 +241,14 @@ def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) ->
     if n_batches < 1:
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {len(train['token_ids'])} training rows.")
     updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
-    total_batches = updates * cfg.grad_accum
+    steps_per_eval = min(cfg.eval_every, updates) * cfg.grad_accum
+    # Keras runs whole "epochs" of EVAL_EVERY updates: round up, so the schedule matches what runs.
+    total_batches = math.ceil(updates * cfg.grad_accum / steps_per_eval) * steps_per_eval
+    if total_batches != updates * cfg.grad_accum:
+        print(f"note: training {total_batches // cfg.grad_accum} updates (a multiple of EVAL_EVERY={cfg.eval_every})")
     epochs_needed = math.ceil(total_batches / n_batches)
     train_ds, _ = batch_dataset(train, cfg.batch_size, cfg.seed, repeat_epochs=epochs_needed)
     val_ds, val_batches = batch_dataset(val, cfg.batch_size, None)
-    steps_per_eval = cfg.eval_every * cfg.grad_accum
     tokens = [int(train["padding_mask"][i : i + cfg.batch_size].sum()) for i in range(0, n_batches * cfg.batch_size, cfg.batch_size)]
     logger = _step_logger_class()(log_path, tokens)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=1)
@@ -249,7 +261,7 @@ def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) ->
     try:
         history = lm.fit(train_ds.repeat(), validation_data=val_ds.repeat(), validation_steps=val_batches,
                          steps_per_epoch=steps_per_eval,
-                         epochs=math.ceil(total_batches / steps_per_eval), callbacks=[logger, stopper], verbose=1)  # fmt: skip
+                         epochs=math.ceil(total_batches / steps_per_eval), callbacks=[logger, stopper], verbose=1, shuffle=False)  # fmt: skip
     finally:
         lm.preprocessor = preprocessor
     logger.flush()

@@ -54,7 +54,7 @@ splits, manifest = data.load_processed(DATASET)
 template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-summary = training.enable_lora(lm, RANK, LORA_TARGETS, LORA_ALPHA)
+summary = training.enable_lora(lm, RANK, LORA_TARGETS, LORA_ALPHA, SEED)
 print(f"dtype policy {policy}")
 print(f"parameters: {summary['total_params']:,} total, {summary['trainable_params']:,} trainable "
       f"({summary['trainable_share_pct']:.3f}%), adapter {summary['adapter_mb']:.2f} MB")

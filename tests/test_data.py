@@ -203,3 +203,16 @@ def test_targets_end_with_the_single_stop_token(tokenizer, style, stop_id):
 def test_unknown_template_is_a_clear_error():
     with pytest.raises(ValueError, match="TEMPLATE='chatml'.*gemma, alpaca"):
         prompts.render_prompt(ROWS[0], "chatml")
+
+
+def test_stop_token_choice(tokenizer, tmp_path):
+    assert prompts.auto_stop_token("gemma", "gemma3_270m_local") == "<eos>"
+    assert prompts.auto_stop_token("gemma", "gemma3_instruct_1b") == "<end_of_turn>"
+    assert prompts.auto_stop_token("alpaca", "gemma3_instruct_1b") == "<eos>"
+    path = write(tmp_path / "s.json", json.dumps(ROWS))
+    m = prepare(tokenizer, path, model="gemma3_270m_local")
+    assert m["stop_token"] == "<eos>" and prompts.Template.from_manifest(m).stop == "<eos>"
+    m = prepare(tokenizer, path, stop_token="<end_of_turn>")
+    assert m["stop_token"] == "<end_of_turn>"
+    with pytest.raises(data.DataError, match="STOP_TOKEN='</s>' is not a single token"):
+        prepare(tokenizer, path, stop_token="</s>")

@@ -142,3 +142,17 @@ def test_remote_preset_without_network_fails_fast(monkeypatch):
     with pytest.raises(models.ModelLoadError, match="gemma3_270m_local.*attach the model"):
         models.load_gemma("kaggle://keras/gemma3/keras/gemma3_270m")
     assert time.perf_counter() - start < 10
+
+
+def test_base_model_end_of_turn_is_untrained_but_eos_is_distinct(real_lm):
+    """Why STOP_TOKEN='auto' picks <eos> for the base model (see nbutils/prompts.py)."""
+    emb = np.asarray(real_lm.backbone.token_embedding.embeddings)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def nearest_other(i):
+        cos = unit @ unit[i]
+        cos[i] = -1
+        return float(cos.max())
+
+    assert nearest_other(106) > 0.98  # <end_of_turn>: inside a cluster of untrained rows
+    assert nearest_other(1) < 0.8  # <eos>: a trained, distinct token
