@@ -26,8 +26,8 @@ PROFILES: dict[str, dict] = {
                 EVAL_EVERY=25, WARMUP_STEPS=10, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
     # Alpaca-format instruction data (the shared demo file, or your own via -p DATA_PATH ...).
     "alpaca": dict(MODEL="gemma3_270m_local", DATA_PATH="../shared/data/alpaca_en_demo.json", DATASET="alpaca_en_demo",
-                   SEQUENCE_LENGTH=256, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, MAX_STEPS=80, BATCH_SIZE=4,
-                   EVAL_EVERY=20, MAX_NEW_TOKENS=96, GEN_BATCH_SIZE=20),
+                   SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,
+                   MAX_STEPS=60, BATCH_SIZE=4, EVAL_EVERY=20, MAX_NEW_TOKENS=96, GEN_BATCH_SIZE=20),
     # A keras-hub preset on a Kaggle GPU/TPU, full built-in data, several epochs.
     "kaggle": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=16, EPOCHS=3,
                    EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=64),
