@@ -158,8 +158,10 @@ def load_online(name: str) -> tuple[list[dict], dict]:
 
         folder = Path(kagglehub.dataset_download(handle))
     else:
-        from huggingface_hub import snapshot_download  # only needed online
-
+        try:
+            from huggingface_hub import snapshot_download  # only needed online
+        except ImportError:
+            raise DataError(f"DATASET={name!r} needs the huggingface_hub package: pip install huggingface_hub.") from None
         folder = Path(snapshot_download(handle, repo_type="dataset", local_dir=target))
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"))
     if not files:

@@ -48,7 +48,12 @@ def loss_curve(log_csv: Path, path: Path) -> Path:
 
     rows = list(csv.DictReader(open(log_csv)))
     fig, ax = _figure()
-    ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train (per response token)", alpha=0.7)
+    steps, losses = [int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows]
+    ax.plot(steps, losses, label="train batch (per response token)", alpha=0.35)
+    window = min(10, len(losses))
+    if window > 1:
+        smooth = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
+        ax.plot(steps[window - 1 :], smooth, label=f"train, mean of last {window} batches")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     if val:
         ax.plot(*zip(*val), "o-", label="validation")

@@ -214,5 +214,5 @@ def test_stop_token_choice(tokenizer, tmp_path):
     assert m["stop_token"] == "<eos>" and prompts.Template.from_manifest(m).stop == "<eos>"
     m = prepare(tokenizer, path, stop_token="<end_of_turn>")
     assert m["stop_token"] == "<end_of_turn>"
-    with pytest.raises(data.DataError, match="STOP_TOKEN='</s>' is not a single token"):
-        prepare(tokenizer, path, stop_token="</s>")
+    with pytest.raises(data.DataError, match="STOP_TOKEN='<my stop>' is not a single token"):
+        prepare(tokenizer, path, stop_token="<my stop>")

@@ -42,7 +42,9 @@ def test_batch_weights_average_over_response_tokens(tokenizer):
     assert n == 3
     for x, y, w in ds.as_numpy_iterator():
         assert w.sum() == pytest.approx(w.size, rel=1e-5)  # so Keras' mean over all positions = mean over responses
-        assert ((w > 0) == (np.roll(x["token_ids"], -1, axis=1) == y) | (w == 0)).all()
+        assert (y[w > 0] != 0).all() and (x["token_ids"][:, 1:] == y[:, :-1]).all()
+        for row_y, row_w in zip(y, w):  # weighted positions: the response, ending on the stop token
+            assert row_y[row_w > 0][-1] == 106 and (row_w > 0).sum() == len(row_y[row_w > 0])
 
 
 def test_keras_loss_is_the_per_token_response_loss(tiny, tokenizer):
