@@ -154,27 +154,24 @@ def lr_schedule(cfg: TrainConfig, total_batches: int):
     if cfg.schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
     if cfg.schedule == "linear":
-        return WarmupLinear(cfg.learning_rate, warmup, total_batches)
+        return warmup_linear(cfg.learning_rate, warmup, total_batches)
     raise ValueError(f"SCHEDULE={cfg.schedule!r}: use 'cosine' or 'linear'.")
 
 
-class WarmupLinear:
-    """Linear warmup then linear decay to zero (a keras LearningRateSchedule)."""
+def warmup_linear(peak: float, warmup: int, total: int):
+    """A keras LearningRateSchedule: linear warmup to ``peak``, then linear decay to zero at ``total``."""
+    import keras
 
-    def __new__(cls, peak: float, warmup: int, total: int):
-        import keras
+    class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = keras.ops.cast(step, "float32")
+            up, down = step / max(warmup, 1), (total - step) / max(total - warmup, 1)
+            return peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
 
-        class _Schedule(keras.optimizers.schedules.LearningRateSchedule):
-            def __call__(self, step):
-                step = keras.ops.cast(step, "float32")
-                up = step / max(warmup, 1)
-                down = (total - step) / max(total - warmup, 1)
-                return peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+        def get_config(self):
+            return {"peak": peak, "warmup": warmup, "total": total}
 
-            def get_config(self):
-                return {"peak": peak, "warmup": warmup, "total": total}
-
-        return _Schedule()
+    return WarmupLinear()
 
 
 def make_optimizer(cfg: TrainConfig, total_batches: int):

@@ -101,3 +101,14 @@ def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
         training.load_adapter(models.load_gemma("tiny"), path, "tiny")
     with pytest.raises(FileNotFoundError, match="run notebooks/03_lora_finetune.ipynb first"):
         training.load_adapter(models.load_gemma("tiny"), tmp_path / "missing.lora.h5", "tiny")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedules_warm_up_then_decay(kind):
+    cfg = training.TrainConfig(learning_rate=1e-3, warmup_steps=10, schedule=kind)
+    lr = training.lr_schedule(cfg, total_batches=100)
+    values = [float(lr(step)) for step in (0, 5, 10, 55, 100)]
+    assert values[0] == 0 and values[1] == pytest.approx(5e-4) and values[2] == pytest.approx(1e-3)
+    assert 0 < values[3] < 1e-3 and values[4] == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="SCHEDULE='step'"):
+        training.lr_schedule(training.TrainConfig(schedule="step"), 100)
