@@ -40,7 +40,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def detect_format(path: Path, forced: str = "") -> str:
+def detect_format(path: Path, forced: str = "", records: list | None = None) -> str:
     """``alpaca``, ``dolly``, ``csv`` or ``tsv`` from DATA_FORMAT, the extension and the fields."""
     if forced:
         if forced not in FORMATS:
@@ -52,7 +52,7 @@ def detect_format(path: Path, forced: str = "") -> str:
     if ext not in (".json", ".jsonl"):
         raise DataError(f"{path}: cannot tell the format from extension {ext!r}; "
                         f"set DATA_FORMAT to one of {', '.join(FORMATS)}.")  # fmt: skip
-    records = read_json_records(path)
+    records = read_json_records(path) if records is None else records
     keys = set().union(*(r.keys() for r in records[:200] if isinstance(r, dict)))
     return "dolly" if {"response", "context"} & keys and "output" not in keys else "alpaca"
 
@@ -127,11 +127,13 @@ def load_file(path: str | Path, fmt: str = "", columns: dict | None = None,
     path = paths.resolve(path)
     if not path.is_file():
         raise DataError(f"DATA_PATH={str(path)!r}: no such file. Give a path to an Alpaca/Dolly JSON(L) or CSV/TSV file.")
-    fmt = detect_format(path, fmt)
+    is_json = fmt in ("alpaca", "dolly") or (not fmt and path.suffix.lower() in (".json", ".jsonl"))
+    records = read_json_records(path) if is_json else None  # parsed once, for detection and loading
+    fmt = detect_format(path, fmt, records)
     if fmt in ("csv", "tsv"):
         rows = read_table(path, fmt, columns)
     else:
-        rows = normalise_records(read_json_records(path), fmt, path, categories)
+        rows = normalise_records(records if records is not None else read_json_records(path), fmt, path, categories)
     for n, row in enumerate(rows):
         row["id"] = f"{path.stem}:{n}"
     return rows, {"source": str(path), "format": fmt, "sha256": sha256_bytes(path.read_bytes())}
@@ -143,11 +145,7 @@ def load_online(name: str) -> tuple[list[dict], dict]:
 
     scheme, _, handle = name.partition(":")
     host = {"hf": "huggingface.co", "kaggle": "www.kaggle.com"}[scheme]
-    try:
-        import socket
-
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
+    if not models.reachable(host):
         raise DataError(
             f"DATASET={name!r} must be downloaded from {host}, which is unreachable here. Offline choices: "
             f"DATASET={BUILTIN!r} (built in), or DATA_PATH=<your Alpaca/Dolly JSON(L) or CSV/TSV file>."

@@ -7,7 +7,6 @@ token. Metrics come from established packages (``rouge-score``, ``sacrebleu``).
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import time
@@ -201,4 +200,4 @@ def write_jsonl(path, rows: list[dict]) -> None:
     """Atomic JSONL write."""
     from nbutils import data
 
-    data.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data.write_atomic(path, data.to_jsonl(rows))

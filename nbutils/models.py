@@ -126,6 +126,15 @@ def known_presets() -> list[str]:
     return sorted(n for n in keras_hub.models.CausalLM.presets if "gemma" in n and not n.startswith(("pali", "t5gemma")))
 
 
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host:443`` accepts a connection within ``timeout`` seconds (fails fast offline)."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _check_reachable(model: str) -> None:
     """Fail fast, with the offline alternatives, when a remote preset's host is unreachable."""
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -134,14 +143,12 @@ def _check_reachable(model: str) -> None:
     host = _REMOTE_HOSTS.get(scheme)
     if host is None:
         return
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as exc:
+    if not reachable(host):
         raise ModelLoadError(
-            f"model={model!r} must be downloaded from {host}, which is unreachable here ({exc}). "
+            f"model={model!r} must be downloaded from {host}, which is unreachable here. "
             f"Use model={LOCAL_MODEL!r} (the embedded Gemma 3 270M, works offline), or on Kaggle attach "
             "the model to the notebook (Add Input → Models) and turn Internet on, or pass a local preset folder."
-        ) from None
+        )
 
 
 def _describe_accepted() -> str:

@@ -51,8 +51,8 @@ def first_sentence(docstring: str) -> str:
 def source_without_docstring(lines: list[str], node: ast.AST) -> str | None:
     """Dedented source of a function with its docstring lines removed (None if nothing is left)."""
     doc = node.body[0]
-    if doc.lineno == node.body[0].end_lineno and doc.lineno == node.lineno:
-        return None  # one-line ``def f(): "doc"``
+    if doc.lineno == node.lineno:
+        return None  # docstring on the ``def`` line itself
     if len(node.body) == 1:
         return None  # the docstring is the whole body
     start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
