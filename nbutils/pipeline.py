@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as dt
+import difflib
+import logging
 import sys
 import time
 
-from nbutils import paths, provenance, runs
+from nbutils import data, files, paths, provenance, runs
 
 NOTEBOOKS = ("01_prepare_data", "02_baseline_inference", "03_lora_finetune", "04_evaluate")
 
@@ -32,6 +35,42 @@ PROFILES: dict[str, dict] = {
     "kaggle": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=16, EPOCHS=3,
                    EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=64),
 }  # fmt: skip
+PURPOSE = {
+    "smoke": "plumbing check (used by the tests)",
+    "cpu": "the default `make run`",
+    "alpaca": "Alpaca-format data",
+    "kaggle": "Kaggle GPU/TPU",
+}
+
+
+def profiles_table() -> str:
+    """The README's table of profiles, generated from ``PROFILES`` (a test keeps the README in step)."""
+    lines = ["| profile | model | data (train/val/test rows) | training | what for |", "|---|---|---|---|---|"]
+    for name, p in PROFILES.items():
+        source = f"`{p['DATA_PATH']}`" if p.get("DATA_PATH") else "built-in task"
+        caps = "/".join(str(p.get(k) or "all") for k in ("MAX_TRAIN", "MAX_VAL", "MAX_TEST"))
+        batch = p.get("BATCH_SIZE", 4) * p.get("GRAD_ACCUM", 1)
+        steps = f"{p['MAX_STEPS']} updates" if p.get("MAX_STEPS") else f"{p.get('EPOCHS', 1)} epochs"
+        lines.append(f"| `{name}` | `{p['MODEL']}` | {source}: {caps} | {steps} of {batch}, rank {p.get('RANK', 8)} "
+                     f"`{p.get('LORA_TARGETS', 'query,value')}` | {PURPOSE[name]} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def accepted_parameters() -> dict[str, list[str]]:
+    """Each notebook's papermill parameters."""
+    import papermill as pm
+
+    return {name: list(pm.inspect_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"))) for name in NOTEBOOKS}
+
+
+def check_parameters(params: dict, accepted: dict[str, list[str]]) -> None:
+    """Stop with one line naming any parameter no notebook accepts, and the closest accepted names."""
+    known = sorted({k for names in accepted.values() for k in names})
+    for key in params:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"accepted: {', '.join(known)}."
+            raise SystemExit(f"-p {key}: no notebook has this parameter; {hint}")
 
 
 def parse_value(text: str):
@@ -48,8 +87,6 @@ def notebook_parameters(profile: str, overrides: dict) -> dict:
         raise SystemExit(f"--profile {profile!r} is unknown; choose one of {', '.join(PROFILES)}.")
     params = {**PROFILES[profile], **overrides}
     if overrides.get("DATA_PATH") and "DATASET" not in overrides:
-        from nbutils import data
-
         params["DATASET"] = data.dataset_name("", overrides["DATA_PATH"])  # the folder notebook 01 writes
     return params
 
@@ -64,36 +101,49 @@ def new_run_id(profile: str) -> str:
     return run_id
 
 
+@contextlib.contextmanager
+def papermill_log(path):
+    """Send papermill's log (each cell's output as it runs) to ``path`` and stdout for the duration."""
+    logger = logging.getLogger("papermill")
+    handlers = [logging.FileHandler(path), logging.StreamHandler(sys.stdout)]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
 def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     """Execute the four notebooks into ``runs/<run_id>/``; returns the run's summary."""
     import papermill as pm
 
+    accepted = accepted_parameters()
+    check_parameters(overrides, accepted)
     params = notebook_parameters(profile, overrides)
     run_id = run_id or new_run_id(profile)
     if (paths.RUNS_DIR / run_id / "metrics.json").exists():
         raise SystemExit(f"runs/{run_id} already holds a finished run; pick another --run-id.")
     out = runs.run_dir(run_id)
     params["RUN_ID"] = run_id
-    runs.write_json(out / "config.json", {"profile": profile, "parameters": params, "versions": provenance.versions(),
-                                          "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
-    import logging
-
-    logger = logging.getLogger("papermill")  # papermill logs each cell's output as it runs
-    for handler in (logging.FileHandler(out / "pipeline.log"), logging.StreamHandler(sys.stdout)):
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    files.write_json(out / "config.json", {"profile": profile, "parameters": params, "versions": provenance.versions(),
+                                           "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
     timings = {}
-    for name in NOTEBOOKS:
-        source = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
-        accepted = pm.inspect_notebook(str(source))
-        nb_params = {k: v for k, v in params.items() if k in accepted}
-        print(f"[{name}] {nb_params}", flush=True)
-        start = time.perf_counter()
-        pm.execute_notebook(str(source), str(out / f"{name}.ipynb"), parameters=nb_params, cwd=str(paths.NOTEBOOKS_DIR),
-                            progress_bar=False, log_output=True, stdout_file=None)  # fmt: skip
-        timings[name] = round(time.perf_counter() - start, 1)
-        runs.write_json(out / "timings.json", timings)
+    with papermill_log(out / "pipeline.log"):
+        for name in NOTEBOOKS:
+            nb_params = {k: v for k, v in params.items() if k in accepted[name]}
+            print(f"[{name}] {nb_params}", flush=True)
+            start = time.perf_counter()
+            pm.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=nb_params,
+                                cwd=str(paths.NOTEBOOKS_DIR), progress_bar=False, log_output=True, stdout_file=None)  # fmt: skip
+            timings[name] = round(time.perf_counter() - start, 1)
+            files.write_json(out / "timings.json", timings)
     summary = {"run_id": run_id, "run_dir": str(out), "report": str(out / "report.md"), "seconds": timings}
     print(f"\nDone in {sum(timings.values()) / 60:.1f} min. Report: {out / 'report.md'}")
     return summary
@@ -106,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override a notebook parameter, e.g. -p RANK 16")  # fmt: skip
     parser.add_argument("--run-id", default=None, help="folder name under runs/ (default: timestamp_profile)")
+    parser.add_argument("--profiles", action="store_true", help="print the profiles as a Markdown table and exit")
     args = parser.parse_args(argv)
+    if args.profiles:
+        print(profiles_table())
+        return 0
     try:
         run(args.profile, {k: parse_value(v) for k, v in args.parameter}, args.run_id)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import csv
 from pathlib import Path
+
+from nbutils import files
 
 
 def _figure():
@@ -16,16 +17,12 @@ def _figure():
 
 def save(fig, path: Path) -> Path:
     """Save a figure as PNG atomically and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
     import matplotlib.pyplot as plt
 
+    with files.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def token_length_histogram(prompt_lens: list[int], target_lens: list[int], sequence_length: int,
@@ -44,9 +41,8 @@ def token_length_histogram(prompt_lens: list[int], target_lens: list[int], seque
 
 def loss_curve(log_csv: Path, path: Path) -> Path:
     """Train loss per step and validation loss at each evaluation, from ``train_log.csv``."""
-    import csv
-
-    rows = list(csv.DictReader(open(log_csv)))
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     fig, ax = _figure()
     steps, losses = [int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows]
     ax.plot(steps, losses, label="train batch (per response token)", alpha=0.35)

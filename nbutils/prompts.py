@@ -2,13 +2,13 @@
 
 An example is a dict with ``instruction``, ``input`` (may be empty) and ``output``. The model sees
 ``render_prompt(example)`` and learns to continue it with ``output`` followed by the template's stop
-token, the same single token id that generation stops on.
+token, the same single token id that generation stops on (the token layout is :mod:`nbutils.sequences`).
 
 Which stop token: ``<end_of_turn>`` is what Gemma's chat format ends a turn with, and instruction-tuned
 checkpoints know it. The *base* Gemma 3 270M never learned it: its embedding is one of ~6,400
 near-identical untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here), so greedy decoding
 after LoRA picks a random member of that cluster instead of stopping. ``<eos>`` is a trained, distinct
-token in every Gemma, so ``stop="auto"`` uses it for base models (tests/test_models.py checks the facts).
+token in every Gemma, so ``stop="auto"`` (and a plain ``Template(style)``) uses it for base models (tests/test_models.py checks the facts).
 """
 
 from __future__ import annotations
@@ -16,40 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 STYLES = ("gemma", "alpaca")
-STOP_TOKENS = {"gemma": "<end_of_turn>", "alpaca": "<eos>"}
 ALPACA_HEADER = (
     "Below is an instruction that describes a task{ctx}. "
     "Write a response that appropriately completes the request.\n\n"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Template:
-    """A prompt style plus the stop token every target ends with and generation stops on."""
-
-    style: str = "gemma"
-    stop: str = ""  # empty: the style's own stop token
-
-    def __post_init__(self):
-        check_style(self.style)
-        object.__setattr__(self, "stop", self.stop or STOP_TOKENS[self.style])
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> "Template":
-        """The template notebook 01 wrote into the data manifest."""
-        return cls(manifest["template"], manifest["stop_token"])
-
-
-def auto_stop_token(style: str, model: str) -> str:
-    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module docstring)."""
-    check_style(style)
-    tuned = any(tag in model for tag in ("instruct", "_it"))
-    return "<end_of_turn>" if style == "gemma" and tuned else "<eos>"
-
-
-def as_template(template: "Template | str") -> Template:
-    """Accept a Template or a bare style name."""
-    return template if isinstance(template, Template) else Template(template)
 
 
 def check_style(style: str) -> str:
@@ -57,6 +27,39 @@ def check_style(style: str) -> str:
     if style not in STYLES:
         raise ValueError(f"TEMPLATE={style!r} is not a template style; use one of {', '.join(STYLES)}.")
     return style
+
+
+def auto_stop_token(style: str, model: str = "") -> str:
+    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module docstring)."""
+    check_style(style)
+    tuned = any(tag in model for tag in ("instruct", "_it"))
+    return "<end_of_turn>" if style == "gemma" and tuned else "<eos>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A prompt style plus the stop token every target ends with and generation stops on."""
+
+    style: str = "gemma"
+    stop: str = ""  # empty: what STOP_TOKEN="auto" picks for a base model
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", self.stop or auto_stop_token(self.style))
+
+    @classmethod
+    def for_model(cls, style: str, model: str, stop: str = "auto") -> "Template":
+        """The template for ``model``: ``stop="auto"`` picks the stop token by the rule above."""
+        return cls(style, auto_stop_token(style, model) if stop == "auto" else stop)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Template":
+        """The template notebook 01 wrote into the data manifest."""
+        return cls(manifest["template"], manifest["stop_token"])
+
+
+def as_template(template: "Template | str") -> Template:
+    """Accept a Template or a bare style name."""
+    return template if isinstance(template, Template) else Template(template)
 
 
 def user_text(example: dict) -> str:
@@ -75,30 +78,3 @@ def render_prompt(example: dict, template: Template | str = "gemma") -> str:
         head = ALPACA_HEADER.format(ctx=", paired with an input that provides further context")
         return f"{head}### Instruction:\n{example['instruction'].strip()}\n\n### Input:\n{extra}\n\n### Response:\n"
     return f"{ALPACA_HEADER.format(ctx='')}### Instruction:\n{example['instruction'].strip()}\n\n### Response:\n"
-
-
-def stop_token(template: Template | str = "gemma") -> str:
-    """The token that ends every training target and stops generation."""
-    return as_template(template).stop
-
-
-def stop_token_id(tokenizer, template: Template | str = "gemma") -> int:
-    """Id of the stop token in ``tokenizer`` (a single id, never its characters)."""
-    return int(tokenizer.token_to_id(stop_token(template)))
-
-
-def tokenize_batch(tokenizer, texts: list[str], chunk: int = 512) -> list[list[int]]:
-    """Token ids (no <bos>) of many strings, tokenized in chunks."""
-    out: list[list[int]] = []
-    for i in range(0, len(texts), chunk):
-        ids = tokenizer(list(texts[i : i + chunk]))
-        ids = ids.to_list() if hasattr(ids, "to_list") else ids
-        out.extend([int(t) for t in row] for row in ids)
-    return out
-
-
-def encode_example(tokenizer, example: dict, template: Template | str = "gemma") -> tuple[list[int], list[int]]:
-    """``(prompt_ids, target_ids)``: <bos> + prompt, and response + stop id."""
-    prompt, response = tokenize_batch(tokenizer, [render_prompt(example, template), example["output"]])
-    bos = int(tokenizer.token_to_id("<bos>"))
-    return [bos, *prompt], [*response, stop_token_id(tokenizer, template)]

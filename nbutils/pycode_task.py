@@ -16,6 +16,8 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+from nbutils import sequences
+
 INSTRUCTION = "Summarize in one sentence what this Python function does."
 SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "site-packages", "dist-packages", "__pycache__",
              "lib2to3", "ensurepip", "pydoc_data", "__phello__", "venv"}  # fmt: skip
@@ -96,8 +98,6 @@ def summary_problem(summary: str) -> str | None:
 
 def mine_stdlib(tokenizer=None, max_source_tokens: int = 384, root: Path | None = None) -> tuple[list[dict], dict]:
     """Mine the pairs; returns ``(rows, info)`` with drop counts, per-module counts, Python version."""
-    from nbutils import prompts
-
     root = Path(root or sysconfig.get_paths()["stdlib"])
     dropped: collections.Counter = collections.Counter()
     rows, seen = [], set()
@@ -112,7 +112,7 @@ def mine_stdlib(tokenizer=None, max_source_tokens: int = 384, root: Path | None 
             seen.add(row["input"])
             rows.append(row)
     if tokenizer is not None:
-        lengths = prompts.tokenize_batch(tokenizer, [r["input"] for r in rows])
+        lengths = sequences.tokenize_batch(tokenizer, [r["input"] for r in rows])
         keep = [len(ids) <= max_source_tokens for ids in lengths]
         dropped["source_over_token_budget"] = keep.count(False)
         rows = [r for r, k in zip(rows, keep) if k]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nbutils import data
+from nbutils import files
 
-LABELS = {"rougeL_f1": "ROUGE-L F1", "chrf": "chrF", "exact_match": "exact match", "response_loss": "response loss (nats/token)",
+LABELS = {"rougeL_f1": "ROUGE-L F1", "chrf": "chrF (corpus)", "exact_match": "exact match", "response_loss": "response loss (nats/token)",
           "perplexity": "perplexity", "stop_rate": "stop rate", "mean_tokens": "mean answer tokens"}  # fmt: skip
 
 
@@ -46,7 +46,7 @@ def write_report(out: Path, metrics: dict, examples: str) -> Path:
         f"max new tokens {s['max_new_tokens']}; seed {s['seed']}.",
         f"- Adapter: rank {a['rank']}, targets `{a['targets']}`, alpha {a['alpha']}.",
         "",
-        "## Baseline vs tuned (paired bootstrap 95% CI)",
+        f"## Baseline vs tuned (paired 95% CI: {next(iter(metrics['comparison'].values()))['ci_method']})",
         "",
         comparison_table(metrics["comparison"]),
         "",
@@ -58,5 +58,4 @@ def write_report(out: Path, metrics: dict, examples: str) -> Path:
         "",
     ])  # fmt: skip
     path = Path(out) / "report.md"
-    data.write_atomic(path, text)
-    return path
+    return files.write_text(path, text)

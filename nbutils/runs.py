@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nbutils import data, paths
+from nbutils import files, paths
 
 STEP_FILES = {
     "02_baseline_inference": "baseline_metrics.json",
@@ -23,15 +22,9 @@ def run_dir(run_id: str) -> Path:
     return folder
 
 
-def write_json(path: Path, obj) -> Path:
-    """Pretty JSON, written atomically."""
-    data.write_atomic(Path(path), json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True, default=str))
-    return Path(path)
-
-
 def read_step_output(run_id: str, notebook: str) -> dict:
     """The JSON a previous notebook wrote, or an error saying which notebook to run first."""
     path = paths.RUNS_DIR / run_id / STEP_FILES[notebook]
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first with RUN_ID={run_id!r}.")
-    return json.loads(path.read_text())
+    return files.read_json(path)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from nbutils import prompts
+from nbutils import compat, files, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
                 "gate": "ffw_gating", "up": "ffw_gating_2", "down": "ffw_linear"}  # fmt: skip
+LOG_COLUMNS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s"]
 TARGET_GROUPS = {"attention": "query,key,value,output", "all": ",".join(LORA_TARGETS)}
 
 
@@ -58,18 +59,31 @@ def lora_layer_names(targets: str) -> list[str]:
     return names
 
 
-def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0) -> dict:
-    """Freeze the model and add rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
+def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
+    """Set ``alpha`` on every LoRA-enabled layer and draw its ``A`` matrix from ``seed``; returns the layers.
+
+    keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG; seeding
+    each layer's initializer here keeps runs reproducible without resetting global seeds.
+    """
     import keras
 
-    if rank < 1:
-        raise ValueError(f"RANK={rank} must be a positive integer.")
-    keras.utils.set_random_seed(seed)  # the adapters' random initialisation
-    backbone = lm.backbone
-    backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
-    layers = [lyr for lyr in backbone._flatten_layers(include_self=False) if lyr.weights]
-    for index in backbone._lora_enabled_layers:
-        layers[index].lora_alpha = float(alpha or rank)  # keras-hub's enable_lora has no alpha argument
+    layers = [lyr for lyr in compat.all_layers(backbone) if getattr(lyr, "lora_enabled", False)]
+    if not layers:
+        raise ValueError("no LoRA-enabled layer found: call backbone.enable_lora(...) first.")
+    for i, layer in enumerate(layers):
+        layer.lora_alpha = float(alpha)
+        a = layer.lora_kernel_a
+        a.assign(keras.initializers.HeUniform(seed=seed * 100_003 + i)(a.shape, dtype=a.dtype))
+    assert all(lyr.lora_alpha == float(alpha) for lyr in layers), "LoRA alpha was not applied to every layer"
+    return layers
+
+
+def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0) -> dict:
+    """Freeze the model and add seeded rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"RANK={rank!r} must be a positive integer.")
+    lm.backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
+    configure_lora(lm.backbone, alpha or rank, seed)
     return parameter_summary(lm)
 
 
@@ -94,24 +108,6 @@ def mixed_precision(setting: str = "auto") -> str:
     return policy
 
 
-def make_arrays(rows: list[dict], tokenizer, template, sequence_length: int) -> dict[str, np.ndarray]:
-    """Token ids, padding mask and response mask of shape ``(rows, sequence_length)``."""
-    prompt_ids = prompts.tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])
-    target_ids = prompts.tokenize_batch(tokenizer, [r["output"] for r in rows])
-    bos, stop = int(tokenizer.token_to_id("<bos>")), prompts.stop_token_id(tokenizer, template)
-    n = len(rows)
-    ids = np.zeros((n, sequence_length), np.int32)
-    response = np.zeros((n, sequence_length), bool)
-    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
-        seq = [bos, *p, *t, stop]
-        if len(seq) > sequence_length:
-            raise ValueError(f"row {rows[i].get('id', i)}: {len(seq)} tokens > SEQUENCE_LENGTH={sequence_length}; "
-                             "re-run notebook 01 with the same SEQUENCE_LENGTH.")  # fmt: skip
-        ids[i, : len(seq)] = seq
-        response[i, len(seq) - len(t) - 1 : len(seq)] = True
-    return {"token_ids": ids, "padding_mask": ids != 0, "response_mask": response}
-
-
 def batch_dataset(arrays: dict, batch_size: int, seed: int | None, repeat_epochs: int = 1):
     """A tf.data pipeline of ``(x, y, sample_weight)`` with per-batch normalised response weights.
 
@@ -126,7 +122,7 @@ def batch_dataset(arrays: dict, batch_size: int, seed: int | None, repeat_epochs
         for start in range(0, n - batch_size + 1 if seed is not None else n, batch_size):
             idx = order[start : start + batch_size]
             ids, mask = arrays["token_ids"][idx], arrays["padding_mask"][idx]
-            weight = arrays["response_mask"][idx][:, 1:].astype(np.float32)
+            weight = sequences.loss_positions(arrays["response_mask"][idx]).astype(np.float32)
             weight *= weight.size / max(weight.sum(), 1.0)  # mean over response tokens
             xs.append(ids[:, :-1])
             ms.append(mask[:, :-1])
@@ -174,16 +170,17 @@ def warmup_linear(peak: float, warmup: int, total: int):
     return WarmupLinear()
 
 
-def make_optimizer(cfg: TrainConfig, total_batches: int):
-    """AdamW with warmup+decay, clipping and accumulation; biases and norm scales skip weight decay."""
-    import keras
-
-    opt = keras.optimizers.AdamW(
-        learning_rate=lr_schedule(cfg, total_batches), weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm or None,
-        gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None,
-    )  # fmt: skip
-    opt.exclude_from_weight_decay(var_names=["bias", "scale"])
-    return opt
+def plan(cfg: TrainConfig, n_train: int) -> dict:
+    """Batches per pass, optimizer updates, and batches to run (whole validation periods of EVAL_EVERY updates)."""
+    n_batches = n_train // cfg.batch_size
+    if n_batches < 1:
+        raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {n_train} training rows.")
+    updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
+    steps_per_eval = min(cfg.eval_every, updates) * cfg.grad_accum
+    # Keras runs whole "epochs" of EVAL_EVERY updates: round up, so the schedule matches what runs.
+    total_batches = math.ceil(updates * cfg.grad_accum / steps_per_eval) * steps_per_eval
+    return {"batches_per_pass": n_batches, "updates": total_batches // cfg.grad_accum, "updates_asked": updates,
+            "total_batches": total_batches, "batches_per_eval": steps_per_eval}  # fmt: skip
 
 
 def _step_logger_class():
@@ -220,40 +217,31 @@ def _step_logger_class():
             self.flush()
 
         def flush(self):
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s"])
-                writer.writeheader()
-                writer.writerows(self.rows)
-            tmp.replace(self.path)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, LOG_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            files.write_text(self.path, text.getvalue())
 
     return StepLogger
 
 
 def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) -> dict:
-    """Train the enabled LoRA weights with keras-hub's stock ``fit``; returns the Keras history."""
+    """Train the enabled LoRA weights of a compiled ``lm`` with keras-hub's stock ``fit``; returns the history."""
     import keras
 
-    n_batches = len(train["token_ids"]) // cfg.batch_size
-    if n_batches < 1:
-        raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {len(train['token_ids'])} training rows.")
-    updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
-    steps_per_eval = min(cfg.eval_every, updates) * cfg.grad_accum
-    # Keras runs whole "epochs" of EVAL_EVERY updates: round up, so the schedule matches what runs.
-    total_batches = math.ceil(updates * cfg.grad_accum / steps_per_eval) * steps_per_eval
-    if total_batches != updates * cfg.grad_accum:
-        print(f"note: training {total_batches // cfg.grad_accum} updates (a multiple of EVAL_EVERY={cfg.eval_every})")
+    if getattr(lm, "optimizer", None) is None or getattr(lm, "loss", None) is None:
+        raise ValueError("compile the model with an optimizer and a loss before training (see notebook 03).")
+    p = plan(cfg, len(train["token_ids"]))
+    n_batches, total_batches, steps_per_eval = p["batches_per_pass"], p["total_batches"], p["batches_per_eval"]
+    if p["updates"] != p["updates_asked"]:
+        print(f"note: training {p['updates']} updates (a multiple of EVAL_EVERY={cfg.eval_every})")
     epochs_needed = math.ceil(total_batches / n_batches)
     train_ds, _ = batch_dataset(train, cfg.batch_size, cfg.seed, repeat_epochs=epochs_needed)
     val_ds, val_batches = batch_dataset(val, cfg.batch_size, None)
     tokens = [int(train["padding_mask"][i : i + cfg.batch_size].sum()) for i in range(0, n_batches * cfg.batch_size, cfg.batch_size)]
     logger = _step_logger_class()(log_path, tokens)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=1)
-    lm.compile(
-        optimizer=make_optimizer(cfg, total_batches),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
     preprocessor, lm.preprocessor = lm.preprocessor, None  # inputs are already token ids
     try:
         history = lm.fit(train_ds.repeat(), validation_data=val_ds.repeat(), validation_steps=val_batches,
@@ -263,7 +251,7 @@ def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) ->
         lm.preprocessor = preprocessor
     logger.flush()
     return {"history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-            "best_val_loss": float(min(history.history["val_loss"])), "updates_planned": updates,
+            "best_val_loss": float(min(history.history["val_loss"])), "updates_planned": p["updates"],
             "batches_run": len(logger.rows), "stopped_early": stopper.stopped_epoch > 0}  # fmt: skip
 
 
@@ -271,34 +259,30 @@ def train_lora(lm, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfi
                sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
     """Tokenize, fit, and report; writes ``train_log.csv`` into ``out_dir``."""
     tokenizer = lm.preprocessor.tokenizer
-    train = make_arrays(train_rows, tokenizer, template, sequence_length)
-    val = make_arrays(val_rows, tokenizer, template, sequence_length)
+    train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
+    val = sequences.make_arrays(tokenizer, val_rows, template, sequence_length)
     start = time.perf_counter()
     result = fit_adapter(lm, train, val, cfg, Path(out_dir) / "train_log.csv")
     result["train_seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
-def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, manifest_sha256: str) -> dict:
-    """Everything needed to rebuild the adapter on top of its base model."""
+def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, split_sha256: dict) -> dict:
+    """Everything needed to rebuild the adapter on top of its base model, and the data it saw."""
     template = prompts.as_template(template)
     return {"model": model, "template": template.style, "stop_token": template.stop, "sequence_length": sequence_length, "rank": cfg.rank,
             "targets": cfg.targets, "lora_layers": lora_layer_names(cfg.targets), "alpha": float(cfg.alpha or cfg.rank),
-            "data_manifest_sha256": manifest_sha256, "config": dataclasses.asdict(cfg)}  # fmt: skip
+            "split_sha256": {s: split_sha256[s] for s in ("train", "val")}, "config": dataclasses.asdict(cfg)}  # fmt: skip
 
 
 def save_adapter(lm, path: Path, spec: dict) -> tuple[Path, Path]:
     """Write ``<name>.lora.h5`` (adapter weights only) and ``<name>.json`` (its spec), atomically."""
-    from nbutils import data
-
     path = Path(path)
     if not path.name.endswith(".lora.h5"):
         raise ValueError(f"{path}: adapter files must end in .lora.h5")
-    tmp = path.with_name(path.name.replace(".lora.h5", ".tmp.lora.h5"))
-    lm.backbone.save_lora_weights(str(tmp))
-    tmp.replace(path)
-    spec_path = path.with_name(path.name.replace(".lora.h5", ".json"))
-    data.write_atomic(spec_path, json.dumps(spec, indent=2, sort_keys=True))
+    with files.atomic_path(path) as tmp:
+        lm.backbone.save_lora_weights(str(tmp))
+    spec_path = files.write_json(path.with_name(path.name.replace(".lora.h5", ".json")), spec)
     return path, spec_path
 
 
@@ -308,15 +292,15 @@ def load_adapter(lm, path: Path, model: str) -> dict:
     spec_path = path.with_name(path.name.replace(".lora.h5", ".json"))
     if not path.exists() or not spec_path.exists():
         raise FileNotFoundError(f"{path} (or its .json) not found: run notebooks/03_lora_finetune.ipynb first.")
-    spec = json.loads(spec_path.read_text())
+    spec = files.read_json(spec_path)
     if spec["model"] != model:
         raise ValueError(f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match.")
-    enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
     import h5py
 
+    enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
     with h5py.File(path, "r") as f:
         stored_rank, stored = int(f["lora/vars/rank"][()]), sorted(int(k) for k in f["lora"] if k.isdigit())
-    if stored_rank != spec["rank"] or stored != sorted(lm.backbone._lora_enabled_layers):
+    if stored_rank != spec["rank"] or stored != sorted(compat.lora_layer_indices(lm.backbone)):
         raise ValueError(f"{path}: weights (rank {stored_rank}, {len(stored)} layers) do not match its spec "
                          f"(rank {spec['rank']}, targets {spec['targets']!r}); the adapter files are inconsistent.")  # fmt: skip
     lm.backbone.load_lora_weights(str(path))

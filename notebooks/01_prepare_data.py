@@ -10,12 +10,9 @@
 # - **Previous:** none (start here) · **Next:** `02_baseline_inference`
 
 # %%
-import inspect
-import json
+from IPython.display import Image, display
 
-from IPython.display import Image, Markdown, display
-
-from nbutils import data, models, prompts
+from nbutils import data, models, plots, prompts, sequences
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"  # whose tokenizer measures lengths: "gemma3_270m_local", "tiny", a keras-hub preset…
@@ -38,72 +35,95 @@ SEED = 0
 
 # %% [markdown]
 # ## 1. The prompt template
-# Training targets, baseline prompts, evaluation and generation all go through this one function, so
-# the model is always asked the same way. Every training target ends with the **stop token**, the
-# same single token id that generation stops on. With `STOP_TOKEN = "auto"` that is `<eos>` for base
-# models: a base Gemma never learned `<end_of_turn>` (its embedding is one of thousands of
-# near-identical untrained rows), so it could not learn to stop on it; instruction-tuned models use
-# `<end_of_turn>`.
+# Training targets, baseline prompts, evaluation and generation all render an example the same way.
+# Every training target ends with the **stop token**, the single token id generation stops on. With
+# `STOP_TOKEN = "auto"` that is `<eos>` for base models: a base Gemma never learned `<end_of_turn>`
+# (its embedding is one of thousands of near-identical untrained rows), so it could not learn to stop
+# on it; instruction-tuned models use `<end_of_turn>`.
 
 # %%
-print(inspect.getsource(prompts.render_prompt))
+template = prompts.Template.for_model(TEMPLATE, MODEL, STOP_TOKEN)
+example = {"instruction": "Summarize in one sentence.", "input": "def add(a, b):\n    return a + b", "output": "Add two numbers."}
+print(prompts.render_prompt(example, template) + example["output"] + template.stop)
 
 # %% [markdown]
-# ## 2. Load, validate, split and save
-# `data.prepare` reads the source, drops unusable rows (counting each reason), truncates over-long
-# *prompts* (never the response or its stop token), splits with a fixed seed and writes the files
-# atomically. The built-in task splits **by top-level module**, so near-identical code in one module
-# never lands in both train and test.
+# ## 2. Load
+# Structural problems (not JSON, a required field missing everywhere, an unknown format) stop here with
+# one line naming the file and what to do.
 
 # %%
 tokenizer = models.load_tokenizer(MODEL)
-manifest = data.prepare(
-    tokenizer, dataset=DATASET, data_path=DATA_PATH, data_format=DATA_FORMAT, columns=COLUMNS or None,
-    categories=[c.strip() for c in CATEGORIES.split(",") if c.strip()] or None, test_path=TEST_PATH,
-    template=TEMPLATE, sequence_length=SEQUENCE_LENGTH, val_size=VAL_SIZE, test_size=TEST_SIZE,
-    max_train=MAX_TRAIN, max_val=MAX_VAL, max_test=MAX_TEST, max_source_tokens=MAX_SOURCE_TOKENS,
-    seed=SEED, model=MODEL, stop_token=STOP_TOKEN,
-)  # fmt: skip
-template = prompts.Template.from_manifest(manifest)
-out_dir = data.processed_dir(manifest["dataset"])
-print(f"source: {manifest['source']['source']}  ({manifest['source']['format']}, sha256 {manifest['source']['sha256'][:12]}…)")
-print(data.counts_table(manifest["drops"], manifest["rows_read"]))
-print("\nrows per split:", manifest["counts"])
+categories = [c.strip() for c in CATEGORIES.split(",") if c.strip()] or None
+rows, source = data.load_source(DATASET, DATA_PATH, DATA_FORMAT, COLUMNS or None, categories, tokenizer, MAX_SOURCE_TOKENS)
+print(f"{len(rows):,} rows from {source['source']} ({source['format']}, sha256 {source['sha256'][:12]}…)")
 
 # %% [markdown]
-# ## 3. One example, rendered and tokenized
-# What the model actually sees: `<bos>` + the prompt, then the response followed by the stop token.
-# Only the response tokens (and the stop token) count in the training loss.
+# ## 3. Validate
+# Rows with a missing or empty field, duplicates and rows that cannot fit `SEQUENCE_LENGTH` are
+# dropped and counted by reason; over-long *prompts* are truncated (never the response or its stop token).
 
 # %%
-splits, _ = data.load_processed(manifest["dataset"])
-example = splits["train"][0]
-prompt_ids, target_ids = prompts.encode_example(tokenizer, example, template)
-display(Markdown(f"**Rendered prompt + target** (`{example['id']}`):"))
-print(prompts.render_prompt(example, template) + example["output"] + template.stop)
+kept, drops = data.validate(rows, tokenizer, template, SEQUENCE_LENGTH, source["source"])
+print(data.counts_table(drops, len(rows)))
+
+# %% [markdown]
+# ## 4. Split
+# A fixed seed makes the split reproducible. The built-in task splits **by top-level module**, so
+# near-identical code from one module never lands in both train and test. `TEST_PATH`, if set,
+# replaces the test split (and its prompts are removed from train/val).
+
+# %%
+test_rows = None
+if TEST_PATH:
+    test_rows, source["test_file"] = data.load_test_file(TEST_PATH, tokenizer, template, SEQUENCE_LENGTH,
+                                                         DATA_FORMAT, COLUMNS or None, categories)  # fmt: skip
+splits, drops["also_in_TEST_PATH"] = data.split(kept, VAL_SIZE, TEST_SIZE, SEED, test_rows)
+splits = data.cap_splits(splits, {"train": MAX_TRAIN, "val": MAX_VAL, "test": MAX_TEST}, SEED)
+print({name: len(split) for name, split in splits.items()})
+
+# %% [markdown]
+# ## 5. What the model sees: the token layout
+# `<bos>` + prompt, then the response followed by the stop token. Only the response tokens (and the
+# stop token) count in the training loss.
+
+# %%
+prompt_ids, target_ids = sequences.encode_example(tokenizer, splits["train"][0], template)
 print("prompt ids:", prompt_ids[:12], "…", prompt_ids[-6:], f"({len(prompt_ids)} tokens)")
-print("target ids:", target_ids, f"(ends with the stop token {template.stop} = id {prompts.stop_token_id(tokenizer, template)})")
+print("target ids:", target_ids, f"(ends with {template.stop} = id {sequences.stop_token_id(tokenizer, template)})")
 
 # %% [markdown]
-# ## 4. Token lengths
+# ## 6. Token lengths, and write the splits
 # The histogram shows whether `SEQUENCE_LENGTH` fits the data: everything right of the dashed line had
-# its prompt truncated or was dropped.
+# its prompt truncated or was dropped. The splits and a manifest (source hash, drop counts, split
+# hashes, package versions) are written atomically.
 
 # %%
-print(json.dumps(manifest["token_lengths"], indent=1))
+all_rows = [r for name in data.SPLITS for r in splits[name]]
+lengths = sequences.lengths(tokenizer, all_rows, template)
+name = data.dataset_name(DATASET, DATA_PATH)
+manifest = data.write_processed(
+    name, splits, lengths, source=source, template=template.style, stop_token=template.stop, model_for_tokenizer=MODEL,
+    seed=SEED, rows_read=len(rows), drops=dict(sorted(drops.items())),
+    params={"sequence_length": SEQUENCE_LENGTH, "val_size": VAL_SIZE, "test_size": TEST_SIZE, "max_train": MAX_TRAIN,
+            "max_val": MAX_VAL, "max_test": MAX_TEST, "data_format": DATA_FORMAT, "columns": COLUMNS,
+            "categories": categories, "test_path": TEST_PATH, "max_source_tokens": MAX_SOURCE_TOKENS},
+)  # fmt: skip
+out_dir = data.processed_dir(name)
+plots.token_length_histogram(*lengths, SEQUENCE_LENGTH, manifest["truncated_share"], out_dir / "token_lengths.png")
 display(Image(filename=str(out_dir / "token_lengths.png")))
+print(manifest["token_lengths"])
 
 # %% [markdown]
 # ## Summary
 # The checks below fail loudly if a split is missing, empty, or not what the manifest says.
 
 # %%
-for split in ("train", "val", "test"):
-    rows = data.read_jsonl(out_dir / f"{split}.jsonl")
-    assert len(rows) == manifest["counts"][split] > 0, split
-    assert all(r["output"].strip() and "instruction" in r for r in rows), split
-assert target_ids[-1] == prompts.stop_token_id(tokenizer, template)
-assert (out_dir / "token_lengths.png").stat().st_size > 0
+written, _ = data.load_processed(name)
+for split in data.SPLITS:
+    assert len(written[split]) == manifest["counts"][split] > 0, split
+    assert all(r["output"].strip() and r["instruction"].strip() for r in written[split]), split
+assert max(p + t for p, t in zip(*lengths)) <= SEQUENCE_LENGTH
+assert target_ids[-1] == sequences.stop_token_id(tokenizer, template)
 if "modules_per_split" in manifest:
     m = manifest["modules_per_split"]
     assert not (set(m["train"]) & set(m["test"])) and not (set(m["val"]) & set(m["test"]))

@@ -10,12 +10,12 @@
 
 # %%
 import csv
-import inspect
 import json
 
+import keras
 from IPython.display import Image, display
 
-from nbutils import data, models, plots, prompts, runs, training
+from nbutils import data, files, models, plots, prompts, runs, training
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"
@@ -41,12 +41,10 @@ SEED = 0
 
 # %% [markdown]
 # ## 1. Model and adapters
-# LoRA replaces a frozen weight `W` by `W + (alpha / r) · A·B` with small trainable `A` and `B`.
-# keras-hub's `backbone.enable_lora` adds them to the named layers; our helper also sets `alpha`,
-# which keras-hub does not expose (Keras' own layers accept it):
-
-# %%
-print(inspect.getsource(training.enable_lora))
+# LoRA replaces a frozen weight `W` by `W + (alpha / r) · A·B` with small trainable `A` (random) and
+# `B` (zeros, so training starts from the base model). keras-hub's `enable_lora` freezes the backbone
+# and adds `A` and `B` to the named layers; it has no `alpha` argument, so `configure_lora` sets it on
+# each LoRA layer (and draws `A` from `SEED`).
 
 # %%
 policy = training.mixed_precision(MIXED_PRECISION)  # must be set before the model is built
@@ -54,16 +52,21 @@ splits, manifest = data.load_processed(DATASET)
 template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-summary = training.enable_lora(lm, RANK, LORA_TARGETS, LORA_ALPHA, SEED)
-print(f"dtype policy {policy}")
+
+lm.backbone.enable_lora(rank=RANK, target_layer_names=training.lora_layer_names(LORA_TARGETS))
+lora_layers = training.configure_lora(lm.backbone, alpha=LORA_ALPHA or RANK, seed=SEED)
+
+summary = training.parameter_summary(lm)
+print(f"dtype policy {policy}; LoRA on {len(lora_layers)} layers ({', '.join(sorted({l.name for l in lora_layers}))})")
 print(f"parameters: {summary['total_params']:,} total, {summary['trainable_params']:,} trainable "
       f"({summary['trainable_share_pct']:.3f}%), adapter {summary['adapter_mb']:.2f} MB")
 
 # %% [markdown]
-# ## 2. Train
-# Only response tokens count in the loss (the prompt and padding are masked), and the loss is shown
-# **per response token**. AdamW with warmup and decay, gradient clipping, validation every
-# `EVAL_EVERY` updates and early stopping that restores the best adapter.
+# ## 2. Optimizer and loss
+# AdamW with linear warmup then cosine (or linear) decay, gradient clipping, optional gradient
+# accumulation; biases and norm scales are not decayed. The loss is cross-entropy on the logits; the
+# training batches carry sample weights that are zero on the prompt and padding and normalised so
+# the reported loss is the mean **per response token**.
 
 # %%
 cfg = training.TrainConfig(
@@ -71,11 +74,30 @@ cfg = training.TrainConfig(
     warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
     epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
 )  # fmt: skip
+plan = training.plan(cfg, len(splits["train"]))
+optimizer = keras.optimizers.AdamW(
+    learning_rate=training.lr_schedule(cfg, plan["total_batches"]), weight_decay=WEIGHT_DECAY,
+    clipnorm=CLIPNORM or None, gradient_accumulation_steps=GRAD_ACCUM if GRAD_ACCUM > 1 else None,
+)  # fmt: skip
+optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+lm.compile(
+    optimizer=optimizer,
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+)
+print(f"{plan['updates']} updates of {BATCH_SIZE * GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
+
+# %% [markdown]
+# ## 3. Train
+# Validation loss every `EVAL_EVERY` updates, early stopping that restores the best adapter, and a
+# CSV log of every batch (loss, learning rate, tokens/s).
+
+# %%
 result = training.train_lora(lm, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, template, SEQUENCE_LENGTH, out)
 print(f"trained {result['batches_run']} batches in {result['train_seconds']} s; best val loss {result['best_val_loss']:.3f}")
 
 # %% [markdown]
-# ## 3. Loss curve
+# ## 4. Loss curve
 # Training loss should fall quickly from the base model's level; the validation points show whether
 # the adapter generalises or starts to overfit.
 
@@ -84,22 +106,26 @@ plots.loss_curve(out / "train_log.csv", out / "loss_curve.png")
 display(Image(filename=str(out / "loss_curve.png")))
 
 # %% [markdown]
-# ## 4. Save the adapter
+# ## 5. Save the adapter
 # Only the LoRA matrices go into `adapter.lora.h5`; `adapter.json` records what is needed to rebuild
 # it on top of the same base model.
 
 # %%
-spec = training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]["train"])
+spec = training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"])
 adapter_path, spec_path = training.save_adapter(lm, out / "adapter.lora.h5", spec)
-runs.write_json(out / "train_summary.json", {"params": summary, "policy": policy, **result})
+files.write_json(out / "train_summary.json", {"params": summary, "policy": policy, **result})
 print(json.dumps(spec, indent=1)[:600])
 
 # %% [markdown]
 # ## Summary
+# The log has a row per batch and validation points; the adapter is not the untrained one (every `B`
+# matrix starts at zero, so an adapter whose `B`s are still all zero learned nothing).
 
 # %%
-log = list(csv.DictReader(open(out / "train_log.csv")))
+with open(out / "train_log.csv", newline="") as f:
+    log = list(csv.DictReader(f))
 assert len(log) == result["batches_run"] > 0 and any(r["val_loss"] for r in log)
-assert adapter_path.stat().st_size > 0 and json.loads(spec_path.read_text())["rank"] == RANK
+assert files.read_json(spec_path)["rank"] == RANK and adapter_path.stat().st_size > 0
+assert all(float(abs(keras.ops.convert_to_numpy(l.lora_kernel_b)).max()) > 0 for l in lora_layers), "an adapter B is all zero"
 assert 0 < summary["trainable_share_pct"] < 5
 print(f"OK: adapter {adapter_path} ({adapter_path.stat().st_size / 1e6:.2f} MB)")

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from nbutils import data, paths, prompts, pycode_task
+from nbutils import data, files, paths, prompts, pycode_task, sequences
 
 from conftest import SHARED_ALPACA
 
@@ -30,9 +30,22 @@ def write(path, text):
     return path
 
 
-def prepare(tok, path, **kw):
-    kw = {"val_size": 1, "test_size": 1, "sequence_length": 128, **kw}
-    return data.prepare(tok, data_path=str(path), **kw)
+def prepare(tok, path="", *, dataset="", data_format="", columns=None, categories=None, test_path="", template="gemma",
+            stop_token="auto", model="", sequence_length=128, val_size=1, test_size=1, seed=0):  # fmt: skip
+    """Notebook 01's steps in one call (load, validate, split, write), as the notebook runs them."""
+    template = prompts.Template.for_model(template, model, stop_token)
+    sequences.stop_token_id(tok, template)
+    rows, source = data.load_source(dataset, str(path), data_format, columns, categories, tok)
+    kept, drops = data.validate(rows, tok, template, sequence_length, source["source"])
+    test_rows = None
+    if test_path:
+        test_rows, source["test_file"] = data.load_test_file(test_path, tok, template, sequence_length, data_format,
+                                                             columns, categories)  # fmt: skip
+    splits, drops["also_in_TEST_PATH"] = data.split(kept, val_size, test_size, seed, test_rows)
+    lengths = sequences.lengths(tok, [r for s in data.SPLITS for r in splits[s]], template)
+    return data.write_processed(data.dataset_name(dataset, str(path)), splits, lengths, source=source, seed=seed,
+                                template=template.style, stop_token=template.stop, rows_read=len(rows),
+                                drops=dict(sorted(drops.items())))  # fmt: skip
 
 
 # ------------------------------------------------------------------ formats
@@ -56,7 +69,7 @@ def test_dolly_jsonl_with_category_filter(tokenizer, tmp_path):
     m = prepare(tokenizer, path, categories=["closed_qa"], val_size=0, test_size=1)
     assert m["source"]["format"] == "dolly"
     assert m["drops"]["category_filtered"] == 3 and sum(m["counts"].values()) == 3
-    rows = data.read_jsonl(data.processed_dir("d") / "train.jsonl")
+    rows = files.read_jsonl(data.processed_dir("d") / "train.jsonl")
     assert {r["output"] for r in rows} <= {"5", "Blue.", "desserts"}
 
 
@@ -98,7 +111,7 @@ def test_missing_file_and_unknown_dataset(tokenizer, tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         prepare(tokenizer, tmp_path / "nope.json")
     with pytest.raises(data.DataError, match="DATASET='squad' is unknown"):
-        data.prepare(tokenizer, dataset="squad")
+        prepare(tokenizer, dataset="squad")
 
 
 def test_online_dataset_without_network_names_offline_choices(monkeypatch):
@@ -125,7 +138,7 @@ def test_row_problems_are_dropped_and_counted(tokenizer, tmp_path):
     m = prepare(tokenizer, write(tmp_path / "mixed.json", json.dumps(rows)))
     assert m["drops"] == {"duplicate": 1, "empty_output": 1, "instruction_not_a_string": 1,
                           "missing_output": 1, "not_an_object": 1, "too_long": 1,
-                          "truncated_prompt (kept)": 0}  # fmt: skip
+                          "truncated_prompt (kept)": 0, "also_in_TEST_PATH": 0}  # fmt: skip
     assert sum(m["counts"].values()) == 6
 
 
@@ -133,9 +146,9 @@ def test_truncation_cuts_prompt_never_response(tokenizer):
     row = {"instruction": "Summarize.", "input": "lorem ipsum dolor " * 200, "output": "A long text about lorem."}
     fitted, truncated = data.fit_to_length(row, tokenizer, "gemma", 96)
     assert truncated and fitted["output"] == row["output"]
-    p, t = prompts.encode_example(tokenizer, fitted, "gemma")
-    assert len(p) + len(t) <= 96 and t[-1] == 106
-    assert t[:-1] == prompts.tokenize_batch(tokenizer, [row["output"]])[0]
+    p, t = sequences.encode_example(tokenizer, fitted, "gemma")
+    assert len(p) + len(t) <= 96 and t[-1] == 1  # <eos>, the default stop token
+    assert t[:-1] == sequences.tokenize_batch(tokenizer, [row["output"]])[0]
     # a response that alone overflows the budget drops the row instead of cutting it
     assert data.fit_to_length({**row, "output": "x " * 200}, tokenizer, "gemma", 96) == (None, False)
 
@@ -192,10 +205,11 @@ def test_pycode_source_drops_docstring_and_dedents():
 # ------------------------------------------------------------------ the template
 
 
-@pytest.mark.parametrize("style,stop_id", [("gemma", 106), ("alpaca", 1)])
-def test_targets_end_with_the_single_stop_token(tokenizer, style, stop_id):
+@pytest.mark.parametrize("template,stop_id", [("gemma", 1), ("alpaca", 1), (prompts.Template("gemma", "<end_of_turn>"), 106)])
+def test_targets_end_with_the_single_stop_token(tokenizer, template, stop_id):
     for row in ROWS:
-        p, t = prompts.encode_example(tokenizer, {**row, "input": row.get("input", "")}, style)
+        p, t = sequences.encode_example(tokenizer, {**row, "input": row.get("input", "")}, template)
+        style = prompts.as_template(template).style
         assert t[-1] == stop_id and stop_id not in t[:-1] and p[0] == 2
         assert prompts.render_prompt(row, style).endswith("model\n" if style == "gemma" else "### Response:\n")
 
@@ -206,7 +220,8 @@ def test_unknown_template_is_a_clear_error():
 
 
 def test_stop_token_choice(tokenizer, tmp_path):
-    assert prompts.auto_stop_token("gemma", "gemma3_270m_local") == "<eos>"
+    assert prompts.Template("gemma").stop == prompts.auto_stop_token("gemma", "gemma3_270m_local") == "<eos>"
+    assert prompts.Template.for_model("gemma", "gemma3_instruct_1b").stop == "<end_of_turn>"
     assert prompts.auto_stop_token("gemma", "gemma3_instruct_1b") == "<end_of_turn>"
     assert prompts.auto_stop_token("alpaca", "gemma3_instruct_1b") == "<eos>"
     path = write(tmp_path / "s.json", json.dumps(ROWS))
@@ -214,5 +229,5 @@ def test_stop_token_choice(tokenizer, tmp_path):
     assert m["stop_token"] == "<eos>" and prompts.Template.from_manifest(m).stop == "<eos>"
     m = prepare(tokenizer, path, stop_token="<end_of_turn>")
     assert m["stop_token"] == "<end_of_turn>"
-    with pytest.raises(data.DataError, match="STOP_TOKEN='<my stop>' is not a single token"):
+    with pytest.raises(ValueError, match="STOP_TOKEN='<my stop>' is not a single token"):
         prepare(tokenizer, path, stop_token="<my stop>")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nbutils import evaluation, prompts
+from nbutils import evaluation, prompts, sequences
 
 ROWS = [
     {"id": "a", "instruction": "Summarize.", "input": "def f(x):\n    return x + 1", "output": "Add one to x."},
@@ -20,9 +20,39 @@ def test_scores_of_known_strings():
     s = evaluation.score_rows([pred(0, "Return the sum of a and b.", "return the sum of A and B"),
                                pred(1, "Open the file.", "Close the socket now", stopped=False, n=9)])  # fmt: skip
     assert s[0]["exact_match"] == 1.0 and s[0]["rougeL_f1"] == pytest.approx(1.0)
-    assert s[1]["exact_match"] == 0.0 and 0 < s[1]["rougeL_f1"] < 0.5 and s[1]["chrf"] < s[0]["chrf"]
+    assert s[1]["exact_match"] == 0.0 and 0 < s[1]["rougeL_f1"] < 0.5
     agg = evaluation.aggregate(s)
     assert agg["stop_rate"] == 0.5 and agg["mean_tokens"] == 6.0
+
+
+def test_chrf_is_sacrebleus_corpus_chrf():
+    """Not the mean of sentence scores: character n-gram statistics summed over the corpus, as sacrebleu does."""
+    from sacrebleu.metrics import CHRF
+
+    refs = ["Return the sum of a and b.", "Open the file for reading.", "Close the socket.", "x"]
+    hyps = ["return the sum", "Open a file", "Shut the connection down now", "y z"]
+    s = evaluation.score_rows([pred(i, r, h) for i, (r, h) in enumerate(zip(refs, hyps))])
+    corpus = CHRF().corpus_score(hyps, [refs]).score / 100
+    sentence_mean = np.mean([CHRF().sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)])
+    assert evaluation.aggregate(s)["chrf"] == pytest.approx(corpus, abs=1e-9)
+    assert abs(corpus - sentence_mean) > 1e-3  # the two differ on this data, so the test tells them apart
+    idx = np.array([0, 0, 2])
+    assert evaluation.aggregate(s, idx)["chrf"] == pytest.approx(
+        CHRF().corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score / 100, abs=1e-9)
+
+
+def test_cluster_bootstrap_is_wider_when_rows_in_a_group_move_together():
+    """20 groups of 10 rows; the tuned model wins whole groups or loses them: rows are not independent."""
+    refs = [f"compute the checksum of block {i}" for i in range(200)]
+    groups = [f"m{i // 10}" for i in range(200)]
+    base = evaluation.score_rows([pred(i, r, "something unrelated") for i, r in enumerate(refs)])
+    tuned = evaluation.score_rows([pred(i, r, r if (i // 10) % 2 else "unrelated") for i, r in enumerate(refs)])
+    cmp = evaluation.paired_bootstrap(base, tuned, 400, seed=0, groups=groups)["rougeL_f1"]
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert cmp["ci95"] == cmp["ci95_clusters"] and "cluster bootstrap over 20 groups" == cmp["ci_method"]
+    assert width(cmp["ci95_clusters"]) > 2 * width(cmp["ci95_rows"])
+    rows_only = evaluation.paired_bootstrap(base, tuned, 400, seed=0)["rougeL_f1"]
+    assert rows_only["ci95"] == cmp["ci95_rows"] and "ci95_clusters" not in rows_only
 
 
 def test_bootstrap_of_identical_systems_is_zero():
@@ -30,6 +60,9 @@ def test_bootstrap_of_identical_systems_is_zero():
     cmp = evaluation.paired_bootstrap(s, s, 300, seed=1)
     for v in cmp.values():
         assert v["diff"] == 0 and v["ci95"] == [0.0, 0.0]
+    groups = [str(i % 5) for i in range(30)]
+    for v in evaluation.paired_bootstrap(s, s, 100, seed=1, groups=groups).values():
+        assert v["ci95_clusters"] == [0.0, 0.0]
 
 
 def test_bootstrap_detects_a_real_gain_and_brackets_the_difference():
@@ -81,7 +114,7 @@ def test_response_loss_matches_a_direct_computation(tiny_lm):
     losses = evaluation.response_losses(tiny_lm, ROWS, "gemma", 64, batch_size=2)
     tok = tiny_lm.preprocessor.tokenizer
     for row, got in zip(ROWS, losses):
-        p, t = prompts.encode_example(tok, row, "gemma")
+        p, t = sequences.encode_example(tok, row, "gemma")
         ids = np.array([p + t])
         hidden = tiny_lm.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)})
         logp = np.asarray(keras.ops.log_softmax(tiny_lm.backbone.token_embedding(hidden, reverse=True), axis=-1))[0]

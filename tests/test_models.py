@@ -156,3 +156,56 @@ def test_base_model_end_of_turn_is_untrained_but_eos_is_distinct(real_lm):
 
     assert nearest_other(106) > 0.98  # <end_of_turn>: inside a cluster of untrained rows
     assert nearest_other(1) < 0.8  # <eos>: a trained, distinct token
+
+
+def test_remote_preset_in_the_local_cache_needs_no_network(monkeypatch, tmp_path):
+    import socket
+
+    from kagglehub import cache, handle
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelLoadError, match="unreachable"):
+        models.resolve_preset("gemma3_270m")
+    import keras_hub
+
+    kaggle_handle = keras_hub.models.CausalLM.presets["gemma3_270m"]["kaggle_handle"].removeprefix("kaggle://")
+    folder = tmp_path / cache.get_cached_path(handle.parse_model_handle(kaggle_handle))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert models.resolve_preset("gemma3_270m") == "gemma3_270m"  # cached: no probe, no error
+
+
+def test_tokenizer_alone_needs_no_weight_conversion(monkeypatch, tmp_path):
+    src, _ = models.embedded_gguf()
+    monkeypatch.setenv("NBUTILS_CACHE", str(tmp_path))
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / src.name).symlink_to(src)
+    tok = models.local_tokenizer()
+    assert tok.token_to_id("<end_of_turn>") == 106 and tok.detokenize(tok("def f(x):")) == "def f(x):"
+    assert not list(tmp_path.glob(f"{models.LOCAL_MODEL}-*/config.json"))  # no 270M conversion happened
+    assert list(tmp_path.glob("*.tokenizer.model"))
+
+
+class FakeField:
+    def __init__(self, value):
+        self.value, self.data = value, value if isinstance(value, list) else [value]
+
+    def contents(self):
+        return self.value
+
+
+@pytest.mark.parametrize("blocks,width,rope", [(26, 1152, False), (18, 640, True)])
+def test_unverified_gemma3_sizes_are_refused(gguf_reader, blocks, width, rope):
+    fields = dict(gguf_reader.fields)
+    fields["gemma3.block_count"], fields["gemma3.embedding_length"] = FakeField(blocks), FakeField(width)
+    if rope:
+        fields["gemma3.rope.scaling.factor"] = FakeField(8.0)
+    fake = type("Reader", (), {"fields": fields})()
+    with pytest.raises(gguf_port.GGUFError, match=rf"{blocks} blocks x {width} is not supported.*Gemma 3 270M"):
+        gguf_port.backbone_config(fake)
+    assert gguf_port.backbone_config(gguf_reader)["num_layers"] == 18  # the verified one passes

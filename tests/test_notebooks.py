@@ -1,5 +1,6 @@
 """The notebooks: paired sources, no committed outputs, and all four executed under nbval (smoke)."""
 
+import datetime
 import os
 import subprocess
 import sys
@@ -63,4 +64,32 @@ def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
     (tmp_path / "done" / "metrics.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds a finished run"):
         pipeline.run("smoke", {}, run_id="done")
-    assert pipeline.new_run_id("cpu") != pipeline.new_run_id("smoke")
+
+    class FrozenClock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 11, 30, 12, 0, 0)
+
+    monkeypatch.setattr(pipeline.dt, "datetime", FrozenClock)
+    first = pipeline.new_run_id("cpu")
+    assert first == "20261130-120000_cpu"
+    (tmp_path / first).mkdir()
+    assert pipeline.new_run_id("cpu") == "20261130-120000_cpu-2"  # never reuses an existing folder
+
+
+def test_unknown_parameter_is_refused_with_the_closest_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)
+    with pytest.raises(SystemExit, match="-p LERNING_RATE: no notebook has this parameter; did you mean LEARNING_RATE"):
+        pipeline.run("smoke", {"LERNING_RATE": 1e-3})
+    assert not any(tmp_path.iterdir())  # refused before any run folder was written
+
+
+def test_every_profile_parameter_is_accepted_by_a_notebook():
+    accepted = pipeline.accepted_parameters()
+    for name, params in pipeline.PROFILES.items():
+        pipeline.check_parameters(params, accepted)  # raises SystemExit naming the key
+
+
+def test_readme_profile_table_comes_from_the_profiles():
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    assert pipeline.profiles_table() in readme, "README's profile table is stale: paste `python -m nbutils.pipeline --profiles`"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from nbutils import evaluation, models, prompts, training
+from nbutils import compat, evaluation, models, sequences, training
 
 ROWS = [{"id": str(i), "instruction": "Summarize.", "input": f"def f{i}(x):\n    return x * {i}",
          "output": f"Multiply x by {i}."} for i in range(12)]  # fmt: skip
@@ -16,35 +16,65 @@ def tiny():
     return models.load_gemma("tiny", sequence_length=64)
 
 
+def compile_for_lora(lm, cfg, n_train):
+    """Notebook 03's optimizer and loss set-up."""
+    import keras
+
+    opt = keras.optimizers.AdamW(learning_rate=training.lr_schedule(cfg, training.plan(cfg, n_train)["total_batches"]),
+                                 weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)  # fmt: skip
+    lm.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
 def test_lora_targets_and_alpha(tiny):
     s = training.enable_lora(tiny, 4, "all", alpha=16)
-    layers = [lyr for lyr in tiny.backbone._flatten_layers(include_self=False) if lyr.weights]
-    enabled = [layers[i] for i in tiny.backbone._lora_enabled_layers]
+    enabled = [lyr for lyr in compat.all_layers(tiny.backbone) if getattr(lyr, "lora_enabled", False)]
     assert len(enabled) == 2 * 7 and all(lyr.lora_alpha == 16 for lyr in enabled)
+    assert {lyr.name for lyr in enabled} == set(training.LORA_TARGETS.values())
     assert s["trainable_params"] == sum(int(np.prod(v.shape)) for lyr in enabled for v in (lyr.lora_kernel_a, lyr.lora_kernel_b))
     assert 0 < s["trainable_share_pct"] < 1
     with pytest.raises(ValueError, match="LORA_TARGETS='query,mlp'.*'attention' or 'all'"):
         training.lora_layer_names("query,mlp")
 
 
+def test_alpha_scales_the_adapter_contribution(tiny):
+    """Same adapter weights: doubling alpha doubles each LoRA layer's delta, and the backbone sees alpha."""
+    tiny.backbone.enable_lora(4, target_layer_names=training.lora_layer_names("all"))
+    layers = training.configure_lora(tiny.backbone, alpha=4.0, seed=1)
+    rng = np.random.default_rng(0)
+    for lyr in layers:
+        lyr.lora_kernel_b.assign(rng.normal(size=lyr.lora_kernel_b.shape).astype("float32") * 0.1)
+    probe = {"token_ids": np.array([[2, 100, 200, 300, 400]]), "padding_mask": np.ones((1, 5), bool)}
+    layer = next(lyr for lyr in layers if lyr.name == "query")
+    x = rng.normal(size=(1, 5, tiny.backbone.hidden_dim)).astype("float32")
+    outputs = {}
+    for alpha in (0.0, 4.0, 8.0):  # alpha 0: the frozen layer alone
+        training.configure_lora(tiny.backbone, alpha=alpha, seed=1)
+        outputs[alpha] = (np.asarray(layer(x)), np.asarray(tiny.backbone(probe)))
+    frozen = outputs.pop(0.0)[0]
+    outputs = {a: (y - frozen, h) for a, (y, h) in outputs.items()}
+    np.testing.assert_allclose(outputs[8.0][0], 2 * outputs[4.0][0], rtol=1e-4, atol=1e-6)
+    assert np.abs(outputs[4.0][0]).max() > 1e-3
+    assert np.abs(outputs[8.0][1] - outputs[4.0][1]).max() > 1e-4  # the backbone output depends on alpha
+
+
 def test_arrays_mask_exactly_the_response(tokenizer):
-    a = training.make_arrays(ROWS[:2], tokenizer, "gemma", 64)
+    a = sequences.make_arrays(tokenizer, ROWS[:2], "gemma", 64)
     for i, row in enumerate(ROWS[:2]):
-        p, t = prompts.encode_example(tokenizer, row, "gemma")
+        p, t = sequences.encode_example(tokenizer, row, "gemma")
         assert a["token_ids"][i, : len(p) + len(t)].tolist() == p + t
         assert a["response_mask"][i].tolist() == [False] * len(p) + [True] * len(t) + [False] * (64 - len(p) - len(t))
-        assert a["token_ids"][i][a["response_mask"][i]][-1] == 106
+        assert a["token_ids"][i][a["response_mask"][i]][-1] == 1  # <eos>
 
 
 def test_batch_weights_average_over_response_tokens(tokenizer):
-    a = training.make_arrays(ROWS, tokenizer, "gemma", 64)
+    a = sequences.make_arrays(tokenizer, ROWS, "gemma", 64)
     ds, n = training.batch_dataset(a, 4, seed=0)
     assert n == 3
     for x, y, w in ds.as_numpy_iterator():
         assert w.sum() == pytest.approx(w.size, rel=1e-5)  # so Keras' mean over all positions = mean over responses
         assert (y[w > 0] != 0).all() and (x["token_ids"][:, 1:] == y[:, :-1]).all()
         for row_y, row_w in zip(y, w):  # weighted positions: the response, ending on the stop token
-            assert row_y[row_w > 0][-1] == 106 and (row_w > 0).sum() == len(row_y[row_w > 0])
+            assert row_y[row_w > 0][-1] == 1 and (row_w > 0).sum() == len(row_y[row_w > 0])
 
 
 def test_keras_loss_is_the_per_token_response_loss(tiny, tokenizer):
@@ -52,7 +82,7 @@ def test_keras_loss_is_the_per_token_response_loss(tiny, tokenizer):
     import keras
 
     rows = ROWS[:4]
-    a = training.make_arrays(rows, tokenizer, "gemma", 64)
+    a = sequences.make_arrays(tokenizer, rows, "gemma", 64)
     ds, _ = training.batch_dataset(a, 4, seed=None)
     tiny.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pre, tiny.preprocessor = tiny.preprocessor, None
@@ -65,17 +95,24 @@ def test_keras_loss_is_the_per_token_response_loss(tiny, tokenizer):
 
 
 def test_training_changes_only_the_adapter_and_lowers_loss(tiny, tmp_path):
-    frozen_before = [np.array(v) for v in tiny.backbone.non_trainable_weights]
     training.enable_lora(tiny, 8, "all", 16)
+    frozen_before = {v.path: np.array(v) for v in tiny.backbone.non_trainable_weights}
+    adapter_before = {v.path: np.array(v) for v in tiny.backbone.trainable_weights}
+    assert len(frozen_before) == len(tiny.backbone.non_trainable_weights) > 20  # keyed by unique paths
+    assert all("lora" in p for p in adapter_before) and len(adapter_before) == 2 * 2 * 7
     cfg = training.TrainConfig(rank=8, targets="all", alpha=16, learning_rate=3e-3, warmup_steps=1, max_steps=12,
                                eval_every=4, batch_size=4, patience=5)  # fmt: skip
+    compile_for_lora(tiny, cfg, len(ROWS))
     before = evaluation.response_losses(tiny, ROWS, "gemma", 64)
     result = training.train_lora(tiny, ROWS, ROWS[:4], cfg, "gemma", 64, tmp_path)
     after = evaluation.response_losses(tiny, ROWS, "gemma", 64)
     mean = lambda ls: sum(r["loss_sum"] for r in ls) / sum(r["loss_tokens"] for r in ls)  # noqa: E731
     assert mean(after) < mean(before) - 0.05, (mean(before), mean(after))
-    base_after = [np.array(v) for v in tiny.backbone.non_trainable_weights if "lora" not in v.path]
-    assert all(np.array_equal(a, b) for a, b in zip(frozen_before, base_after))
+    frozen_after = {v.path: np.array(v) for v in tiny.backbone.non_trainable_weights}
+    for (path, a), (path_after, b) in zip(frozen_before.items(), frozen_after.items(), strict=True):
+        assert path == path_after and np.array_equal(a, b), path
+    adapter_after = {v.path: np.array(v) for v in tiny.backbone.trainable_weights}
+    assert all(not np.array_equal(adapter_before[p], adapter_after[p]) for p in adapter_before)  # every A and B moved
     log = (tmp_path / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,train_loss,val_loss,learning_rate,tokens_per_s" and len(log) == 1 + result["batches_run"] == 13
 
@@ -85,7 +122,8 @@ def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
     for v in tiny.backbone.trainable_weights:
         v.assign(np.random.default_rng(0).normal(size=v.shape).astype("float32") * 0.05)
     cfg = training.TrainConfig(rank=4, targets="query,value", alpha=8)
-    path, spec_path = training.save_adapter(tiny, tmp_path / "a.lora.h5", training.adapter_spec(cfg, "tiny", "gemma", 64, "x"))
+    splits = {"train": "t", "val": "v", "test": "x"}
+    path, spec_path = training.save_adapter(tiny, tmp_path / "a.lora.h5", training.adapter_spec(cfg, "tiny", "gemma", 64, splits))
     probe = {"token_ids": np.array([[2, 100, 200, 300]]), "padding_mask": np.ones((1, 4), bool)}
     expected = np.asarray(tiny.backbone(probe))
 

@@ -1,0 +1,58 @@
+"""The few non-public APIs of Keras, keras-hub, kagglehub and sacrebleu the project relies on, in one place.
+
+Each has a test in ``tests/test_compat.py`` that fails loudly, naming the function, when an upstream
+release changes it. Everything else in ``nbutils`` uses public APIs only.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def all_layers(model) -> list:
+    """Every sub-layer of ``model``, depth first (Keras has no public recursive traversal)."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def lora_layer_indices(backbone) -> list[int]:
+    """Indices keras-hub's ``save_lora_weights`` uses for the LoRA layers (among layers with weights)."""
+    return list(getattr(backbone, "_lora_enabled_layers", []))
+
+
+def kaggle_preset_cached(preset: str) -> bool:
+    """Whether a keras-hub preset name or ``kaggle://`` handle is already in kagglehub's local cache."""
+    import keras_hub
+    from kagglehub import cache, handle
+
+    if preset.startswith("kaggle://"):
+        kaggle_handle = preset
+    else:
+        kaggle_handle = keras_hub.models.CausalLM.presets.get(preset, {}).get("kaggle_handle", "")
+    kaggle_handle = kaggle_handle.removeprefix("kaggle://")
+    if kaggle_handle.count("/") != 4:  # unversioned: kagglehub must ask the server for the latest version
+        return False
+    folder = cache.get_cached_path(handle.parse_model_handle(kaggle_handle))
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def chrf_statistics(hypothesis: str, reference: str) -> list[float]:
+    """sacrebleu's chrF sufficient statistics of one sentence pair (summed over a corpus for corpus chrF)."""
+    return [float(x) for x in _chrf()._extract_corpus_statistics([hypothesis], [[reference]])[0]]
+
+
+def chrf_from_statistics(stats: list[float]) -> float:
+    """Corpus chrF (0-100) from summed statistics, exactly as ``CHRF().corpus_score`` computes it."""
+    return float(_chrf()._compute_score_from_stats(list(stats)).score)
+
+
+_CHRF = None
+
+
+def _chrf():
+    """One shared sacrebleu CHRF metric (default settings: chrF, character n-grams up to 6, beta 2)."""
+    global _CHRF
+    if _CHRF is None:
+        from sacrebleu.metrics import CHRF
+
+        _CHRF = CHRF()
+    return _CHRF

@@ -1,0 +1,49 @@
+"""The non-public upstream APIs wrapped in nbutils.compat: each test fails loudly if a release changes one."""
+
+import numpy as np
+import pytest
+
+from nbutils import compat, models, training
+
+
+def test_all_layers_reaches_the_lora_targets():
+    lm = models.load_gemma("tiny", sequence_length=32)
+    names = {layer.name for layer in compat.all_layers(lm.backbone)}
+    missing = set(training.LORA_TARGETS.values()) - names
+    assert not missing, f"keras Layer._flatten_layers no longer reaches {missing}: update compat.all_layers"
+
+
+def test_lora_layer_indices_match_what_keras_hub_saves(tmp_path):
+    import h5py
+
+    lm = models.load_gemma("tiny", sequence_length=32)
+    training.enable_lora(lm, 2, "query,value")
+    indices = compat.lora_layer_indices(lm.backbone)
+    assert len(indices) == 4, "keras-hub Backbone._lora_enabled_layers changed: update compat.lora_layer_indices"
+    lm.backbone.save_lora_weights(str(tmp_path / "a.lora.h5"))
+    with h5py.File(tmp_path / "a.lora.h5", "r") as f:
+        assert sorted(int(k) for k in f["lora"] if k.isdigit()) == sorted(indices)
+
+
+def test_kaggle_cache_lookup(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))
+    assert not compat.kaggle_preset_cached("gemma3_1b")
+    from kagglehub import cache, handle
+
+    handle_text = "keras/gemma3/keras/gemma3_1b/3"
+    folder = cache.get_cached_path(handle.parse_model_handle(handle_text))
+    assert str(folder).startswith(str(tmp_path)), "kagglehub cache layout changed: update compat.kaggle_preset_cached"
+    (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / folder / "config.json").write_text("{}")
+    assert compat.kaggle_preset_cached("kaggle://" + handle_text)
+    assert not compat.kaggle_preset_cached("kaggle://keras/gemma3/keras/gemma3_1b")  # unversioned: ask the server
+
+
+@pytest.mark.parametrize("hyp,ref", [("the cat sat", "a cat sat down"), ("", "x"), ("same", "same")])
+def test_chrf_statistics_reproduce_sacrebleu(hyp, ref):
+    from sacrebleu.metrics import CHRF
+
+    stats = compat.chrf_statistics(hyp, ref)
+    assert compat.chrf_from_statistics(stats) == pytest.approx(CHRF().sentence_score(hyp, [ref]).score)
+    both = np.add(stats, compat.chrf_statistics("a dog", "the dog"))
+    assert compat.chrf_from_statistics(both) == pytest.approx(CHRF().corpus_score([hyp, "a dog"], [[ref, "the dog"]]).score)
