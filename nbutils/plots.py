@@ -45,15 +45,15 @@ def loss_curve(log_csv: Path, path: Path) -> Path:
         rows = list(csv.DictReader(f))
     fig, ax = _figure()
     steps, losses = [int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows]
-    ax.plot(steps, losses, label="train batch (per response token)", alpha=0.35)
+    ax.plot(steps, losses, label="train update (per response token)", alpha=0.35)
     window = min(10, len(losses))
     if window > 1:
         smooth = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
-        ax.plot(steps[window - 1 :], smooth, label=f"train, mean of last {window} batches")
+        ax.plot(steps[window - 1 :], smooth, label=f"train, mean of last {window} updates")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    ax.set(xlabel="training batch", ylabel="loss (nats / response token)", title="LoRA fine-tuning")
+    ax.set(xlabel="optimizer update", ylabel="loss (nats / response token)", title="LoRA fine-tuning")
     ax.legend()
     return save(fig, path)
 

@@ -1,9 +1,10 @@
-"""LoRA fine-tuning behind one function, :func:`train_lora` (notebook 03).
+"""LoRA fine-tuning (notebook 03): adapters, schedule, the fast training loop, adapter files.
 
-Data in (rows rendered with the shared template), adapter and history out. The loss counts only
-response tokens (prompt and padding masked) and is reported per response token: each batch's
-sample weights are scaled so that Keras' ``sum_over_batch_size`` reduction equals the mean over the
-batch's response tokens. A faster path can replace :func:`fit_adapter` without touching notebooks.
+The loop (:func:`train_lora`) is a jit-compiled JAX step built on Keras' stateless API instead of
+``fit``: rows are batched by length (:mod:`nbutils.batches`), the LM head and the loss run only at
+the positions whose next token is a response token, and the loss of an update is the mean over the
+response tokens of all its micro-batches (GRAD_ACCUM). Early stopping keeps a copy of the best
+adapter, never of the whole model.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import compat, files, prompts, sequences
+from nbutils import batches, compat, files, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
                 "gate": "ffw_gating", "up": "ffw_gating_2", "down": "ffw_linear"}  # fmt: skip
-LOG_COLUMNS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s"]
+LOG_COLUMNS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "useful_tokens_per_s"]
 TARGET_GROUPS = {"attention": "query,key,value,output", "all": ",".join(LORA_TARGETS)}
 
 
@@ -108,49 +109,16 @@ def mixed_precision(setting: str = "auto") -> str:
     return policy
 
 
-def batch_dataset(arrays: dict, batch_size: int, seed: int | None, repeat_epochs: int = 1):
-    """A tf.data pipeline of ``(x, y, sample_weight)`` with per-batch normalised response weights.
-
-    Autotuning is disabled: keras-hub's default numpy path stalled 0-39 s at the end of every fit().
-    """
-    import tensorflow as tf
-
-    n = len(arrays["token_ids"])
-    xs, ys, ws, ms = [], [], [], []
-    for epoch in range(repeat_epochs):
-        order = np.random.default_rng(seed + epoch).permutation(n) if seed is not None else np.arange(n)
-        for start in range(0, n - batch_size + 1 if seed is not None else n, batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = arrays["token_ids"][idx], arrays["padding_mask"][idx]
-            weight = sequences.loss_positions(arrays["response_mask"][idx]).astype(np.float32)
-            weight *= weight.size / max(weight.sum(), 1.0)  # mean over response tokens
-            xs.append(ids[:, :-1])
-            ms.append(mask[:, :-1])
-            ys.append(ids[:, 1:])
-            ws.append(weight)
-    ds = tf.data.Dataset.from_generator(
-        lambda: (({"token_ids": x, "padding_mask": m}, y, w) for x, m, y, w in zip(xs, ms, ys, ws)),
-        output_signature=(
-            {"token_ids": tf.TensorSpec((None, None), tf.int32), "padding_mask": tf.TensorSpec((None, None), tf.bool)},
-            tf.TensorSpec((None, None), tf.int32),
-            tf.TensorSpec((None, None), tf.float32),
-        ),
-    )
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.with_options(options), len(xs)
-
-
-def lr_schedule(cfg: TrainConfig, total_batches: int):
-    """Linear warmup to ``learning_rate`` then cosine or linear decay (counted in batches)."""
+def lr_schedule(cfg: TrainConfig, total_updates: int):
+    """Linear warmup to ``learning_rate`` over WARMUP_STEPS updates, then cosine or linear decay to zero."""
     import keras
 
-    warmup = cfg.warmup_steps * cfg.grad_accum
-    decay = max(total_batches - warmup, 1)
+    warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
     if cfg.schedule == "cosine":
+        decay = max(total_updates - warmup, 1)
         return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
     if cfg.schedule == "linear":
-        return warmup_linear(cfg.learning_rate, warmup, total_batches)
+        return warmup_linear(cfg.learning_rate, warmup, total_updates)
     raise ValueError(f"SCHEDULE={cfg.schedule!r}: use 'cosine' or 'linear'.")
 
 
@@ -171,100 +139,201 @@ def warmup_linear(peak: float, warmup: int, total: int):
 
 
 def plan(cfg: TrainConfig, n_train: int) -> dict:
-    """Batches per pass, optimizer updates, and batches to run (whole validation periods of EVAL_EVERY updates)."""
+    """Batches per pass over the training rows and optimizer updates to run (each of GRAD_ACCUM batches)."""
+    for name, value in (("BATCH_SIZE", cfg.batch_size), ("GRAD_ACCUM", cfg.grad_accum), ("EVAL_EVERY", cfg.eval_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
     n_batches = n_train // cfg.batch_size
     if n_batches < 1:
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {n_train} training rows.")
     updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
-    steps_per_eval = min(cfg.eval_every, updates) * cfg.grad_accum
-    # Keras runs whole "epochs" of EVAL_EVERY updates: round up, so the schedule matches what runs.
-    total_batches = math.ceil(updates * cfg.grad_accum / steps_per_eval) * steps_per_eval
-    return {"batches_per_pass": n_batches, "updates": total_batches // cfg.grad_accum, "updates_asked": updates,
-            "total_batches": total_batches, "batches_per_eval": steps_per_eval}  # fmt: skip
+    return {"batches_per_pass": n_batches, "updates": updates, "batches": updates * cfg.grad_accum}
 
 
-def _step_logger_class():
-    """A Keras callback class that writes one CSV row per training batch."""
+def response_nll(logits, targets, weights):
+    """Summed cross-entropy of ``targets`` under ``logits`` at the weighted (response) positions."""
     import keras
 
-    class StepLogger(keras.callbacks.Callback):
-        """CSV of step, train loss, val loss, learning rate and tokens/s."""
-
-        def __init__(self, path: Path, tokens_per_batch: list[int]):
-            super().__init__()
-            self.path, self.tokens, self.rows, self.step = Path(path), tokens_per_batch, [], 0
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.running = 0.0
-
-        def on_train_batch_end(self, batch, logs=None):
-            seconds = time.perf_counter() - self.t0
-            lr = float(self.model.optimizer._get_current_learning_rate())
-            tokens = self.tokens[self.step % len(self.tokens)]
-            # Keras reports the running mean since the epoch began; recover this batch's own loss.
-            mean = float(logs["loss"])
-            loss, self.running = (batch + 1) * mean - batch * self.running, mean
-            self.rows.append({"step": self.step + 1, "train_loss": loss, "val_loss": "",
-                              "learning_rate": lr, "tokens_per_s": round(tokens / seconds, 1)})  # fmt: skip
-            self.step += 1
-
-        def on_epoch_end(self, epoch, logs=None):
-            if self.rows and logs and "val_loss" in logs:
-                self.rows[-1]["val_loss"] = float(logs["val_loss"])
-            self.flush()
-
-        def flush(self):
-            text = io.StringIO()
-            writer = csv.DictWriter(text, LOG_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(self.rows)
-            files.write_text(self.path, text.getvalue())
-
-    return StepLogger
+    nll = keras.ops.sparse_categorical_crossentropy(targets, keras.ops.cast(logits, "float32"), from_logits=True)
+    return keras.ops.sum(nll * weights)
 
 
-def fit_adapter(lm, train: dict, val: dict, cfg: TrainConfig, log_path: Path) -> dict:
-    """Train the enabled LoRA weights of a compiled ``lm`` with keras-hub's stock ``fit``; returns the history."""
-    import keras
+class Trainer:
+    """Jit-compiled LoRA steps on JAX: logits only at the scored positions, the loss a mean over the
+    response tokens of a whole update, one optimizer step per update (Keras' stateless API)."""
 
-    if getattr(lm, "optimizer", None) is None or getattr(lm, "loss", None) is None:
-        raise ValueError("compile the model with an optimizer and a loss before training (see notebook 03).")
-    p = plan(cfg, len(train["token_ids"]))
-    n_batches, total_batches, steps_per_eval = p["batches_per_pass"], p["total_batches"], p["batches_per_eval"]
-    if p["updates"] != p["updates_asked"]:
-        print(f"note: training {p['updates']} updates (a multiple of EVAL_EVERY={cfg.eval_every})")
-    epochs_needed = math.ceil(total_batches / n_batches)
-    train_ds, _ = batch_dataset(train, cfg.batch_size, cfg.seed, repeat_epochs=epochs_needed)
-    val_ds, val_batches = batch_dataset(val, cfg.batch_size, None)
-    tokens = [int(train["padding_mask"][i : i + cfg.batch_size].sum()) for i in range(0, n_batches * cfg.batch_size, cfg.batch_size)]
-    logger = _step_logger_class()(log_path, tokens)
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=1)
-    preprocessor, lm.preprocessor = lm.preprocessor, None  # inputs are already token ids
-    try:
-        history = lm.fit(train_ds.repeat(), validation_data=val_ds.repeat(), validation_steps=val_batches,
-                         steps_per_epoch=steps_per_eval,
-                         epochs=math.ceil(total_batches / steps_per_eval), callbacks=[logger, stopper], verbose=1, shuffle=False)  # fmt: skip
-    finally:
-        lm.preprocessor = preprocessor
-    logger.flush()
-    return {"history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-            "best_val_loss": float(min(history.history["val_loss"])), "updates_planned": p["updates"],
-            "batches_run": len(logger.rows), "stopped_early": stopper.stopped_epoch > 0}  # fmt: skip
+    def __init__(self, lm, optimizer):
+        import jax
+
+        self.backbone, self.optimizer = lm.backbone, optimizer
+        self.trainable = list(self.backbone.trainable_variables)
+        if not self.trainable:
+            raise ValueError("the model has no trainable weights: enable LoRA first (notebook 03, step 1).")
+        self.optimizer.build(self.trainable)
+        self.soft_cap = getattr(self.backbone, "final_logit_soft_cap", None)
+        self._grad = jax.jit(jax.value_and_grad(self._loss_sum))
+        self._loss = jax.jit(self._loss_sum)
+        self._apply = jax.jit(self.optimizer.stateless_apply, donate_argnums=(0, 2))
+        self.shapes: set = set()
+
+    def _loss_sum(self, trainable, non_trainable, batch, denominator):
+        """Loss of one batch divided by ``denominator`` (the response tokens of the whole update)."""
+        import jax.numpy as jnp
+        import keras
+
+        mapping = list(zip(self.trainable, trainable)) + list(zip(self.backbone.non_trainable_variables, non_trainable))
+        with keras.StatelessScope(state_mapping=mapping):
+            hidden = self.backbone({"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]})
+            picked = jnp.take_along_axis(hidden, batch["positions"][..., None], axis=1)
+            logits = self.backbone.token_embedding(picked, reverse=True)
+        if self.soft_cap:
+            logits = jnp.tanh(logits / self.soft_cap) * self.soft_cap
+        return response_nll(logits, batch["targets"], batch["weights"]) / denominator
+
+    def state(self) -> tuple[list, list, list]:
+        """Current values of the adapter, the frozen weights and the optimizer."""
+        return ([v.value for v in self.trainable], [v.value for v in self.backbone.non_trainable_variables],
+                [v.value for v in self.optimizer.variables])  # fmt: skip
+
+    def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
+        """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new state."""
+        import jax
+
+        trainable, non_trainable, opt_vars = state
+        denominator = float(sum(b.useful_tokens for b in micro_batches))
+        total, grads = 0.0, None
+        for b in micro_batches:
+            self.shapes.add(b.shape)
+            loss, g = self._grad(trainable, non_trainable, _as_inputs(b), denominator)
+            total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
+        trainable, opt_vars = self._apply(opt_vars, grads, trainable)
+        return float(total), (trainable, non_trainable, opt_vars)
+
+    def mean_loss(self, batches: list, state: tuple) -> float:
+        """Loss per response token over all ``batches`` (token-weighted, not a mean of batch means)."""
+        trainable, non_trainable, _ = state
+        denominator = float(sum(b.useful_tokens for b in batches))
+        for b in batches:
+            self.shapes.add(b.shape)
+        return float(sum(self._loss(trainable, non_trainable, _as_inputs(b), denominator) for b in batches))
+
+    def learning_rate(self, state: tuple) -> float:
+        """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""
+        import keras
+
+        with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, state[2]))):
+            return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    def write_back(self, state: tuple) -> None:
+        """Copy the adapter and optimizer values from ``state`` into the Keras variables."""
+        trainable, _, opt_vars = state
+        for v, value in zip(self.trainable, trainable):
+            v.assign(value)
+        for v, value in zip(self.optimizer.variables, opt_vars):
+            v.assign(value)
 
 
-def train_lora(lm, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
+def _as_inputs(batch) -> dict:
+    """A :class:`batches.Batch` as the dict of arrays the jitted step takes."""
+    return {k: getattr(batch, k) for k in ("token_ids", "padding_mask", "positions", "targets", "weights")}
+
+
+def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
                sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
-    """Tokenize, fit, and report; writes ``train_log.csv`` into ``out_dir``."""
+    """Train the enabled LoRA weights; validation every EVAL_EVERY updates, early stopping that keeps the
+    best adapter; writes ``train_log.csv`` (one row per batch) into ``out_dir``; returns a summary."""
     tokenizer = lm.preprocessor.tokenizer
     train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
-    val = sequences.make_arrays(tokenizer, val_rows, template, sequence_length)
+    val_batches = batches.eval_batches(sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size)
+    p = plan(cfg, len(train_rows))
+    trainer = Trainer(lm, optimizer)
+    state = trainer.state()
+    log, history = TrainLog(Path(out_dir) / "train_log.csv"), {"val_loss": [], "val_step": []}
+    best, best_adapter, waited, stream = math.inf, None, 0, _batch_stream(train, cfg)
     start = time.perf_counter()
-    result = fit_adapter(lm, train, val, cfg, Path(out_dir) / "train_log.csv")
-    result["train_seconds"] = round(time.perf_counter() - start, 1)
-    return result
+    for update in range(1, p["updates"] + 1):
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        lr = trainer.learning_rate(state)
+        t0 = time.perf_counter()
+        loss, state = trainer.update(micro, state)
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            trainer.write_back(state)
+            raise FloatingPointError(f"update {update}: the training loss is {loss}; lower LEARNING_RATE "
+                                     f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off').")  # fmt: skip
+        log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds)
+        if update % cfg.eval_every == 0 or update == p["updates"]:
+            val = trainer.mean_loss(val_batches, state)
+            history["val_loss"].append(val)
+            history["val_step"].append(update)
+            log.set_val(val)
+            print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
+            if val < best:
+                best, waited = val, 0
+                best_adapter = [np.array(x) for x in state[0]]  # the adapter only: a few MB
+            else:
+                waited += 1
+                if waited >= cfg.patience:
+                    print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
+                          f"{history['val_step'][history['val_loss'].index(best)]}")  # fmt: skip
+                    break
+    trainer.write_back(state)
+    if best_adapter is not None:
+        for v, value in zip(trainer.trainable, best_adapter):
+            v.assign(value)
+    log.flush()
+    return {"history": history, "best_val_loss": best, "updates_planned": p["updates"], "updates_run": update,
+            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"], "compilations": len(trainer.shapes),
+            "train_seconds": round(time.perf_counter() - start, 1), **log.throughput()}  # fmt: skip
+
+
+def _batch_stream(train: dict, cfg: TrainConfig):
+    """Training batches, pass after pass over the rows, each pass shuffled by ``(SEED, pass)``."""
+    epoch = 0
+    while True:
+        yield from batches.epoch_batches(train, cfg.batch_size, cfg.seed, epoch)
+        epoch += 1
+
+
+class TrainLog:
+    """The per-batch CSV log (``LOG_COLUMNS``), written atomically after every evaluation."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = Path(path), []
+
+    def add(self, update: int, loss: float, lr: float, tokens: int, useful: int, seconds: float) -> None:
+        """One optimizer update's row (its batches together)."""
+        self.rows.append({"step": update, "train_loss": loss, "val_loss": "", "learning_rate": lr,
+                          "tokens_per_s": round(tokens / seconds, 1), "useful_tokens_per_s": round(useful / seconds, 1),
+                          "seconds": seconds, "tokens": tokens, "useful_tokens": useful})  # fmt: skip
+
+    def set_val(self, val_loss: float) -> None:
+        """Record a validation loss on the latest row and save the log."""
+        self.rows[-1]["val_loss"] = val_loss
+        self.flush()
+
+    def summary_line(self, total: int, elapsed: float) -> str:
+        """A compact progress line for the latest evaluation period."""
+        r = self.rows[-1]
+        recent = self.rows[-10:]
+        train = sum(x["train_loss"] for x in recent) / len(recent)
+        return (f"update {r['step']:>4}/{total}  train {train:.3f}  val {r['val_loss']:.3f}  lr {r['learning_rate']:.2e}  "
+                f"{self.throughput()['useful_tokens_per_s']:.0f} response tok/s  {elapsed:.0f}s")  # fmt: skip
+
+    def throughput(self) -> dict:
+        """Tokens/s and response tokens/s over all updates after the first (which includes compilation)."""
+        rows = self.rows[1:] or self.rows
+        seconds = sum(r["seconds"] for r in rows) or 1e-9
+        return {"tokens_per_s": round(sum(r["tokens"] for r in rows) / seconds, 1),
+                "useful_tokens_per_s": round(sum(r["useful_tokens"] for r in rows) / seconds, 1)}  # fmt: skip
+
+    def flush(self) -> None:
+        """Write the CSV atomically."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, LOG_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        files.write_text(self.path, text.getvalue())
 
 
 def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, split_sha256: dict) -> dict:

@@ -10,6 +10,7 @@
 
 # %%
 import csv
+import inspect
 import json
 
 import keras
@@ -28,13 +29,13 @@ LEARNING_RATE = 2e-4
 WEIGHT_DECAY = 0.01
 WARMUP_STEPS = 10
 SCHEDULE = "cosine"  # or "linear"
-CLIPNORM = 1.0
+CLIPNORM = 1.0  # clip the global norm of all adapter gradients; 0 turns it off
 BATCH_SIZE = 4
-GRAD_ACCUM = 1  # optimizer update every GRAD_ACCUM batches
+GRAD_ACCUM = 1  # batches per optimizer update (the loss is the mean over all their response tokens)
 EPOCHS = 1
 MAX_STEPS = 0  # optimizer updates; 0 means EPOCHS passes over the train split
 EVAL_EVERY = 25  # validation loss every this many updates
-PATIENCE = 3  # early stopping: evaluations without improvement before stopping (best adapter restored)
+PATIENCE = 3  # early stopping: evaluations without improvement before stopping (the best adapter is kept)
 MAX_VAL_ROWS = 0  # 0 means the whole val split
 MIXED_PRECISION = "auto"  # bf16 on GPU/TPU, fp32 on CPU; or "on" / "off"
 SEED = 0
@@ -63,10 +64,10 @@ print(f"parameters: {summary['total_params']:,} total, {summary['trainable_param
 
 # %% [markdown]
 # ## 2. Optimizer and loss
-# AdamW with linear warmup then cosine (or linear) decay, gradient clipping, optional gradient
-# accumulation; biases and norm scales are not decayed. The loss is cross-entropy on the logits; the
-# training batches carry sample weights that are zero on the prompt and padding and normalised so
-# the reported loss is the mean **per response token**.
+# AdamW with linear warmup then cosine (or linear) decay, clipping on the global norm of all adapter
+# gradients; biases and norm scales are not decayed. The loss is cross-entropy **at the response
+# positions only** (prompt and padding are never scored, and the 262k-word output layer runs only
+# there), averaged over the response tokens of each whole update:
 
 # %%
 cfg = training.TrainConfig(
@@ -76,25 +77,23 @@ cfg = training.TrainConfig(
 )  # fmt: skip
 plan = training.plan(cfg, len(splits["train"]))
 optimizer = keras.optimizers.AdamW(
-    learning_rate=training.lr_schedule(cfg, plan["total_batches"]), weight_decay=WEIGHT_DECAY,
-    clipnorm=CLIPNORM or None, gradient_accumulation_steps=GRAD_ACCUM if GRAD_ACCUM > 1 else None,
-)  # fmt: skip
-optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-lm.compile(
-    optimizer=optimizer,
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    learning_rate=training.lr_schedule(cfg, plan["updates"]), weight_decay=WEIGHT_DECAY, global_clipnorm=CLIPNORM or None
 )
-print(f"{plan['updates']} updates of {BATCH_SIZE * GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
+optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+print(inspect.getsource(training.response_nll))
+print(f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
 
 # %% [markdown]
 # ## 3. Train
-# Validation loss every `EVAL_EVERY` updates, early stopping that restores the best adapter, and a
-# CSV log of every batch (loss, learning rate, tokens/s).
+# Rows are batched by length (a batch is only as wide as its longest row), each step is compiled
+# once per batch shape, validation loss is computed every `EVAL_EVERY` updates, and early stopping
+# keeps the best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s).
 
 # %%
-result = training.train_lora(lm, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, template, SEQUENCE_LENGTH, out)
-print(f"trained {result['batches_run']} batches in {result['train_seconds']} s; best val loss {result['best_val_loss']:.3f}")
+result = training.train_lora(lm, optimizer, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, template,
+                             SEQUENCE_LENGTH, out)  # fmt: skip
+print(f"{result['updates_run']} updates in {result['train_seconds']} s ({result['useful_tokens_per_s']} response tokens/s, "
+      f"{result['compilations']} compiled shapes); best val loss {result['best_val_loss']:.3f}")  # fmt: skip
 
 # %% [markdown]
 # ## 4. Loss curve
@@ -124,7 +123,7 @@ print(json.dumps(spec, indent=1)[:600])
 # %%
 with open(out / "train_log.csv", newline="") as f:
     log = list(csv.DictReader(f))
-assert len(log) == result["batches_run"] > 0 and any(r["val_loss"] for r in log)
+assert len(log) == result["updates_run"] > 0 and any(r["val_loss"] for r in log)
 assert files.read_json(spec_path)["rank"] == RANK and adapter_path.stat().st_size > 0
 assert all(float(abs(keras.ops.convert_to_numpy(l.lora_kernel_b)).max()) > 0 for l in lora_layers), "an adapter B is all zero"
 assert 0 < summary["trainable_share_pct"] < 5

@@ -1,0 +1,94 @@
+"""Length-bucketed batches for the fast training path: little padding, few static shapes, loss positions only.
+
+Rows are grouped by length so a batch is only as wide as its longest row, rounded up to a multiple
+of ``WIDTH_STEP`` (XLA then compiles each width once). Each batch also lists the positions whose
+next token is a response token (rounded up to ``RESPONSE_STEP`` per row), so the 262k-word LM head
+runs there only. The layout itself comes from :mod:`nbutils.sequences`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from nbutils import sequences
+
+WIDTH_STEP = 32
+RESPONSE_STEP = 16
+
+
+def round_up(n: int, step: int) -> int:
+    """``n`` rounded up to a multiple of ``step``."""
+    return -(-int(n) // step) * step
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Model inputs plus, per row, the scored positions, their next-token targets and 0/1 weights."""
+
+    token_ids: np.ndarray  # (B, W) int32
+    padding_mask: np.ndarray  # (B, W) bool
+    positions: np.ndarray  # (B, R) int32: position t is scored on token t + 1
+    targets: np.ndarray  # (B, R) int32
+    weights: np.ndarray  # (B, R) float32: 0 on padding entries and padding rows
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(rows, width, scored positions per row)``: one compilation per distinct shape."""
+        return (*self.token_ids.shape, self.positions.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.padding_mask.sum())
+
+    @property
+    def useful_tokens(self) -> int:
+        """Response tokens scored by the loss."""
+        return int(self.weights.sum())
+
+
+def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | None = None) -> Batch:
+    """The rows ``idx`` of :func:`sequences.make_arrays` output as a bucketed batch of ``n_rows`` rows
+    (extra rows repeat the last one with zero weight, so the last evaluation batch keeps its shape)."""
+    idx = np.asarray(idx)
+    real = len(idx)
+    if n_rows and n_rows > real:
+        idx = np.concatenate([idx, np.repeat(idx[-1:], n_rows - real)])
+    full_width = arrays["token_ids"].shape[1]
+    lengths = arrays["padding_mask"][idx].sum(1)
+    width = min(round_up(lengths.max(), WIDTH_STEP), full_width)
+    scored = sequences.loss_positions(arrays["response_mask"][idx, :width])
+    per_row = scored.sum(1)
+    r = min(round_up(per_row.max(), RESPONSE_STEP), width - 1)
+    positions = np.zeros((len(idx), r), np.int32)
+    weights = np.zeros((len(idx), r), np.float32)
+    for i, row in enumerate(scored):
+        where = np.flatnonzero(row)
+        positions[i, : len(where)] = where
+        weights[i, : len(where)] = 1.0 if i < real else 0.0
+    ids = arrays["token_ids"][idx, :width]
+    targets = np.take_along_axis(ids, positions + 1, axis=1) * (weights > 0)
+    return Batch(ids, arrays["padding_mask"][idx, :width], positions, targets.astype(np.int32), weights)
+
+
+def epoch_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int) -> list[Batch]:
+    """One pass over the rows: shuffled by ``(seed, epoch)``, grouped by width, batches in shuffled order.
+
+    The last ``len % batch_size`` rows of the shuffled order are left out of this pass (a different
+    few each epoch), as with ``drop_remainder``.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(arrays["token_ids"])
+    order = rng.permutation(n)[: n - n % batch_size]
+    widths = np.array([round_up(x, WIDTH_STEP) for x in arrays["padding_mask"].sum(1)])
+    order = order[np.argsort(widths[order], kind="stable")]  # same-width rows together, shuffled within
+    batches = [make_batch(arrays, order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
+    """Every row once, grouped by length; the last batch is padded with zero-weight rows."""
+    order = np.argsort(arrays["padding_mask"].sum(1), kind="stable")
+    return [make_batch(arrays, order[i : i + batch_size], batch_size) for i in range(0, len(order), batch_size)]

@@ -1,0 +1,182 @@
+"""The fast training path: bucketed batches, response-only logits, whole-update loss, global clipping."""
+
+import numpy as np
+import pytest
+
+from nbutils import batches, models, sequences, training
+
+# Rows of very different lengths, so batches fall into several width buckets.
+ROWS = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + 4 * (i % 6)),
+         "output": " ".join(["word"] * (1 + i % 5)) + "."} for i in range(16)]  # fmt: skip
+
+
+@pytest.fixture
+def tiny():
+    lm = models.load_gemma("tiny", sequence_length=128)
+    training.enable_lora(lm, 4, "all", 8, seed=0)
+    return lm
+
+
+@pytest.fixture
+def arrays(tokenizer):
+    return sequences.make_arrays(tokenizer, ROWS, "gemma", 128)
+
+
+def direct_loss(lm, rows):
+    """Mean loss per response token from the full logits of each whole row, computed plainly."""
+    import keras
+
+    pairs = sequences.encode(lm.preprocessor.tokenizer, rows, "gemma")
+    ids = np.zeros((len(pairs), max(len(p) + len(t) for p, t in pairs)), np.int32)  # padded at the end only
+    for i, (p, t) in enumerate(pairs):
+        ids[i, : len(p) + len(t)] = p + t
+    hidden = lm.backbone({"token_ids": ids, "padding_mask": ids != 0})
+    logp = np.asarray(keras.ops.log_softmax(lm.backbone.token_embedding(hidden, reverse=True), axis=-1), np.float64)
+    total = -sum(logp[i, len(p) - 1 + k, t[k]] for i, (p, t) in enumerate(pairs) for k in range(len(t)))
+    return total / sum(len(t) for _, t in pairs)
+
+
+def test_batches_score_exactly_the_response_tokens(arrays, tokenizer):
+    seen = []
+    for b in batches.epoch_batches(arrays, 4, seed=0, epoch=0):
+        rows, width, r = b.shape
+        assert rows == 4 and width % batches.WIDTH_STEP == 0 and r % batches.RESPONSE_STEP == 0
+        for i in range(rows):
+            row_id = next(k for k in range(len(ROWS)) if (arrays["token_ids"][k, :width] == b.token_ids[i]).all())
+            seen.append(row_id)
+            _, target = sequences.encode_example(tokenizer, ROWS[row_id], "gemma")
+            assert b.targets[i][b.weights[i] > 0].tolist() == target  # the response and its stop token, in order
+            assert (b.token_ids[i][b.positions[i][b.weights[i] > 0] + 1] == target).all()
+    assert sorted(seen) == list(range(16))  # one pass: every row once
+    shapes = {b.shape for b in batches.epoch_batches(arrays, 4, 0, 0)}
+    assert len(shapes) >= 2  # several buckets, i.e. batches are not all padded to the longest row
+
+
+def test_batch_order_is_seeded(arrays):
+    order = lambda seed, epoch: [b.token_ids.tobytes() for b in batches.epoch_batches(arrays, 4, seed, epoch)]  # noqa: E731
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+
+
+def test_eval_batches_cover_every_row_once(arrays):
+    evals = batches.eval_batches(arrays, 5)
+    assert sum(b.useful_tokens for b in evals) == int(sequences.loss_positions(arrays["response_mask"]).sum())
+    assert all(b.shape[0] == 5 for b in evals)  # the last batch is padded with zero-weight rows
+
+
+def test_fast_loss_equals_a_direct_full_logits_computation(tiny, arrays):
+    lm = seeded_tiny()
+    some = {k: v[:8] for k, v in arrays.items()}
+    trainer = training.Trainer(lm, training_optimizer())
+    fast = trainer.mean_loss(batches.eval_batches(some, 3), trainer.state())
+    assert fast == pytest.approx(direct_loss(lm, ROWS[:8]), rel=1e-5)
+
+
+def training_optimizer(**kw):
+    import keras
+
+    return keras.optimizers.AdamW(learning_rate=1e-2, **kw)
+
+
+def seeded_tiny():
+    """A tiny model with a seeded adapter whose B matrices are non-zero (so gradients reach A too), and
+    larger embeddings, so its per-token losses differ (a random tiny model is nearly uniform)."""
+    lm = models.load_gemma("tiny", sequence_length=128)
+    embeddings = lm.backbone.token_embedding.embeddings
+    embeddings.assign(embeddings * 40.0)
+    training.enable_lora(lm, 4, "all", 8, seed=0)
+    rng = np.random.default_rng(1)
+    for var in lm.backbone.trainable_weights:
+        var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
+    return lm
+
+
+def test_one_update_over_two_micro_batches_equals_one_over_their_union(arrays):
+    """GRAD_ACCUM: the update's loss is the mean over all its response tokens, not a mean of batch means."""
+    first, second = np.arange(0, 3), np.arange(3, 8)  # unequal sizes and lengths: a mean of means would differ
+    results = []
+    for micro in ([batches.make_batch(arrays, first), batches.make_batch(arrays, second)],
+                  [batches.make_batch(arrays, np.concatenate([first, second]))]):  # fmt: skip
+        trainer = training.Trainer(seeded_tiny(), training_optimizer())
+        loss, state = trainer.update(micro, trainer.state())
+        results.append((loss, [np.asarray(x) for x in state[0]]))
+    (loss_a, adapter_a), (loss_b, adapter_b) = results
+    expected = direct_loss(seeded_tiny(), ROWS[:8])
+    assert loss_a == pytest.approx(expected, rel=1e-5) and loss_b == pytest.approx(expected, rel=1e-5)
+    mean_of_means = (direct_loss(seeded_tiny(), ROWS[:3]) + direct_loss(seeded_tiny(), ROWS[3:8])) / 2
+    assert abs(mean_of_means - expected) > 1e-3  # the test can tell the two apart
+    for a, b in zip(adapter_a, adapter_b, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_is_on_the_global_norm_of_all_adapter_gradients(tiny, arrays):
+    import keras
+
+    clip = 1e-3
+    trainer = training.Trainer(tiny, keras.optimizers.SGD(learning_rate=1.0, global_clipnorm=clip))
+    state = trainer.state()
+    before = [np.asarray(x) for x in state[0]]
+    batch = batches.make_batch(arrays, np.arange(4))
+    _, grads = trainer._grad(state[0], state[1], training._as_inputs(batch), float(batch.useful_tokens))
+    grads = [np.asarray(g, np.float64) for g in grads]
+    norm = np.sqrt(sum((g**2).sum() for g in grads))
+    assert norm > 10 * clip  # so clipping acts
+    _, state = trainer.update([batch], state)
+    for b, a, g in zip(before, state[0], grads, strict=True):  # SGD, lr 1: step = -g * clip / global norm
+        np.testing.assert_allclose(b - np.asarray(a), g * clip / norm, rtol=1e-3, atol=1e-9)
+
+
+def test_fast_path_and_stock_fit_reach_the_same_loss(tokenizer):
+    """The same rows, one batch, three Adam updates: keras-hub's own preprocessor + ``fit`` vs the fast path."""
+    import keras
+
+    from nbutils import prompts
+
+    rows = ROWS[:8]
+    finals = []
+    for path in ("stock", "fast"):
+        lm = models.load_gemma("tiny", sequence_length=128)
+        training.enable_lora(lm, 4, "all", 8, seed=0)
+        opt = keras.optimizers.Adam(learning_rate=1e-2, epsilon=1e-12)  # Adam: invariant to the loss's scale
+        if path == "stock":
+            lm.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            x = {"prompts": [prompts.render_prompt(r, "gemma") for r in rows], "responses": [r["output"] for r in rows]}
+            lm.fit(x=x, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        else:
+            arrays = sequences.make_arrays(tokenizer, rows, "gemma", 128)
+            trainer = training.Trainer(lm, opt)
+            state = trainer.state()
+            for _ in range(3):
+                _, state = trainer.update([batches.make_batch(arrays, np.arange(8))], state)
+            trainer.write_back(state)
+        finals.append(direct_loss(lm, rows))
+    start = direct_loss(models.load_gemma("tiny", sequence_length=128), rows)
+    assert finals[1] < start - 0.03, (start, finals)  # really trained
+    assert abs(finals[0] - finals[1]) < 0.01 * (start - finals[1]), (start, finals)  # same trajectory
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny, tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 9.9])
+    seen = []
+
+    def fake_mean_loss(self, batch_list, state):
+        seen.append([np.asarray(x).copy() for x in state[0]])
+        return next(scripted)
+
+    monkeypatch.setattr(training.Trainer, "mean_loss", fake_mean_loss)
+    cfg = training.TrainConfig(rank=4, targets="all", learning_rate=1e-2, warmup_steps=0, max_steps=20, eval_every=2,
+                               batch_size=4, patience=2)  # fmt: skip
+    opt = training_optimizer()
+    result = training.train_lora(tiny, opt, ROWS, ROWS[:4], cfg, "gemma", 128, tmp_path)
+    assert result["updates_run"] == 8 and result["stopped_early"] and result["best_val_loss"] == 2.0
+    for var, best in zip(tiny.backbone.trainable_weights, seen[1], strict=True):
+        np.testing.assert_array_equal(np.asarray(var), best)
+    assert not all(np.array_equal(a, b) for a, b in zip(seen[1], seen[3]))  # the adapter did move after the best
+
+
+def test_non_finite_loss_stops_with_advice(tiny, tmp_path):
+    import keras
+
+    cfg = training.TrainConfig(rank=4, targets="all", max_steps=6, eval_every=3, batch_size=4, warmup_steps=0)
+    with pytest.raises(FloatingPointError, match=r"update \d+: the training loss is (nan|inf).*lower LEARNING_RATE"):
+        training.train_lora(tiny, keras.optimizers.SGD(learning_rate=1e30), ROWS, ROWS[:4], cfg, "gemma", 128, tmp_path)
