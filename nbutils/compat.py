@@ -19,6 +19,28 @@ def lora_layer_indices(backbone) -> list[int]:
     return list(getattr(backbone, "_lora_enabled_layers", []))
 
 
+def unmerge_lora(layer) -> None:
+    """Make a LoRA-enabled ``EinsumDense`` compute ``x·W + (alpha/r)·(x·A)·B`` instead of Keras' ``x·(W + (alpha/r)·A·B)``.
+
+    Same result; but with the merged kernel, backpropagation forms the full gradient of ``W`` (as many
+    FLOPs as the forward pass) only to project it onto ``A`` and ``B``. Unmerged, it never does.
+    """
+    import keras
+
+    if getattr(layer, "quantization_mode", None) or not getattr(layer, "lora_enabled", False):
+        return
+
+    def call(inputs, training=None):
+        x = keras.ops.einsum(layer.equation, inputs, layer._kernel)
+        low = keras.ops.matmul(keras.ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b)
+        x = keras.ops.add(x, keras.ops.multiply(low, layer.lora_alpha / layer.lora_rank))
+        if layer.bias is not None:
+            x = keras.ops.add(x, layer.bias)
+        return layer.activation(x) if layer.activation is not None else x
+
+    layer.call = call
+
+
 def kaggle_preset_cached(preset: str) -> bool:
     """Whether a keras-hub preset name or ``kaggle://`` handle is already in kagglehub's local cache."""
     import keras_hub

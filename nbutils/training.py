@@ -72,6 +72,7 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
     if not layers:
         raise ValueError("no LoRA-enabled layer found: call backbone.enable_lora(...) first.")
     for i, layer in enumerate(layers):
+        compat.unmerge_lora(layer)
         layer.lora_alpha = float(alpha)
         a = layer.lora_kernel_a
         a.assign(keras.initializers.HeUniform(seed=seed * 100_003 + i)(a.shape, dtype=a.dtype))
