@@ -94,11 +94,13 @@ def run_stock(rows: list[dict], batch_size: int) -> dict:
     """keras-hub's own recipe: its preprocessor builds padded batches, ``fit`` trains on full logits."""
     import keras
 
-    from nbutils import models, prompts, sequences, training
+    from nbutils import compat, models, prompts, sequences, training
 
     keras.utils.set_random_seed(SEED)  # before the tokenizer exists: after, it breaks its TF resource
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
     lm.backbone.enable_lora(RANK, target_layer_names=training.lora_layer_names("all"))
+    # The same seeded A matrices as the project arm (keras-hub's own merged LoRA compute is kept).
+    training.seed_lora_a([lyr for lyr in compat.all_layers(lm.backbone) if getattr(lyr, "lora_enabled", False)], SEED)
     opt = keras.optimizers.AdamW(learning_rate=LR, weight_decay=0.01)
     opt.exclude_from_weight_decay(var_names=["bias", "scale"])
     lm.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -145,7 +147,7 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False) -
     order = [np.arange(i, i + batch_size) for i in range(0, len(rows) - batch_size + 1, batch_size)]
     plan = [batches.make_batch(arrays, idx) for idx in order] if same_batches else batches.epoch_batches(arrays, batch_size, SEED, 0)
     for b in plan:
-        new_shape = b.shape not in trainer.shapes
+        new_shape = ("train", b.shape) not in trainer.compiled
         start = time.perf_counter()
         _, state = trainer.update([b], state)
         seconds = time.perf_counter() - start
@@ -157,7 +159,7 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False) -
     mean_steady = steady_s / len(steady)
     return {"useful_tokens_per_s": sum(u for _, u in steady) / steady_s, "seconds_per_update": mean_steady,
             "compile_s": sum(s - mean_steady for s, _ in compiles), "wall_s": steady_s + sum(s for s, _ in compiles),
-            "compilations": len(trainer.shapes), "gflop_per_update": float(np.mean(flops)) / 1e9,
+            "compilations": len(trainer.compiled), "gflop_per_update": float(np.mean(flops)) / 1e9,
             "gflops": sum(flops) / steady_s / 1e9, "final_loss": mean_response_loss(lm, rows),
             "peak_rss_gb": peak_rss_gb()}  # fmt: skip
 

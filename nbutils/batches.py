@@ -32,11 +32,17 @@ class Batch:
     positions: np.ndarray  # (B, R) int32: position t is scored on token t + 1
     targets: np.ndarray  # (B, R) int32
     weights: np.ndarray  # (B, R) float32: 0 on padding entries and padding rows
+    rows: np.ndarray  # (B,) index of each row in the arrays, -1 for padding rows
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(rows, width, scored positions per row)``: one compilation per distinct shape."""
         return (*self.token_ids.shape, self.positions.shape[1])
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The arrays the jitted objective takes."""
+        return {"token_ids": self.token_ids, "padding_mask": self.padding_mask, "positions": self.positions,
+                "targets": self.targets, "weights": self.weights}  # fmt: skip
 
     @property
     def tokens(self) -> int:
@@ -70,7 +76,8 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
         weights[i, : len(where)] = 1.0 if i < real else 0.0
     ids = arrays["token_ids"][idx, :width]
     targets = np.take_along_axis(ids, positions + 1, axis=1) * (weights > 0)
-    return Batch(ids, arrays["padding_mask"][idx, :width], positions, targets.astype(np.int32), weights)
+    row_index = np.where(np.arange(len(idx)) < real, idx, -1)
+    return Batch(ids, arrays["padding_mask"][idx, :width], positions, targets.astype(np.int32), weights, row_index)
 
 
 def epoch_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int) -> list[Batch]:

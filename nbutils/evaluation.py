@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from nbutils import compat, files, prompts, sequences
+from nbutils import batches, compat, objective, prompts, sequences
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
 HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "response_loss": False,
@@ -32,11 +32,6 @@ def make_sampler(spec: str = "greedy", seed: int = 0):
     if kind == "top_p":
         return keras_hub.samplers.TopPSampler(p=float(value or 0.9), seed=seed)
     raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' or 'top_p:<p>'.")
-
-
-def _bucket(n: int, size: int = 32) -> int:
-    """Round up to a multiple of ``size`` so few distinct shapes get compiled."""
-    return -(-n // size) * size
 
 
 def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop: int, max_new_tokens: int) -> tuple[list[int], bool]:
@@ -67,7 +62,7 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         padded = idx + [idx[-1]] * (batch_size - len(idx))  # fixed batch shape: one compile
-        length = _bucket(max(len(prompt_ids[i]) for i in idx) + max_new_tokens)
+        length = batches.round_up(max(len(prompt_ids[i]) for i in idx) + max_new_tokens, batches.WIDTH_STEP)
         token_ids = np.zeros((batch_size, length), np.int32)
         for row, i in enumerate(padded):
             token_ids[row, : len(prompt_ids[i])] = prompt_ids[i]
@@ -83,48 +78,24 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     return [results[i] for i in range(len(rows))]
 
 
-def hidden_states(backbone, token_ids: np.ndarray, padding_mask: np.ndarray):
-    """Final hidden states from a jit-compiled forward pass (compiled once per input shape)."""
+def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16) -> list[dict]:
+    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count.
+
+    The same objective as training (:func:`nbutils.objective.scored_nll`), jit-compiled once per batch shape.
+    """
     import jax
 
-    if getattr(backbone, "_nbutils_forward", None) is None:
-
-        def forward(trainable, non_trainable, ids, mask):
-            hidden, _ = backbone.stateless_call(trainable, non_trainable, {"token_ids": ids, "padding_mask": mask})
-            return hidden
-
-        backbone._nbutils_forward = jax.jit(forward)
-    trainable = [v.value for v in backbone.trainable_variables]
-    non_trainable = [v.value for v in backbone.non_trainable_variables]
-    return backbone._nbutils_forward(trainable, non_trainable, token_ids, padding_mask)
-
-
-def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16) -> list[dict]:
-    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count."""
-    import keras
-
+    backbone = lm.backbone
+    if getattr(backbone, "_nbutils_nll", None) is None:
+        backbone._nbutils_nll = jax.jit(lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs))
+    trainable, non_trainable = objective.variable_values(backbone)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, template, sequence_length)
-    lengths = arrays["padding_mask"].sum(1)
-    order = np.argsort(lengths, kind="stable")
-    soft_cap = getattr(lm.backbone, "final_logit_soft_cap", None)
     out: dict[int, dict] = {}
-    for start in range(0, len(rows), batch_size):
-        idx = order[start : start + batch_size]
-        padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])  # fixed batch shape
-        width = min(_bucket(int(lengths[idx].max()), 64), sequence_length)
-        ids, mask = arrays["token_ids"][padded, :width], arrays["padding_mask"][padded, :width]
-        hidden = hidden_states(lm.backbone, ids, mask)
-        targets = sequences.loss_positions(arrays["response_mask"][padded, :width]).copy()
-        targets[len(idx) :] = False  # the padding rows of the last batch
-        rows_i, cols_i = np.nonzero(targets)
-        picked = keras.ops.take(keras.ops.reshape(hidden, (-1, hidden.shape[-1])), rows_i * width + cols_i, axis=0)
-        logits = keras.ops.cast(lm.backbone.token_embedding(picked, reverse=True), "float32")
-        if soft_cap:
-            logits = keras.ops.tanh(logits / soft_cap) * soft_cap
-        nll = np.asarray(keras.ops.sparse_categorical_crossentropy(ids[rows_i, cols_i + 1], logits, from_logits=True))
-        for k, i in enumerate(idx):
-            sel = rows_i == k
-            out[int(i)] = {"loss_sum": float(nll[sel].sum()), "loss_tokens": int(sel.sum())}
+    for b in batches.eval_batches(arrays, batch_size):
+        nll = np.asarray(backbone._nbutils_nll(trainable, non_trainable, b.inputs()), np.float64) * b.weights
+        for k, i in enumerate(b.rows):
+            if i >= 0:
+                out[int(i)] = {"loss_sum": float(nll[k].sum()), "loss_tokens": int(b.weights[k].sum())}
     return [out[i] for i in range(len(rows))]
 
 

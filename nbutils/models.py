@@ -89,18 +89,19 @@ def local_tokenizer():
     return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
 
 
-def tiny_gemma(sequence_length: int = 128, seed: int = 0):
-    """A 2-layer, 64-wide random-weight Gemma 3 with the real tokenizer (for fast tests)."""
+def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
+    """A 2-layer, 64-wide random-weight Gemma 3 with the real tokenizer (for fast tests); ``config``
+    overrides backbone arguments (e.g. ``final_logit_soft_cap``)."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=262144, image_size=None, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=32,
-        use_post_ffw_norm=True, use_post_attention_norm=True,
-        use_sliding_window_attention=True, sliding_window_size=64, dtype="float32",
-    )  # fmt: skip
+    backbone = keras_hub.models.Gemma3Backbone(**{
+        "vocabulary_size": 262144, "image_size": None, "num_layers": 2, "num_query_heads": 2,
+        "num_key_value_heads": 1, "hidden_dim": 64, "intermediate_dim": 128, "head_dim": 32,
+        "use_post_ffw_norm": True, "use_post_attention_norm": True, "use_sliding_window_attention": True,
+        "sliding_window_size": 64, "dtype": keras.mixed_precision.global_policy().name, **config,
+    })  # fmt: skip
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(local_tokenizer(), sequence_length=sequence_length)
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
@@ -166,11 +167,11 @@ def resolve_preset(model: str) -> str:
     raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
 
 
-def _from_preset(cls, model: str):
+def _from_preset(cls, model: str, **kwargs):
     """``cls.from_preset`` with download failures turned into one clear error."""
     preset = resolve_preset(model)
     try:
-        return cls.from_preset(preset)
+        return cls.from_preset(preset, **kwargs)
     except Exception as exc:
         if preset != model:
             raise
@@ -188,11 +189,17 @@ def load_tokenizer(model: str = LOCAL_MODEL):
 
 
 def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
-    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path."""
+    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path, in Keras' global
+    dtype policy (``training.mixed_precision`` sets it; a preset's own saved dtype does not override it)."""
+    import keras
     import keras_hub
 
     start = time.perf_counter()
-    lm = tiny_gemma(sequence_length, seed) if model == TINY_MODEL else _from_preset(keras_hub.models.CausalLM, model)
+    policy = keras.mixed_precision.global_policy().name
+    if model == TINY_MODEL:
+        lm = tiny_gemma(sequence_length, seed)
+    else:
+        lm = _from_preset(keras_hub.models.CausalLM, model, dtype=policy)
     if lm.preprocessor is None:
         raise ModelLoadError(f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32).")
     lm.preprocessor.sequence_length = sequence_length

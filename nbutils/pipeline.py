@@ -24,9 +24,9 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(MODEL="tiny", SEQUENCE_LENGTH=192, MAX_SOURCE_TOKENS=128, MAX_TRAIN=24, MAX_VAL=8, MAX_TEST=8,
                   MAX_STEPS=4, EVAL_EVERY=2, BATCH_SIZE=4, MAX_NEW_TOKENS=8, GEN_BATCH_SIZE=4, N_BOOTSTRAP=200),
     # The real embedded Gemma 3 270M on the built-in task, capped to fit a 2-core CPU in under 25 minutes.
-    "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=2000, MAX_VAL=48,
-                MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=500, BATCH_SIZE=4,
-                EVAL_EVERY=100, WARMUP_STEPS=25, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
+    "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=1200, MAX_VAL=48,
+                MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=300, BATCH_SIZE=4,
+                EVAL_EVERY=75, WARMUP_STEPS=20, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
     # Alpaca-format instruction data (the shared demo file, or your own via -p DATA_PATH ...).
     "alpaca": dict(MODEL="gemma3_270m_local", DATA_PATH="../shared/data/alpaca_en_demo.json", DATASET="alpaca_en_demo",
                    SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, files, prompts, sequences
+from nbutils import batches, compat, files, objective, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
@@ -60,23 +60,30 @@ def lora_layer_names(targets: str) -> list[str]:
     return names
 
 
+def seed_lora_a(layers: list, seed: int) -> None:
+    """Draw each LoRA layer's ``A`` matrix with Keras' default initializer (He uniform), seeded per layer."""
+    import keras
+
+    for i, layer in enumerate(layers):
+        a = layer.lora_kernel_a
+        a.assign(keras.initializers.HeUniform(seed=seed * 100_003 + i)(a.shape, dtype=a.dtype))
+
+
 def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
-    """Set ``alpha`` on every LoRA-enabled layer and draw its ``A`` matrix from ``seed``; returns the layers.
+    """Set ``alpha`` on every LoRA-enabled layer, draw its ``A`` from ``seed`` and compute it unmerged; returns the layers.
 
     keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG; seeding
     each layer's initializer here keeps runs reproducible without resetting global seeds.
     """
-    import keras
-
     layers = [lyr for lyr in compat.all_layers(backbone) if getattr(lyr, "lora_enabled", False)]
-    if not layers:
-        raise ValueError("no LoRA-enabled layer found: call backbone.enable_lora(...) first.")
-    for i, layer in enumerate(layers):
+    expected = len(compat.lora_layer_indices(backbone))
+    if not layers or len(layers) != expected:
+        raise ValueError(f"found {len(layers)} LoRA-enabled layers, keras-hub enabled {expected}: "
+                         "call backbone.enable_lora(...) once, before configure_lora.")  # fmt: skip
+    for layer in layers:
         compat.unmerge_lora(layer)
         layer.lora_alpha = float(alpha)
-        a = layer.lora_kernel_a
-        a.assign(keras.initializers.HeUniform(seed=seed * 100_003 + i)(a.shape, dtype=a.dtype))
-    assert all(lyr.lora_alpha == float(alpha) for lyr in layers), "LoRA alpha was not applied to every layer"
+    seed_lora_a(layers, seed)
     return layers
 
 
@@ -148,14 +155,19 @@ def plan(cfg: TrainConfig, n_train: int) -> dict:
     if n_batches < 1:
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {n_train} training rows.")
     updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
+    if updates < 1:
+        raise ValueError(f"MAX_STEPS={cfg.max_steps} / EPOCHS={cfg.epochs} give no update to run; set either above 0.")
     return {"batches_per_pass": n_batches, "updates": updates, "batches": updates * cfg.grad_accum}
 
 
-def response_nll(logits, targets, weights):
-    """Summed cross-entropy of ``targets`` under ``logits`` at the weighted (response) positions."""
+def response_nll(nll, weights):
+    """The loss: next-token cross-entropy summed over the response positions (``weights`` 1, else 0).
+
+    ``nll`` comes from :func:`nbutils.objective.scored_nll`, which runs the output layer at the response
+    positions only; dividing by the update's response-token count makes it a mean per response token.
+    """
     import keras
 
-    nll = keras.ops.sparse_categorical_crossentropy(targets, keras.ops.cast(logits, "float32"), from_logits=True)
     return keras.ops.sum(nll * weights)
 
 
@@ -171,30 +183,28 @@ class Trainer:
         if not self.trainable:
             raise ValueError("the model has no trainable weights: enable LoRA first (notebook 03, step 1).")
         self.optimizer.build(self.trainable)
-        self.soft_cap = getattr(self.backbone, "final_logit_soft_cap", None)
         self._grad = jax.jit(jax.value_and_grad(self._loss_sum))
         self._loss = jax.jit(self._loss_sum)
         self._apply = jax.jit(self.optimizer.stateless_apply, donate_argnums=(0, 2))
-        self.shapes: set = set()
+        self.compiled: set = set()  # (step kind, batch shape): one XLA compilation each
 
-    def _loss_sum(self, trainable, non_trainable, batch, denominator):
-        """Loss of one batch divided by ``denominator`` (the response tokens of the whole update)."""
-        import jax.numpy as jnp
-        import keras
-
-        mapping = list(zip(self.trainable, trainable)) + list(zip(self.backbone.non_trainable_variables, non_trainable))
-        with keras.StatelessScope(state_mapping=mapping):
-            hidden = self.backbone({"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]})
-            picked = jnp.take_along_axis(hidden, batch["positions"][..., None], axis=1)
-            logits = self.backbone.token_embedding(picked, reverse=True)
-        if self.soft_cap:
-            logits = jnp.tanh(logits / self.soft_cap) * self.soft_cap
-        return response_nll(logits, batch["targets"], batch["weights"]) / denominator
+    def _loss_sum(self, trainable, non_trainable, inputs, denominator):
+        """Summed response-token loss of one batch divided by ``denominator`` (the whole update's token count)."""
+        nll = objective.scored_nll(self.backbone, trainable, non_trainable, inputs)
+        return response_nll(nll, inputs["weights"]) / denominator
 
     def state(self) -> tuple[list, list, list]:
-        """Current values of the adapter, the frozen weights and the optimizer."""
-        return ([v.value for v in self.trainable], [v.value for v in self.backbone.non_trainable_variables],
-                [v.value for v in self.optimizer.variables])  # fmt: skip
+        """Copies of the adapter and optimizer values (the steps donate them) and the frozen weights."""
+        import jax.numpy as jnp
+
+        trainable, non_trainable = objective.variable_values(self.backbone)
+        return [jnp.array(x) for x in trainable], non_trainable, [jnp.array(v.value) for v in self.optimizer.variables]
+
+    def _mark(self, kind: str, batch) -> bool:
+        """Record a step kind and shape; True when it is new (this call compiles)."""
+        new = (kind, batch.shape) not in self.compiled
+        self.compiled.add((kind, batch.shape))
+        return new
 
     def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
         """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new state."""
@@ -204,19 +214,19 @@ class Trainer:
         denominator = float(sum(b.useful_tokens for b in micro_batches))
         total, grads = 0.0, None
         for b in micro_batches:
-            self.shapes.add(b.shape)
-            loss, g = self._grad(trainable, non_trainable, _as_inputs(b), denominator)
+            self._mark("train", b)
+            loss, g = self._grad(trainable, non_trainable, b.inputs(), denominator)
             total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
         trainable, opt_vars = self._apply(opt_vars, grads, trainable)
         return float(total), (trainable, non_trainable, opt_vars)
 
-    def mean_loss(self, batches: list, state: tuple) -> float:
-        """Loss per response token over all ``batches`` (token-weighted, not a mean of batch means)."""
+    def mean_loss(self, batch_list: list, state: tuple) -> float:
+        """Loss per response token over all batches (token-weighted, not a mean of batch means)."""
         trainable, non_trainable, _ = state
-        denominator = float(sum(b.useful_tokens for b in batches))
-        for b in batches:
-            self.shapes.add(b.shape)
-        return float(sum(self._loss(trainable, non_trainable, _as_inputs(b), denominator) for b in batches))
+        denominator = float(sum(b.useful_tokens for b in batch_list))
+        for b in batch_list:
+            self._mark("eval", b)
+        return float(sum(self._loss(trainable, non_trainable, b.inputs(), denominator) for b in batch_list))
 
     def learning_rate(self, state: tuple) -> float:
         """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""
@@ -234,15 +244,10 @@ class Trainer:
             v.assign(value)
 
 
-def _as_inputs(batch) -> dict:
-    """A :class:`batches.Batch` as the dict of arrays the jitted step takes."""
-    return {k: getattr(batch, k) for k in ("token_ids", "padding_mask", "positions", "targets", "weights")}
-
-
 def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
                sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
     """Train the enabled LoRA weights; validation every EVAL_EVERY updates, early stopping that keeps the
-    best adapter; writes ``train_log.csv`` (one row per batch) into ``out_dir``; returns a summary."""
+    best adapter; writes ``train_log.csv`` (one row per update) into ``out_dir``; returns a summary."""
     tokenizer = lm.preprocessor.tokenizer
     train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
     val_batches = batches.eval_batches(sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size)
@@ -251,41 +256,43 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
     state = trainer.state()
     log, history = TrainLog(Path(out_dir) / "train_log.csv"), {"val_loss": [], "val_step": []}
     best, best_adapter, waited, stream = math.inf, None, 0, _batch_stream(train, cfg)
-    start = time.perf_counter()
-    for update in range(1, p["updates"] + 1):
-        micro = [next(stream) for _ in range(cfg.grad_accum)]
-        lr = trainer.learning_rate(state)
-        t0 = time.perf_counter()
-        loss, state = trainer.update(micro, state)
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            trainer.write_back(state)
-            raise FloatingPointError(f"update {update}: the training loss is {loss}; lower LEARNING_RATE "
-                                     f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off').")  # fmt: skip
-        log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds)
-        if update % cfg.eval_every == 0 or update == p["updates"]:
+    start, update = time.perf_counter(), 0
+    try:
+        for update in range(1, p["updates"] + 1):
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            lr = trainer.learning_rate(state)
+            compiles = any(("train", b.shape) not in trainer.compiled for b in micro)
+            t0 = time.perf_counter()
+            loss, state = trainer.update(micro, state)
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"update {update}: the training loss is {loss}; lower LEARNING_RATE "
+                                         f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off').")  # fmt: skip
+            log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds, compiles)
+            if update % cfg.eval_every and update != p["updates"]:
+                continue
             val = trainer.mean_loss(val_batches, state)
             history["val_loss"].append(val)
             history["val_step"].append(update)
             log.set_val(val)
             print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
             if val < best:
-                best, waited = val, 0
-                best_adapter = [np.array(x) for x in state[0]]  # the adapter only: a few MB
-            else:
-                waited += 1
-                if waited >= cfg.patience:
-                    print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
-                          f"{history['val_step'][history['val_loss'].index(best)]}")  # fmt: skip
-                    break
-    trainer.write_back(state)
-    if best_adapter is not None:
-        for v, value in zip(trainer.trainable, best_adapter):
+                best, waited, best_adapter = val, 0, [np.array(x) for x in state[0]]  # the adapter only: a few MB
+                continue
+            waited += 1
+            if waited >= cfg.patience:
+                print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
+                      f"{history['val_step'][history['val_loss'].index(best)]}")  # fmt: skip
+                break
+    finally:  # the Keras variables always end up holding a valid adapter: the best one, else the last one
+        trainer.write_back(state)
+        for v, value in zip(trainer.trainable, best_adapter or []):
             v.assign(value)
-    log.flush()
+        log.flush()
     return {"history": history, "best_val_loss": best, "updates_planned": p["updates"], "updates_run": update,
-            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"], "compilations": len(trainer.shapes),
-            "train_seconds": round(time.perf_counter() - start, 1), **log.throughput()}  # fmt: skip
+            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"],
+            "compilations": len(trainer.compiled), "train_seconds": round(time.perf_counter() - start, 1),
+            **log.throughput()}  # fmt: skip
 
 
 def _batch_stream(train: dict, cfg: TrainConfig):
@@ -297,16 +304,16 @@ def _batch_stream(train: dict, cfg: TrainConfig):
 
 
 class TrainLog:
-    """The per-batch CSV log (``LOG_COLUMNS``), written atomically after every evaluation."""
+    """The per-update CSV log (``LOG_COLUMNS``), written atomically after every evaluation."""
 
     def __init__(self, path: Path):
         self.path, self.rows = Path(path), []
 
-    def add(self, update: int, loss: float, lr: float, tokens: int, useful: int, seconds: float) -> None:
-        """One optimizer update's row (its batches together)."""
+    def add(self, update: int, loss: float, lr: float, tokens: int, useful: int, seconds: float, compiled: bool) -> None:
+        """One optimizer update's row (its batches together); ``compiled``: its time includes a compilation."""
         self.rows.append({"step": update, "train_loss": loss, "val_loss": "", "learning_rate": lr,
                           "tokens_per_s": round(tokens / seconds, 1), "useful_tokens_per_s": round(useful / seconds, 1),
-                          "seconds": seconds, "tokens": tokens, "useful_tokens": useful})  # fmt: skip
+                          "seconds": seconds, "tokens": tokens, "useful_tokens": useful, "compiled": compiled})  # fmt: skip
 
     def set_val(self, val_loss: float) -> None:
         """Record a validation loss on the latest row and save the log."""
@@ -322,8 +329,8 @@ class TrainLog:
                 f"{self.throughput()['useful_tokens_per_s']:.0f} response tok/s  {elapsed:.0f}s")  # fmt: skip
 
     def throughput(self) -> dict:
-        """Tokens/s and response tokens/s over all updates after the first (which includes compilation)."""
-        rows = self.rows[1:] or self.rows
+        """Tokens/s and response tokens/s over the updates that compiled nothing (steady state)."""
+        rows = [r for r in self.rows if not r["compiled"]] or self.rows
         seconds = sum(r["seconds"] for r in rows) or 1e-9
         return {"tokens_per_s": round(sum(r["tokens"] for r in rows) / seconds, 1),
                 "useful_tokens_per_s": round(sum(r["useful_tokens"] for r in rows) / seconds, 1)}  # fmt: skip

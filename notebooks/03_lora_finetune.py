@@ -16,7 +16,7 @@ import json
 import keras
 from IPython.display import Image, display
 
-from nbutils import data, files, models, plots, prompts, runs, training
+from nbutils import data, files, models, objective, plots, prompts, runs, training
 
 # %% tags=["parameters"]
 MODEL = "gemma3_270m_local"
@@ -67,7 +67,7 @@ print(f"parameters: {summary['total_params']:,} total, {summary['trainable_param
 # AdamW with linear warmup then cosine (or linear) decay, clipping on the global norm of all adapter
 # gradients; biases and norm scales are not decayed. The loss is cross-entropy **at the response
 # positions only** (prompt and padding are never scored, and the 262k-word output layer runs only
-# there), averaged over the response tokens of each whole update:
+# there), summed over the response tokens and divided by their count in the whole update:
 
 # %%
 cfg = training.TrainConfig(
@@ -80,7 +80,7 @@ optimizer = keras.optimizers.AdamW(
     learning_rate=training.lr_schedule(cfg, plan["updates"]), weight_decay=WEIGHT_DECAY, global_clipnorm=CLIPNORM or None
 )
 optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-print(inspect.getsource(training.response_nll))
+print(inspect.getsource(objective.scored_nll))
 print(f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
 
 # %% [markdown]

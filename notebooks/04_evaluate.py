@@ -36,6 +36,9 @@ out = runs.run_dir(RUN_ID)
 spec = runs.read_step_output(RUN_ID, "03_lora_finetune")
 data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseline)")
 data.check_split_hashes(spec["split_sha256"], manifest, "notebook 03 (training)")
+if (spec["template"], spec["stop_token"]) != (settings["template"], settings["stop_token"]):
+    raise ValueError(f"the adapter was trained with template {spec['template']!r}/{spec['stop_token']!r} but the baseline "
+                     f"used {settings['template']!r}/{settings['stop_token']!r}; re-run 02 and 03 on the same data.")  # fmt: skip
 test_rows = splits["test"][: settings["test_rows"]]
 lm = models.load_gemma(MODEL, sequence_length=settings["sequence_length"], seed=SEED)
 spec = training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
@@ -90,13 +93,16 @@ print(f"report: {report_path}")
 
 # %% [markdown]
 # ## Summary
+# Every metric is there, both sides answered the same rows, and the tuned model fits the references
+# better than the base model (lower response loss).
 
 # %%
 saved = files.read_json(out / "metrics.json")["comparison"]
 assert set(saved) >= {"rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens"}
-assert all(v["ci95"][0] <= v["ci95"][1] for v in saved.values())
 assert [p["id"] for p in predictions] == [p["id"] for p in base_predictions]
-assert saved["stop_rate"]["tuned"] == sum(p["stopped"] for p in predictions) / len(predictions)
+# The adapter was trained on these targets' distribution: a missing adapter, a wrong alpha or a broken
+# loss mask shows up as no gain in the reference loss (the random `tiny` test model is exempt).
+assert MODEL == "tiny" or saved["response_loss"]["diff"] < 0, "the tuned model is no better on the references"
 assert report_path.read_text().startswith("# ")
 gain = saved["rougeL_f1"]
 print(f"OK: ROUGE-L {gain['baseline']:.3f} -> {gain['tuned']:.3f} (diff {gain['diff']:+.3f}, 95% CI {gain['ci95'][0]:+.3f}..{gain['ci95'][1]:+.3f})")

@@ -47,3 +47,21 @@ def test_chrf_statistics_reproduce_sacrebleu(hyp, ref):
     assert compat.chrf_from_statistics(stats) == pytest.approx(CHRF().sentence_score(hyp, [ref]).score)
     both = np.add(stats, compat.chrf_statistics("a dog", "the dog"))
     assert compat.chrf_from_statistics(both) == pytest.approx(CHRF().corpus_score([hyp, "a dog"], [[ref, "the dog"]]).score)
+
+
+def test_unmerged_lora_equals_keras_merged_kernel():
+    """compat.unmerge_lora computes x·W + s·(x·A)·B; Keras' own call computes x·(W + s·A·B): same values."""
+    import keras
+
+    lm = models.load_gemma("tiny", sequence_length=32)
+    lm.backbone.enable_lora(4, target_layer_names=training.lora_layer_names("all"))
+    layers = training.configure_lora(lm.backbone, alpha=6.0, seed=0)  # alpha != rank: the scale matters
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        layer.lora_kernel_b.assign(rng.normal(size=layer.lora_kernel_b.shape).astype("float32"))
+        x_spec, k_spec = layer.equation.split("->")[0].split(",")
+        shape = (2, 3, *(layer.lora_kernel_a.shape[k_spec.index(c)] for c in x_spec[2:]))
+        x = rng.normal(size=shape).astype("float32")
+        merged = keras.layers.EinsumDense.call(layer, x)  # Keras' own LoRA: the merged kernel
+        np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(merged), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"compat.unmerge_lora disagrees with Keras for {layer.name}")

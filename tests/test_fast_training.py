@@ -60,12 +60,17 @@ def test_batch_order_is_seeded(arrays):
 
 def test_eval_batches_cover_every_row_once(arrays):
     evals = batches.eval_batches(arrays, 5)
+    rows = [int(i) for b in evals for i in b.rows if i >= 0]
+    assert sorted(rows) == list(range(16))
     assert sum(b.useful_tokens for b in evals) == int(sequences.loss_positions(arrays["response_mask"]).sum())
     assert all(b.shape[0] == 5 for b in evals)  # the last batch is padded with zero-weight rows
+    assert all((b.weights[b.rows < 0] == 0).all() for b in evals)
 
 
-def test_fast_loss_equals_a_direct_full_logits_computation(tiny, arrays):
-    lm = seeded_tiny()
+@pytest.mark.parametrize("soft_cap", [None, 3.0])
+def test_fast_loss_equals_a_direct_full_logits_computation(arrays, soft_cap):
+    """Also with a final logit soft-cap (Gemma 2 has one): the model applies it once, so must we."""
+    lm = seeded_tiny(final_logit_soft_cap=soft_cap)
     some = {k: v[:8] for k, v in arrays.items()}
     trainer = training.Trainer(lm, training_optimizer())
     fast = trainer.mean_loss(batches.eval_batches(some, 3), trainer.state())
@@ -78,10 +83,10 @@ def training_optimizer(**kw):
     return keras.optimizers.AdamW(learning_rate=1e-2, **kw)
 
 
-def seeded_tiny():
+def seeded_tiny(**config):
     """A tiny model with a seeded adapter whose B matrices are non-zero (so gradients reach A too), and
     larger embeddings, so its per-token losses differ (a random tiny model is nearly uniform)."""
-    lm = models.load_gemma("tiny", sequence_length=128)
+    lm = models.load_gemma("tiny", sequence_length=128) if not config else models.tiny_gemma(128, **config)
     embeddings = lm.backbone.token_embedding.embeddings
     embeddings.assign(embeddings * 40.0)
     training.enable_lora(lm, 4, "all", 8, seed=0)
@@ -117,7 +122,7 @@ def test_clipping_is_on_the_global_norm_of_all_adapter_gradients(tiny, arrays):
     state = trainer.state()
     before = [np.asarray(x) for x in state[0]]
     batch = batches.make_batch(arrays, np.arange(4))
-    _, grads = trainer._grad(state[0], state[1], training._as_inputs(batch), float(batch.useful_tokens))
+    _, grads = trainer._grad(state[0], state[1], batch.inputs(), float(batch.useful_tokens))
     grads = [np.asarray(g, np.float64) for g in grads]
     norm = np.sqrt(sum((g**2).sum() for g in grads))
     assert norm > 10 * clip  # so clipping acts
@@ -211,9 +216,10 @@ def test_mixed_precision_step_matches_fp32(arrays):
             lm = models.load_gemma("tiny", sequence_length=128)
             training.enable_lora(lm, 4, "all", 8, seed=0)
             trainer = training.Trainer(lm, training_optimizer())
+            assert lm.backbone.compute_dtype == ("bfloat16" if policy == "mixed_bfloat16" else "float32")
             losses[policy], state = trainer.update([batches.make_batch(arrays, np.arange(4))], trainer.state())
             assert all(np.asarray(v).dtype == np.float32 for v in state[0])  # adapter weights stay fp32
         finally:
             keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(losses["mixed_bfloat16"])
-    assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+    assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=2e-2) and losses["mixed_bfloat16"] != losses["float32"]
