@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -247,7 +246,7 @@ def counts_table(counts: dict, total: int) -> str:
 
 def stable_hash(text: str, seed: int) -> int:
     """A hash that is the same on every machine and Python run."""
-    return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:15], 16)
+    return int(files.sha256_bytes(f"{seed}:{text}".encode())[:15], 16)
 
 
 def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = ""):
-    """Yield a temporary file path beside ``path``; on success rename it onto ``path``."""
+def atomic_path(path: Path):
+    """Yield a temporary file path beside ``path`` (same extension); on success rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes[-2:]), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

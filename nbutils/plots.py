@@ -19,7 +19,7 @@ def save(fig, path: Path) -> Path:
     """Save a figure as PNG atomically and return its path."""
     import matplotlib.pyplot as plt
 
-    with files.atomic_path(path, suffix=".png") as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)
