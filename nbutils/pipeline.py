@@ -31,15 +31,23 @@ PROFILES: dict[str, dict] = {
     "alpaca": dict(MODEL="gemma3_270m_local", DATA_PATH="../shared/data/alpaca_en_demo.json", DATASET="alpaca_en_demo",
                    SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,
                    MAX_STEPS=60, BATCH_SIZE=4, EVAL_EVERY=20, MAX_NEW_TOKENS=96, GEN_BATCH_SIZE=20),
-    # A keras-hub preset on a Kaggle GPU/TPU, full built-in data, several epochs.
-    "kaggle": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=16, EPOCHS=3,
-                   EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=64),
+    # A keras-hub preset on a 16 GB Kaggle T4, full built-in data: batches of 4 x 4 accumulated (bf16 weights,
+    # response-only logits), refusing to train on a CPU by mistake.
+    "kaggle": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=4, GRAD_ACCUM=4,
+                   EPOCHS=2, EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=32, REQUIRE_ACCELERATOR=True),
+    # The same on a Kaggle TPU v5e-8: data parallel over its 8 cores, 2 rows each.
+    "kaggle-tpu": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=16, EPOCHS=2,
+                       EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=64, DISTRIBUTION="data", REQUIRE_ACCELERATOR=True),
 }  # fmt: skip
+# A Kaggle session without an accelerator: the cpu profile's budget on the keras-hub preset of the same model.
+PROFILES["kaggle-cpu"] = {**PROFILES["cpu"], "MODEL": "gemma3_270m"}
 PURPOSE = {
     "smoke": "plumbing check (used by the tests)",
     "cpu": "the default `make run`",
     "alpaca": "Alpaca-format data",
-    "kaggle": "Kaggle GPU/TPU",
+    "kaggle": "Kaggle T4 GPU (`python -m nbutils.kaggle`)",
+    "kaggle-tpu": "Kaggle TPU v5e-8",
+    "kaggle-cpu": "Kaggle without an accelerator",
 }
 
 

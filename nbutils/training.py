@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, files, objective, prompts, sequences
+from nbutils import batches, compat, devices, files, objective, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
@@ -215,7 +215,7 @@ class Trainer:
         total, grads = 0.0, None
         for b in micro_batches:
             self._mark("train", b)
-            loss, g = self._grad(trainable, non_trainable, b.inputs(), denominator)
+            loss, g = self._grad(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
             total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
         trainable, opt_vars = self._apply(opt_vars, grads, trainable)
         return float(total), (trainable, non_trainable, opt_vars)
@@ -226,7 +226,7 @@ class Trainer:
         denominator = float(sum(b.useful_tokens for b in batch_list))
         for b in batch_list:
             self._mark("eval", b)
-        return float(sum(self._loss(trainable, non_trainable, b.inputs(), denominator) for b in batch_list))
+        return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in batch_list))
 
     def learning_rate(self, state: tuple) -> float:
         """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""

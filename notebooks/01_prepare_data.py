@@ -10,12 +10,41 @@
 # - **Previous:** none (start here) · **Next:** `02_baseline_inference`
 
 # %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
+        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
 from IPython.display import Image, display
 
 from nbutils import data, models, plots, prompts, sequences
 
 # %% tags=["parameters"]
-MODEL = "gemma3_270m_local"  # whose tokenizer measures lengths: "gemma3_270m_local", "tiny", a keras-hub preset…
+MODEL = "auto"  # whose tokenizer measures lengths: "auto", "gemma3_270m_local", "tiny", a keras-hub preset…
 DATASET = "pycode-summary"  # used when DATA_PATH is empty: "pycode-summary", "hf:<owner>/<name>", "kaggle:<owner>/<dataset>"
 DATA_PATH = ""  # your own file: Alpaca .json/.jsonl, Dolly .jsonl, or .csv/.tsv (format detected)
 DATA_FORMAT = ""  # force one of "alpaca", "dolly", "csv", "tsv"
@@ -42,6 +71,7 @@ SEED = 0
 # on it; instruction-tuned models use `<end_of_turn>`.
 
 # %%
+MODEL = models.choose_model(MODEL)  # "auto": the embedded model offline, the keras-hub preset on Kaggle
 template = prompts.Template.for_model(TEMPLATE, MODEL, STOP_TOKEN)
 example = {"instruction": "Summarize in one sentence.", "input": "def add(a, b):\n    return a + b", "output": "Add two numbers."}
 print(prompts.render_prompt(example, template) + example["output"] + template.stop)

@@ -9,6 +9,35 @@
 # - **Previous:** `01_prepare_data` · **Next:** `03_lora_finetune`
 
 # %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
+        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
 import json
 import math
 
@@ -17,7 +46,7 @@ from IPython.display import Markdown, display
 from nbutils import data, evaluation, files, models, prompts, runs, sequences
 
 # %% tags=["parameters"]
-MODEL = "gemma3_270m_local"  # "gemma3_270m_local" (offline), "tiny" (tests), or a keras-hub preset such as "gemma3_1b"
+MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or "gemma3_270m_local", "tiny", "gemma3_1b", …
 DATASET = "pycode-summary"  # folder name under data/processed written by notebook 01
 RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 MAX_TEST_ROWS = 0  # 0 means the whole test split
@@ -36,6 +65,7 @@ splits, manifest = data.load_processed(DATASET)
 test_rows = splits["test"][: MAX_TEST_ROWS or None]
 template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
+MODEL = models.choose_model(MODEL)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.load_seconds}s")
 

@@ -9,6 +9,35 @@
 # - **Previous:** `02_baseline_inference` · **Next:** `04_evaluate`
 
 # %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
+        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
 import csv
 import inspect
 import json
@@ -16,15 +45,15 @@ import json
 import keras
 from IPython.display import Image, display
 
-from nbutils import data, files, models, objective, plots, prompts, runs, training
+from nbutils import data, devices, files, models, objective, plots, prompts, runs, training
 
 # %% tags=["parameters"]
-MODEL = "gemma3_270m_local"
+MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or any name 02 accepts
 DATASET = "pycode-summary"
 RUN_ID = "manual"
 RANK = 8  # LoRA rank r: adapter matrices are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # keras-hub's default; or "attention", "all", or a list like "query,key,value,output,gate,up,down"
-LORA_ALPHA = 0  # scale is alpha / rank; 0 means alpha = rank
+LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
 LEARNING_RATE = 2e-4
 WEIGHT_DECAY = 0.01
 WARMUP_STEPS = 10
@@ -38,6 +67,8 @@ EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement before stopping (the best adapter is kept)
 MAX_VAL_ROWS = 0  # 0 means the whole val split
 MIXED_PRECISION = "auto"  # bf16 on GPU/TPU, fp32 on CPU; or "on" / "off"
+DISTRIBUTION = "auto"  # "auto" (data parallel over all local devices when there are several), "none", "data", "model:2x4"
+REQUIRE_ACCELERATOR = False  # True: stop at once when JAX sees only the CPU (the Kaggle profiles set it)
 SEED = 0
 
 # %% [markdown]
@@ -48,7 +79,10 @@ SEED = 0
 # each LoRA layer (and draws `A` from `SEED`).
 
 # %%
+MODEL = models.choose_model(MODEL)
+devices.require_accelerator(REQUIRE_ACCELERATOR)
 policy = training.mixed_precision(MIXED_PRECISION)  # must be set before the model is built
+distribution = devices.use_distribution(DISTRIBUTION)  # so is the device mesh its weights are laid out on
 splits, manifest = data.load_processed(DATASET)
 template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 out = runs.run_dir(RUN_ID)
@@ -82,6 +116,8 @@ optimizer = keras.optimizers.AdamW(
 optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
 print(inspect.getsource(objective.scored_nll))
 print(f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
+lengths = manifest["token_lengths"]
+print(devices.memory_table(devices.memory_estimate(lm, BATCH_SIZE, lengths["total"]["max"], lengths["target"]["max"])))
 
 # %% [markdown]
 # ## 3. Train

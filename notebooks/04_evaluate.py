@@ -10,12 +10,41 @@
 # - **Previous:** `03_lora_finetune` · **Next:** none (see the README for rank experiments)
 
 # %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
+        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
 from IPython.display import Image, Markdown, display
 
 from nbutils import data, evaluation, files, models, plots, prompts, report, runs, training
 
 # %% tags=["parameters"]
-MODEL = "gemma3_270m_local"
+MODEL = "auto"  # the model 02 and 03 used
 DATASET = "pycode-summary"
 RUN_ID = "manual"
 N_BOOTSTRAP = 1000  # paired bootstrap resamples of the test rows (or of their modules)
@@ -27,6 +56,7 @@ SEED = 0
 # generated identically; the split hashes recorded by 02 and 03 must match the data on disk.
 
 # %%
+MODEL = models.choose_model(MODEL)
 baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
 settings = baseline["settings"]
 if settings["model"] != MODEL:

@@ -1,0 +1,47 @@
+"""One training step of the tiny model under each DISTRIBUTION; run by test_distribution.py in a subprocess
+with XLA_FLAGS=--xla_force_host_platform_device_count=4. Prints one JSON line per set-up."""
+
+import json
+import sys
+
+import numpy as np
+
+import nbutils  # noqa: F401  (KERAS_BACKEND=jax)
+from nbutils import batches, devices, models, sequences, training
+
+ROWS = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + 2 * i), "output": "word " * (1 + i)}
+        for i in range(8)]  # fmt: skip
+
+
+def axes(sharding) -> list:
+    """A sharding's partition spec as a list without trailing Nones (jax versions print it differently)."""
+    spec = list(getattr(sharding, "spec", []))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return spec
+
+
+def step(spec: str) -> dict:
+    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model."""
+    import keras
+
+    devices.use_distribution(spec)
+    lm = models.load_gemma("tiny", sequence_length=128)
+    lm.backbone.token_embedding.embeddings.assign(lm.backbone.token_embedding.embeddings * 40.0)
+    training.enable_lora(lm, 4, "all", 8, seed=0)
+    rng = np.random.default_rng(1)
+    for var in lm.backbone.trainable_weights:  # non-zero B, so every adapter matrix gets a gradient
+        var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
+    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, "gemma", 128)
+    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2))
+    micro = [batches.make_batch(arrays, np.arange(0, 4)), batches.make_batch(arrays, np.arange(4, 8))]
+    loss, state = trainer.update(micro, trainer.state())
+    trainer.write_back(state)
+    specs = {v.path: axes(v.value.sharding) for v in lm.backbone.weights}
+    return {"spec": spec, "loss": loss, "adapter": [np.asarray(v.value).tolist() for v in trainer.trainable],
+            "shardings": specs, "batch_axes": axes(getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)), "adapter_devices": len(trainer.trainable[0].value.sharding.device_set)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    for spec in sys.argv[1:]:
+        print(json.dumps(step(spec)), flush=True)
