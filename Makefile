@@ -2,9 +2,13 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+# A second environment pinned to the Kaggle image's stack (jax/keras/keras-hub/TensorFlow), for one smoke run.
+IMAGE_VENV := .venv-kaggle-image
+IMAGE_REQ := tests/kaggle-image-requirements.txt
+IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-kaggle.txt | sha1sum | cut -c1-12)
 PROFILE ?= cpu
 
-.PHONY: venv test run sync clean
+.PHONY: venv image-venv test run sync clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,7 +18,16 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
-test: venv
+$(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
+	test -x $(IMAGE_VENV)/bin/python || python3 -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(IMAGE_REQ)
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	rm -f $(IMAGE_VENV)/.installed-*
+	touch $(IMAGE_STAMP)
+
+image-venv: $(IMAGE_STAMP)
+
+test: venv image-venv
 	$(PY) -m pytest tests
 
 run: venv
@@ -24,4 +37,4 @@ sync: venv  ## regenerate the .ipynb files from the reviewed .py sources
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(IMAGE_VENV) .pytest_cache build
