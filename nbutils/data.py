@@ -134,32 +134,46 @@ def load_file(path: str | Path, fmt: str = "", columns: dict | None = None,
 
 
 def load_online(name: str) -> tuple[list[dict], dict]:
-    """Download a ``hf:owner/name`` or ``kaggle:owner/dataset`` data set once (needs network)."""
+    """Rows of a ``hf:owner/name`` (Hugging Face ``datasets``) or ``kaggle:owner/dataset`` data set (needs
+    network, or on Kaggle the data set attached to the notebook)."""
     scheme, _, handle = name.partition(":")
     host = {"hf": "huggingface.co", "kaggle": "www.kaggle.com"}[scheme]
-    if not models.reachable(host):
+    if not (paths.ON_KAGGLE and scheme == "kaggle") and not models.reachable(host):
         raise DataError(
             f"DATASET={name!r} must be downloaded from {host}, which is unreachable here. Offline choices: "
-            f"DATASET={BUILTIN!r} (built in), or DATA_PATH=<your Alpaca/Dolly JSON(L) or CSV/TSV file>."
+            f"DATASET={BUILTIN!r} (built in), or DATA_PATH=<your Alpaca/Dolly JSON(L) or CSV/TSV file>; on Kaggle, "
+            "attach a data set (Add Input) and use DATASET='kaggle:<owner>/<dataset>'."
         ) from None
-    target = paths.cache_dir() / "datasets" / name.replace(":", "_").replace("/", "_")
-    if scheme == "kaggle":
-        import kagglehub
+    if scheme == "hf":
+        return load_hub(name, handle)
+    import kagglehub
 
-        folder = Path(kagglehub.dataset_download(handle))
-    else:
-        try:
-            from huggingface_hub import snapshot_download  # only needed online
-        except ImportError:
-            raise DataError(f"DATASET={name!r} needs the huggingface_hub package: pip install huggingface_hub.") from None
-        folder = Path(snapshot_download(handle, repo_type="dataset", local_dir=target))
+    folder = Path(kagglehub.dataset_download(handle))
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"))
     if not found:
         raise DataError(f"DATASET={name!r}: the download at {folder} has no JSON/JSONL/CSV/TSV file.")
     rows, info = load_file(found[0])
     info["source"] = f"{name} ({found[0].name})"
-    info["sha256_of_file"] = files.sha256_file(found[0])
     return rows, info
+
+
+def load_hub(name: str, handle: str) -> tuple[list[dict], dict]:
+    """The ``train`` split of a Hugging Face hub data set in Alpaca or Dolly fields (parquet, JSON, …)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"DATASET={name!r} needs the `datasets` package: pip install datasets.") from None
+    try:
+        records = datasets.load_dataset(handle, split="train").to_list()
+    except Exception as exc:  # the hub's errors are many; the user needs the name and the reason
+        raise DataError(f"DATASET={name!r}: the Hugging Face hub could not provide it "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None  # fmt: skip
+    label = Path(f"{handle}.jsonl")  # names the source in messages; the records decide the format
+    fmt = detect_format(label, "", records)
+    rows = normalise_records(records, fmt, label)
+    for n, row in enumerate(rows):
+        row["id"] = f"{handle}:{n}"
+    return rows, {"source": name, "format": fmt, "sha256": files.sha256_bytes(files.to_jsonl(records).encode())}
 
 
 # ---------------------------------------------------------------- validation

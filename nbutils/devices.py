@@ -44,7 +44,7 @@ def device_memory_gb() -> float:
 
 
 def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> dict[str, float]:
-    """Rough training memory in GB per device: frozen weights, adapter + AdamW slots + gradients,
+    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter + AdamW slots + gradients,
     activations kept for the backward pass, and the scored positions' logits (and their gradient)."""
     import numpy as np
 

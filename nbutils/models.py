@@ -15,7 +15,6 @@ One entry point, :func:`load_gemma`. ``model`` may be
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 import time
 from pathlib import Path
@@ -146,7 +145,7 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
 
 def _check_reachable(model: str) -> None:
     """Fail fast, with the offline alternatives, when a remote preset is not cached and its host is unreachable."""
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    if paths.ON_KAGGLE:
         return  # on Kaggle, attached models resolve without network
     scheme = model.split("://", 1)[0] if "://" in model else "kaggle"
     host = _REMOTE_HOSTS.get(scheme)

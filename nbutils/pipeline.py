@@ -27,8 +27,8 @@ PROFILES: dict[str, dict] = {
     "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=1200, MAX_VAL=48,
                 MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=300, BATCH_SIZE=4,
                 EVAL_EVERY=75, WARMUP_STEPS=20, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
-    # Alpaca-format instruction data (the shared demo file, or your own via -p DATA_PATH ...).
-    "alpaca": dict(MODEL="gemma3_270m_local", DATA_PATH="../shared/data/alpaca_en_demo.json", DATASET="alpaca_en_demo",
+    # Alpaca instruction data from the Hugging Face hub (online), or your own file: -p DATA_PATH my.json.
+    "alpaca": dict(MODEL="gemma3_270m_local", DATASET="hf:yahma/alpaca-cleaned",
                    SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,
                    MAX_STEPS=60, BATCH_SIZE=4, EVAL_EVERY=20, MAX_NEW_TOKENS=96, GEN_BATCH_SIZE=20),
     # A keras-hub preset on a 16 GB Kaggle T4, full built-in data: batches of 4 x 4 accumulated (bf16 weights,
@@ -55,7 +55,7 @@ def profiles_table() -> str:
     """The README's table of profiles, generated from ``PROFILES`` (a test keeps the README in step)."""
     lines = ["| profile | model | data (train/val/test rows) | training | what for |", "|---|---|---|---|---|"]
     for name, p in PROFILES.items():
-        source = f"`{p['DATA_PATH']}`" if p.get("DATA_PATH") else "built-in task"
+        source = f"`{p.get('DATA_PATH') or p['DATASET']}`" if p.get("DATA_PATH") or p.get("DATASET") else "built-in task"
         caps = "/".join(str(p.get(k) or "all") for k in ("MAX_TRAIN", "MAX_VAL", "MAX_TEST"))
         batch = p.get("BATCH_SIZE", 4) * p.get("GRAD_ACCUM", 1)
         steps = f"{p['MAX_STEPS']} updates" if p.get("MAX_STEPS") else f"{p.get('EPOCHS', 1)} epochs"

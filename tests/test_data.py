@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from nbutils import data, files, paths, prompts, pycode_task, sequences
+from nbutils import data, files, models, paths, prompts, pycode_task, sequences
 
 from conftest import SHARED_ALPACA
 
@@ -121,6 +121,28 @@ def test_online_dataset_without_network_names_offline_choices(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(data.DataError, match="pycode-summary.*DATA_PATH"):
         data.load_online("hf:tatsu-lab/alpaca")
+
+
+def test_hub_dataset_read_with_the_datasets_library(monkeypatch, tokenizer):
+    """hf:owner/name goes through `datasets.load_dataset` (parquet and all), then the Alpaca checks."""
+    import datasets
+
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5)] + [{"instruction": "x", "input": "", "output": ""}]
+    asked = []
+    monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda h, split: asked.append((h, split)) or datasets.Dataset.from_list(records))
+    rows, info = data.load_online("hf:someone/alpaca-like")
+    assert asked == [("someone/alpaca-like", "train")] and info["format"] == "alpaca" and info["source"] == "hf:someone/alpaca-like"
+    assert [r["id"] for r in rows][:2] == ["someone/alpaca-like:0", "someone/alpaca-like:1"] and len(rows) == 6
+    kept, counts = data.validate(rows, tokenizer, "gemma", 64, "hf:someone/alpaca-like")
+    assert len(kept) == 5 and sum(counts.values()) == 1  # the empty output is dropped and counted, not silently
+
+    def missing(h, split):
+        raise FileNotFoundError(f"Dataset '{h}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(data.DataError, match="hf:someone/nothing.*could not provide it.*doesn't exist"):
+        data.load_online("hf:someone/nothing")
 
 
 # ------------------------------------------------------------------ row-level validation
