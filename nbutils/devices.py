@@ -44,8 +44,8 @@ def device_memory_gb() -> float:
 
 
 def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> dict[str, float]:
-    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter + AdamW slots + gradients,
-    activations kept for the backward pass, and the scored positions' logits (and their gradient)."""
+    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter + AdamW
+    slots + gradients, activations kept for the backward pass, the scored positions' logits and gradient."""
     import numpy as np
 
     backbone = lm.backbone

@@ -74,3 +74,24 @@ def metric_bars(comparison: dict, path: Path, metrics: tuple = ("rougeL_f1", "ch
     ax.set(ylim=(0, 1.05), title="Test-set metrics, baseline vs LoRA")
     ax.legend()
     return save(fig, path)
+
+
+def sweep_plot(results: list[dict], path: Path) -> Path:
+    """Validation ROUGE-L and best validation loss against trainable parameters (log x, one line per
+    target set), and the validation loss curves overlaid."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    for targets in dict.fromkeys(r["targets"] for r in results):
+        group = sorted((r for r in results if r["targets"] == targets), key=lambda r: r["trainable_params"])
+        x = [r["trainable_params"] for r in group]
+        axes[0].plot(x, [r["val_rougeL_f1"] for r in group], "o-", label=f"targets {targets}")
+        axes[1].plot(x, [r["best_val_loss"] for r in group], "o-", label=f"targets {targets}")
+    for r in results:
+        axes[2].plot(r["val_curve"]["val_step"], r["val_curve"]["val_loss"], "o-", ms=3, label=r["name"])
+    axes[0].set(xscale="log", xlabel="trainable parameters", ylabel="ROUGE-L F1 (validation)", title="Quality vs adapter size")
+    axes[1].set(xscale="log", xlabel="trainable parameters", ylabel="best validation loss", title="Loss vs adapter size")
+    axes[2].set(xlabel="optimizer update", ylabel="validation loss", title="Validation curves")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    return save(fig, path)

@@ -16,6 +16,19 @@ def _cell(text: str, width: int = 140) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def table(rows: list[dict], columns: tuple) -> str:
+    """A Markdown table of ``rows`` (floats to 3 significant decimals, big integers with separators)."""
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _cell(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def comparison_table(comparison: dict) -> str:
     """Metric | baseline | tuned | difference | 95% CI."""
     lines = ["| metric | baseline | tuned | difference | 95% CI of difference |", "|---|---:|---:|---:|---|"]

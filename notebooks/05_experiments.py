@@ -1,0 +1,220 @@
+# %% [markdown]
+# # 05 · Experiments: LoRA rank, targets and learning rate
+#
+# **Purpose:** train several LoRA configurations on one shared budget, compare them on the
+# validation split, choose one by a stated rule, and test only that one.
+#
+# - **Reads:** `data/processed/<DATASET>/` (from 01), `runs/<RUN_ID>/baseline_*` (from 02).
+# - **Writes:** `runs/<RUN_ID>/sweep/<config>/` (adapter, log, `result.json`), `sweep_results.csv`,
+#   `sweep.png`, `sweep_report.md`, `sweep_choice.json` (the chosen parameters), `sweep_test.json`.
+# - **Previous:** `02_baseline_inference` (runs after 01 and 02; independent of 03–04) · **Next:** none
+
+# %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
+        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
+import gc
+
+import keras
+from IPython.display import Image, Markdown, display
+
+from nbutils import data, evaluation, files, models, plots, prompts, report, runs, sweep, training
+
+# %% tags=["parameters"]
+MODEL = "auto"  # the model 02 used
+DATASET = "pycode-summary"
+RUN_ID = "manual"
+SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}  # a grid, or a list of configurations
+DEFAULT_CONFIG = {"rank": 8, "targets": "query,value"}  # keras-hub's default, compared with the chosen one on test
+LEARNING_RATE = 5e-4  # used where a configuration does not set "learning_rate"
+LORA_ALPHA = 0  # used where a configuration does not set "alpha"; 0 means alpha equal to the rank
+WEIGHT_DECAY = 0.01
+WARMUP_STEPS = 10
+SCHEDULE = "cosine"
+CLIPNORM = 1.0
+BATCH_SIZE = 4
+GRAD_ACCUM = 1
+EPOCHS = 1
+MAX_STEPS = 100  # the shared budget: optimizer updates per configuration (0 means EPOCHS passes)
+EVAL_EVERY = 25
+PATIENCE = 3
+MAX_VAL_ROWS = 0  # 0 means the whole val split (validation ROUGE-L generates an answer for each row)
+N_BOOTSTRAP = 1000
+MIXED_PRECISION = "auto"
+SEED = 0
+
+# %% [markdown]
+# ## 1. The grid and the shared budget
+# Every configuration trains on the same rows, in the same order, for the same number of updates with
+# the same schedule and seed, so differences come from the configuration alone. Generation settings
+# (answer length, sampler) are notebook 02's, read from its output.
+
+# %%
+MODEL = models.choose_model(MODEL)
+policy = training.mixed_precision(MIXED_PRECISION)
+baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
+settings = baseline["settings"]
+if settings["model"] != MODEL:
+    raise ValueError(f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02.")
+splits, manifest = data.load_processed(DATASET)
+data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseline)")
+template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
+val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
+out = runs.run_dir(RUN_ID)
+defaults = {"rank": 8, "targets": "query,value", "learning_rate": LEARNING_RATE, "alpha": LORA_ALPHA}
+configs = sweep.expand(SWEEP, defaults)
+default_config = sweep.expand([DEFAULT_CONFIG], defaults)[0]
+if default_config not in configs:
+    configs.append(default_config)  # trained too, so the test comparison has it
+budget = {"model": MODEL, "dataset": DATASET, "split_sha256": manifest["split_sha256"], "batch_size": BATCH_SIZE,
+          "grad_accum": GRAD_ACCUM, "epochs": EPOCHS, "max_steps": MAX_STEPS, "warmup_steps": WARMUP_STEPS,
+          "schedule": SCHEDULE, "weight_decay": WEIGHT_DECAY, "clipnorm": CLIPNORM, "eval_every": EVAL_EVERY,
+          "patience": PATIENCE, "val_rows": len(val_rows), "precision": policy, "seed": SEED}  # fmt: skip
+done = {sweep.config_name(c) for c in configs if sweep.finished(out / "sweep" / sweep.config_name(c), budget)}
+print(f"{len(configs)} configurations, {len(done)} already finished: {', '.join(sweep.config_name(c) for c in configs)}")
+
+# %% [markdown]
+# ## 2. Train each configuration
+# The same recipe as notebook 03 for each configuration: a fresh base model, `enable_lora` on the
+# targets, AdamW with the shared schedule, then an answer for every validation row (greedy, as in
+# 02) to score validation ROUGE-L. Finished configurations are skipped, so a killed sweep continues
+# where it stopped.
+
+# %%
+def train_config(config: dict, folder) -> dict:
+    """Train one configuration on the shared budget; save its adapter and validation answers."""
+    lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
+    lm.backbone.enable_lora(rank=config["rank"], target_layer_names=training.lora_layer_names(config["targets"]))
+    training.configure_lora(lm.backbone, alpha=config["alpha"] or config["rank"], seed=SEED)
+    cfg = training.TrainConfig(
+        rank=config["rank"], targets=config["targets"], alpha=config["alpha"], learning_rate=config["learning_rate"],
+        weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE,
+        grad_accum=GRAD_ACCUM, epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
+    )  # fmt: skip
+    updates = training.plan(cfg, len(splits["train"]))["updates"]
+    optimizer = keras.optimizers.AdamW(learning_rate=training.lr_schedule(cfg, updates), weight_decay=WEIGHT_DECAY,
+                                       global_clipnorm=CLIPNORM or None)  # fmt: skip
+    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+    result = training.train_lora(lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder)
+    training.save_adapter(lm, folder / "adapter.lora.h5", training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]))
+    answers = evaluation.generate(lm, val_rows, template, settings["max_new_tokens"], settings["gen_batch_size"],
+                                  settings["sampler"], settings["seed"])  # fmt: skip
+    files.write_jsonl(folder / "val_scores.jsonl", evaluation.score_rows(answers))
+    return sweep.record(config, budget, result, training.parameter_summary(lm), files.read_jsonl(folder / "val_scores.jsonl"))
+
+
+results = []
+for n, config in enumerate(configs, 1):
+    folder = out / "sweep" / sweep.config_name(config)
+    result = sweep.finished(folder, budget)
+    if result is None:
+        print(f"[{n}/{len(configs)}] {folder.name}: training", flush=True)
+        result = train_config(config, folder)
+        files.write_json(folder / "result.json", result)  # written last: marks the configuration finished
+        gc.collect()
+    print(f"[{n}/{len(configs)}] {folder.name}: {result['trainable_params']:,} params, best val loss "
+          f"{result['best_val_loss']:.3f}, val ROUGE-L {result['val_rougeL_f1']:.3f}, {result['train_seconds']} s")  # fmt: skip
+    results.append(result)
+
+# %% [markdown]
+# ## 3. Results
+# One row per configuration (`sweep_results.csv`), and the picture: quality and loss against the
+# adapter's size (log scale, one line per target set), and the validation curves.
+
+# %%
+files.write_text(out / "sweep_results.csv", sweep.results_csv(results))
+display(Markdown(report.table(results, sweep.CSV_COLUMNS)))
+display(Image(filename=str(plots.sweep_plot(results, out / "sweep.png"))))
+
+# %% [markdown]
+# ## 4. The choice, on validation only
+# **Rule:** take the configuration with the best validation ROUGE-L; every configuration whose
+# difference from it has a paired-bootstrap 95% CI containing 0 (over validation rows, resampling
+# whole modules where rows come in modules) is within noise of it; among those, choose the one with
+# the fewest trainable parameters. The test split is not looked at until the choice is made.
+
+# %%
+val_scores = {r["name"]: files.read_jsonl(out / "sweep" / r["name"] / "val_scores.jsonl") for r in results}
+groups = [r[data.GROUP_KEY] for r in val_rows] if all(data.GROUP_KEY in r for r in val_rows) else None
+choice = sweep.choose(results, val_scores, N_BOOTSTRAP, SEED, groups)
+chosen = next(r for r in results if r["name"] == choice["chosen"])
+conclusion = sweep.conclusion(choice, results)
+display(Markdown(conclusion))
+files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
+
+# %% [markdown]
+# ## 5. The chosen adapter on the test split, once
+# Against the base model (notebook 02's answers) and against the default configuration, each with a
+# paired bootstrap 95% CI as in notebook 04.
+
+# %%
+def test_scores(name: str) -> list[dict]:
+    """Test-split scores of one configuration's saved adapter."""
+    lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
+    training.load_adapter(lm, out / "sweep" / name / "adapter.lora.h5", MODEL)
+    _, scores, _ = evaluation.run_inference(lm, test_rows, template, SEQUENCE_LENGTH, settings["max_new_tokens"],
+                                            settings["gen_batch_size"], settings["sampler"], settings["seed"])  # fmt: skip
+    return scores
+
+
+test_groups = [r[data.GROUP_KEY] for r in test_rows] if all(data.GROUP_KEY in r for r in test_rows) else None
+chosen_test = test_scores(chosen["name"])
+default_name = sweep.config_name(default_config)
+default_test = chosen_test if default_name == chosen["name"] else test_scores(default_name)
+vs_base = evaluation.paired_bootstrap(files.read_jsonl(out / "baseline_scores.jsonl"), chosen_test, N_BOOTSTRAP, SEED, test_groups)
+vs_default = evaluation.paired_bootstrap(default_test, chosen_test, N_BOOTSTRAP, SEED, test_groups)
+files.write_json(out / "sweep_test.json", {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default})
+display(Markdown("**Chosen vs base model** (test)\n\n" + report.comparison_table(vs_base)))
+display(Markdown(f"**Chosen vs default `{default_name}`** (test; 'baseline' column = default)\n\n" + report.comparison_table(vs_default)))
+test_sentence = sweep.test_sentence(chosen["name"], default_name, vs_base, vs_default)
+display(Markdown(test_sentence))
+
+# %% [markdown]
+# ## 6. Report
+# `sweep_report.md` gathers the table, the figure, the choice and the test result;
+# `sweep_choice.json` can be passed on: `python -m nbutils.pipeline --profile cpu --params runs/<RUN_ID>/sweep_choice.json`.
+
+# %%
+report_path = files.write_text(out / "sweep_report.md", sweep.report_markdown(RUN_ID, results, choice, conclusion, test_sentence,
+                                                                              report.comparison_table(vs_base)))  # fmt: skip
+print(f"report: {report_path}")
+
+# %% [markdown]
+# ## Summary
+# Every configuration finished with a finite loss, the choice follows the rule, and the files are there.
+
+# %%
+saved = files.read_json(out / "sweep_choice.json")
+assert len(results) == len(configs) and all(r["best_val_loss"] < float("inf") for r in results)
+assert saved["RANK"] == chosen["rank"] and saved["LORA_TARGETS"] == chosen["targets"]
+assert chosen["name"] in choice["candidates"] and chosen["trainable_params"] == min(
+    r["trainable_params"] for r in results if r["name"] in choice["candidates"])
+assert len((out / "sweep_results.csv").read_text().splitlines()) == len(results) + 1
+assert (out / "sweep.png").stat().st_size > 0 and report_path.read_text().startswith("# ")
+print(f"OK: {len(results)} configurations; chosen {chosen['name']}")

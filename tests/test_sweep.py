@@ -1,0 +1,54 @@
+"""Notebook 05's sweep logic: the grid, resumability, the choice rule and the generated conclusion."""
+
+import pytest
+
+from nbutils import evaluation, files, sweep
+
+DEFAULTS = {"rank": 8, "targets": "query,value", "learning_rate": 5e-4, "alpha": 0}
+
+
+def test_grid_expands_fills_defaults_and_refuses_unknown_keys():
+    configs = sweep.expand({"rank": [1, 4, 16], "targets": ["query,value", "all"]}, DEFAULTS)
+    assert len(configs) == 6 and all(c["learning_rate"] == 5e-4 and c["alpha"] == 0 for c in configs)
+    assert len({sweep.config_name(c) for c in configs}) == 6
+    explicit = sweep.expand([{"rank": 2}, {"rank": 2}, {"rank": 2, "learning_rate": 1e-3}], DEFAULTS)
+    assert [sweep.config_name(c) for c in explicit] == ["r2-query+value-lr0.0005-a2", "r2-query+value-lr0.001-a2"]
+    with pytest.raises(ValueError, match=r"SWEEP: unknown key\(s\) \['ranks'\]"):
+        sweep.expand({"ranks": [1]}, DEFAULTS)
+
+
+def test_finished_configurations_are_kept_and_another_budget_is_refused(tmp_path):
+    budget = {"max_steps": 100, "seed": 0}
+    assert sweep.finished(tmp_path / "r1", budget) is None
+    files.write_json(tmp_path / "r1" / "result.json", {"name": "r1", "budget": budget})
+    assert sweep.finished(tmp_path / "r1", budget)["name"] == "r1"
+    with pytest.raises(ValueError, match="trained with another budget \\(changed: max_steps\\); use a new RUN_ID"):
+        sweep.finished(tmp_path / "r1", {"max_steps": 200, "seed": 0})
+
+
+def scores(right: int, n: int = 40) -> list[dict]:
+    """Validation scores where the first ``right`` answers equal their reference."""
+    preds = [{"id": str(i), "reference": f"returns the value {i}", "prediction": f"returns the value {i}" if i < right else "zzz",
+              "stopped": True, "n_tokens": 4} for i in range(n)]  # fmt: skip
+    return evaluation.score_rows(preds)
+
+
+def result(name: str, params: int, val: list[dict]) -> dict:
+    return {"name": name, "trainable_params": params, "val_rougeL_f1": evaluation.aggregate(val)["rougeL_f1"], "best_val_loss": 1.0}
+
+
+def test_choice_is_the_smallest_within_noise_of_the_best():
+    val = {"big": scores(30), "mid": scores(29), "tiny": scores(5)}
+    results = [result("big", 1000, val["big"]), result("mid", 100, val["mid"]), result("tiny", 10, val["tiny"])]
+    choice = sweep.choose(results, val, 500, 0)
+    assert choice["best"] == "big" and choice["candidates"] == ["big", "mid"] and choice["chosen"] == "mid"
+    text = sweep.conclusion(choice, results)
+    assert "Best validation ROUGE-L: big (0.750, 1,000 trainable parameters)" in text
+    assert "Chosen: mid, the smallest of those (100 parameters, 10% of the best's; validation ROUGE-L 0.725)" in text
+    alone = sweep.choose(results[:1] + results[2:], {"big": val["big"], "tiny": val["tiny"]}, 500, 0)
+    assert alone["chosen"] == "big" and "below it beyond bootstrap noise" in sweep.conclusion(alone, results)
+
+
+def test_choice_parameters_feed_the_pipeline():
+    chosen = {"rank": 4, "targets": "all", "learning_rate": 1e-3, "alpha": 0}
+    assert sweep.choice_parameters(chosen) == {"RANK": 4, "LORA_TARGETS": "all", "LEARNING_RATE": 1e-3, "LORA_ALPHA": 0.0}
