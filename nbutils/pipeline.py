@@ -1,4 +1,6 @@
-"""Run notebooks 01 -> 04 with papermill: ``python -m nbutils.pipeline --profile cpu [-p KEY VALUE ...]``.
+"""Run the notebooks with papermill: ``python -m nbutils.pipeline --profile cpu [--params F.json] [-p KEY VALUE ...]``.
+
+Profiles run 01 -> 04; the sweep profiles run 01 -> 02 -> 05.
 
 Each run gets a fresh ``runs/<run_id>/`` with the executed notebooks, a log, ``config.json`` and all
 artifacts; the path of ``report.md`` is printed at the end.
@@ -17,7 +19,9 @@ import time
 
 from nbutils import data, files, paths, provenance, runs
 
-NOTEBOOKS = ("01_prepare_data", "02_baseline_inference", "03_lora_finetune", "04_evaluate")
+NOTEBOOKS = ("01_prepare_data", "02_baseline_inference", "03_lora_finetune", "04_evaluate", "05_experiments")
+SERIES = NOTEBOOKS[:4]  # what a profile runs, unless PROFILE_SERIES says otherwise
+SWEEP_SERIES = (NOTEBOOKS[0], NOTEBOOKS[1], NOTEBOOKS[4])
 
 PROFILES: dict[str, dict] = {
     # A few dozen rows, the tiny random model, a handful of steps: checks the plumbing (tests, CI).
@@ -41,6 +45,15 @@ PROFILES: dict[str, dict] = {
 }  # fmt: skip
 # A Kaggle session without an accelerator: the cpu profile's budget on the keras-hub preset of the same model.
 PROFILES["kaggle-cpu"] = {**PROFILES["cpu"], "MODEL": "gemma3_270m"}
+# Notebook 05: two configurations of the tiny model (tests, nbval); and the real model on a 2-core CPU budget.
+PROFILES["sweep-smoke"] = {**PROFILES["smoke"], "SWEEP": {"rank": [2, 4]}, "DEFAULT_CONFIG": {"rank": 4}, "MAX_STEPS": 3,
+                           "EVAL_EVERY": 2, "N_BOOTSTRAP": 100}  # fmt: skip
+PROFILES["sweep-cpu"] = {**PROFILES["cpu"], "MAX_VAL": 32, "MAX_TEST": 100, "SWEEP": {"rank": [2, 8, 32], "targets": ["query,value", "all"]},
+                         "DEFAULT_CONFIG": {"rank": 8, "targets": "query,value"}, "MAX_STEPS": 80, "EVAL_EVERY": 40,
+                         "WARMUP_STEPS": 10, "GEN_BATCH_SIZE": 16}  # fmt: skip
+for _name in ("kaggle", "kaggle-tpu"):  # the full grid of notebook 05 on the Kaggle budget
+    PROFILES[_name]["DEFAULT_CONFIG"] = {"rank": 8, "targets": "query,value"}
+PROFILE_SERIES = {"sweep-smoke": SWEEP_SERIES, "sweep-cpu": SWEEP_SERIES}
 PURPOSE = {
     "smoke": "plumbing check (used by the tests)",
     "cpu": "the default `make run`",
@@ -48,6 +61,8 @@ PURPOSE = {
     "kaggle": "Kaggle T4 GPU (`python -m nbutils.kaggle`)",
     "kaggle-tpu": "Kaggle TPU v5e-8",
     "kaggle-cpu": "Kaggle without an accelerator",
+    "sweep-smoke": "notebook 05 plumbing (tests)",
+    "sweep-cpu": "notebook 05 on the 2-core CPU (01 → 02 → 05)",
 }
 
 
@@ -59,8 +74,10 @@ def profiles_table() -> str:
         caps = "/".join(str(p.get(k) or "all") for k in ("MAX_TRAIN", "MAX_VAL", "MAX_TEST"))
         batch = p.get("BATCH_SIZE", 4) * p.get("GRAD_ACCUM", 1)
         steps = f"{p['MAX_STEPS']} updates" if p.get("MAX_STEPS") else f"{p.get('EPOCHS', 1)} epochs"
-        lines.append(f"| `{name}` | `{p['MODEL']}` | {source}: {caps} | {steps} of {batch}, rank {p.get('RANK', 8)} "
-                     f"`{p.get('LORA_TARGETS', 'query,value')}` | {PURPOSE[name]} |")  # fmt: skip
+        adapter = f"rank {p.get('RANK', 8)} `{p.get('LORA_TARGETS', 'query,value')}`"
+        if "SWEEP" in p:
+            adapter = "sweep " + " × ".join(f"{k} {'/'.join(map(str, v))}" for k, v in p["SWEEP"].items())
+        lines.append(f"| `{name}` | `{p['MODEL']}` | {source}: {caps} | {steps} of {batch}, {adapter} | {PURPOSE[name]} |")
     return "\n".join(lines)
 
 
@@ -99,6 +116,17 @@ def notebook_parameters(profile: str, overrides: dict) -> dict:
     return params
 
 
+def params_file(path: str) -> dict:
+    """Parameters from a JSON object file (``--params``), with a one-line error for anything else."""
+    try:
+        params = files.read_json(paths.resolve(path))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--params {path}: cannot read a JSON object ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(params, dict):
+        raise SystemExit(f"--params {path}: expected a JSON object of parameters, e.g. {{\"RANK\": 4}}.")
+    return params
+
+
 def new_run_id(profile: str) -> str:
     """A fresh, sortable run id that never reuses a finished run's folder."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -129,14 +157,14 @@ def papermill_log(path):
 
 
 def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
-    """Execute the four notebooks into ``runs/<run_id>/``; returns the run's summary."""
+    """Execute the profile's notebooks into ``runs/<run_id>/``; returns the run's summary."""
     import papermill as pm
 
     accepted = accepted_parameters()
     check_parameters(overrides, accepted)
     params = notebook_parameters(profile, overrides)
-    run_id = run_id or new_run_id(profile)
-    if (paths.RUNS_DIR / run_id / "metrics.json").exists():
+    run_id, series = run_id or new_run_id(profile), PROFILE_SERIES.get(profile, SERIES)
+    if (paths.RUNS_DIR / run_id / runs.STEP_FILES[series[-1]]).exists():
         raise SystemExit(f"runs/{run_id} already holds a finished run; pick another --run-id.")
     out = runs.run_dir(run_id)
     params["RUN_ID"] = run_id
@@ -144,7 +172,7 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
                                            "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
     timings = {}
     with papermill_log(out / "pipeline.log"):
-        for name in NOTEBOOKS:
+        for name in series:
             nb_params = {k: v for k, v in params.items() if k in accepted[name]}
             print(f"[{name}] {nb_params}", flush=True)
             start = time.perf_counter()
@@ -152,17 +180,20 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
                                 cwd=str(paths.NOTEBOOKS_DIR), progress_bar=False, log_output=True, stdout_file=None)  # fmt: skip
             timings[name] = round(time.perf_counter() - start, 1)
             files.write_json(out / "timings.json", timings)
-    summary = {"run_id": run_id, "run_dir": str(out), "report": str(out / "report.md"), "seconds": timings}
-    print(f"\nDone in {sum(timings.values()) / 60:.1f} min. Report: {out / 'report.md'}")
+    report = out / ("sweep_report.md" if series == SWEEP_SERIES else "report.md")
+    summary = {"run_id": run_id, "run_dir": str(out), "report": str(report), "seconds": timings}
+    print(f"\nDone in {sum(timings.values()) / 60:.1f} min. Report: {report}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description="Run the notebook series 01-04 with papermill.")
+    parser = argparse.ArgumentParser(description="Run the notebook series (01-04, or 01, 02, 05 for sweeps) with papermill.")
     parser.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default: cpu)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override a notebook parameter, e.g. -p RANK 16")  # fmt: skip
+    parser.add_argument("--params", default=None, metavar="FILE",
+                        help="a JSON object of parameters, e.g. a sweep's sweep_choice.json (-p wins over it)")  # fmt: skip
     parser.add_argument("--run-id", default=None, help="folder name under runs/ (default: timestamp_profile)")
     parser.add_argument("--profiles", action="store_true", help="print the profiles as a Markdown table and exit")
     args = parser.parse_args(argv)
@@ -170,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print(profiles_table())
         return 0
     try:
-        run(args.profile, {k: parse_value(v) for k, v in args.parameter}, args.run_id)
+        overrides = params_file(args.params) if args.params else {}
+        overrides.update({k: parse_value(v) for k, v in args.parameter})
+        run(args.profile, overrides, args.run_id)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
         print(f"pipeline failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ STEP_FILES = {
     "02_baseline_inference": "baseline_metrics.json",
     "03_lora_finetune": "adapter.json",
     "04_evaluate": "metrics.json",
+    "05_experiments": "sweep_choice.json",
 }
 
 

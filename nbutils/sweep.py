@@ -108,8 +108,10 @@ def conclusion(choice: dict, results: list[dict]) -> str:
         text.append(f"Chosen: {chosen['name']}, the smallest of those ({chosen['trainable_params']:,} parameters, "
                     f"{chosen['trainable_params'] / best['trainable_params']:.0%} of the best's; "
                     f"validation ROUGE-L {chosen['val_rougeL_f1']:.3f}).")  # fmt: skip
+    elif others:
+        text.append(f"Chosen: {chosen['name']} itself, which is also the smallest of them.")
     else:
-        text.append(f"Chosen: {chosen['name']} itself.")
+        text.append(f"Chosen: {chosen['name']}.")
     return " ".join(text)
 
 
