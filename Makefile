@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 IMAGE_VENV := .venv-kaggle-image
 IMAGE_REQ := tests/kaggle-image-requirements.txt
 IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-kaggle.txt | sha1sum | cut -c1-12)
+# TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these found.
+IMAGE_PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3.10 || echo python3)
 PROFILE ?= cpu
 
 .PHONY: venv image-venv test run sync clean
@@ -19,7 +21,9 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
-	test -x $(IMAGE_VENV)/bin/python || python3 -m venv $(IMAGE_VENV)
+	@$(IMAGE_PYTHON) -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))' || \
+	  { echo "The Kaggle-image check needs Python 3.9-3.12 (TensorFlow 2.19); set IMAGE_PYTHON=python3.12."; exit 1; }
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(IMAGE_REQ)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(IMAGE_VENV)/.installed-*

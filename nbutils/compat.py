@@ -41,16 +41,10 @@ def unmerge_lora(layer) -> None:
     layer.call = call
 
 
-def kaggle_preset_cached(preset: str) -> bool:
-    """Whether a keras-hub preset name or ``kaggle://`` handle is already in kagglehub's local cache."""
-    import keras_hub
+def kaggle_preset_cached(kaggle_handle: str) -> bool:
+    """Whether a Kaggle model handle ``owner/model/framework/variation/version`` is in kagglehub's local cache."""
     from kagglehub import cache, handle
 
-    if preset.startswith("kaggle://"):
-        kaggle_handle = preset
-    else:
-        kaggle_handle = keras_hub.models.CausalLM.presets.get(preset, {}).get("kaggle_handle", "")
-    kaggle_handle = kaggle_handle.removeprefix("kaggle://")
     if kaggle_handle.count("/") != 4:  # unversioned: kagglehub must ask the server for the latest version
         return False
     folder = cache.get_cached_path(handle.parse_model_handle(kaggle_handle))

@@ -167,7 +167,7 @@ def load_hub(name: str, handle: str) -> tuple[list[dict], dict]:
         records = datasets.load_dataset(handle, split="train").to_list()
     except Exception as exc:  # the hub's errors are many; the user needs the name and the reason
         raise DataError(f"DATASET={name!r}: the Hugging Face hub could not provide it "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None  # fmt: skip
+                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}).") from None  # fmt: skip
     label = Path(f"{handle}.jsonl")  # names the source in messages; the records decide the format
     fmt = detect_format(label, "", records)
     rows = normalise_records(records, fmt, label)

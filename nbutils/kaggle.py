@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-from nbutils import files, paths, pipeline
+from nbutils import files, models, paths, pipeline
 
 CONFIG = paths.REPO_ROOT / "kaggle-metadata.json"
 KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
@@ -58,29 +58,35 @@ def slugify(title: str) -> str:
 
 def read_config(path: Path = CONFIG, username: str = "") -> dict:
     """The user's Kaggle settings, checked; ``username`` (or ``$KAGGLE_USERNAME``) fills the placeholder."""
-    cfg = files.read_json(path)
-    unknown = set(cfg) - CONFIG_KEYS - {"_help"}
-    if unknown:
-        raise KaggleConfigError(f"{path.name}: unknown key(s) {sorted(unknown)}; accepted: {sorted(CONFIG_KEYS)}.")
-    cfg["username"] = username or (cfg.get("username") if cfg.get("username") != PLACEHOLDER else "") or os.environ.get("KAGGLE_USERNAME", "")
+    try:
+        cfg = files.read_json(path)
+    except ValueError as exc:
+        raise KaggleConfigError(f"{path.name}: not valid JSON ({exc}); compare it with the README's example.") from None
+    unknown, missing = set(cfg) - CONFIG_KEYS - {"_help"}, CONFIG_KEYS - set(cfg)
+    if unknown or missing:
+        raise KaggleConfigError(f"{path.name}: unknown key(s) {sorted(unknown)}, missing {sorted(missing)}; "
+                                f"the keys are {sorted(CONFIG_KEYS)}.")  # fmt: skip
+    cfg["username"] = username or (cfg["username"] if cfg["username"] != PLACEHOLDER else "") or os.environ.get("KAGGLE_USERNAME", "")
     if not cfg["username"]:
         raise KaggleConfigError(f"{path.name}: set \"username\" to your Kaggle user name (or pass --username).")
-    if cfg.get("accelerator") not in ACCELERATORS:
-        raise KaggleConfigError(f"{path.name}: accelerator {cfg.get('accelerator')!r} is unknown; use one of {', '.join(ACCELERATORS)}.")
+    if cfg["accelerator"] not in ACCELERATORS:
+        raise KaggleConfigError(f"{path.name}: accelerator {cfg['accelerator']!r} is unknown; use one of {', '.join(ACCELERATORS)}.")
+    for key in ("internet", "private"):
+        if not isinstance(cfg[key], bool):
+            raise KaggleConfigError(f"{path.name}: {key!r} must be true or false (JSON booleans, no quotes).")
+    if not SLUG.match(cfg["slug_prefix"]):
+        raise KaggleConfigError(f"{path.name}: slug_prefix {cfg['slug_prefix']!r} may hold only lower-case letters, digits and hyphens.")
     model_handle(cfg["model"])  # fails early for a model Kaggle cannot attach
     return cfg
 
 
 def model_handle(model: str) -> str:
     """The ``owner/model/framework/variation/version`` that attaches a keras-hub preset on Kaggle."""
-    import keras_hub
-
-    preset = keras_hub.models.CausalLM.presets.get(model)
-    handle = (preset or {}).get("kaggle_handle", "")
-    if not handle.startswith("kaggle://"):
-        known = ", ".join(sorted(n for n in keras_hub.models.CausalLM.presets if n.startswith("gemma")))
+    handle = models.kaggle_handle(model) if "://" not in model else ""
+    if handle.count("/") != 4:
+        known = ", ".join(n for n in models.known_presets() if n.startswith("gemma"))
         raise KaggleConfigError(f"kaggle-metadata.json: model {model!r} is not a keras-hub preset on Kaggle; use one of {known}.")
-    return handle.removeprefix("kaggle://")
+    return handle
 
 
 def kernel_metadata(cfg: dict, slug: str, title: str, code_file: str, kernel_sources: list[str]) -> dict:
@@ -88,8 +94,8 @@ def kernel_metadata(cfg: dict, slug: str, title: str, code_file: str, kernel_sou
     gpu, tpu, shape, _ = ACCELERATORS[cfg["accelerator"]]
     meta = {
         "id": f"{cfg['username']}/{slug}", "title": title, "code_file": code_file, "language": "python",
-        "kernel_type": "notebook", "is_private": bool(cfg.get("private", True)), "enable_gpu": gpu, "enable_tpu": tpu,
-        "enable_internet": bool(cfg.get("internet", False)), "dataset_sources": [f"{cfg['username']}/{code_slug(cfg)}"],
+        "kernel_type": "notebook", "is_private": cfg["private"], "enable_gpu": gpu, "enable_tpu": tpu,
+        "enable_internet": cfg["internet"], "dataset_sources": [f"{cfg['username']}/{code_slug(cfg)}"],
         "competition_sources": [], "kernel_sources": kernel_sources, "model_sources": [model_handle(cfg["model"])],
     }  # fmt: skip
     if shape:
@@ -138,21 +144,15 @@ def check_dataset_metadata(meta: dict) -> None:
         raise KaggleConfigError("dataset-metadata.json: licenses must name one license.")
 
 
-def parameterized(name: str, parameters: dict) -> nbformat.NotebookNode:
-    """A notebook with ``parameters`` injected after its parameters cell, as papermill does."""
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
-
-    return parameterize_notebook(load_notebook_node(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb")), parameters)
-
-
 def run_all_notebook(profile: str, overrides: dict) -> nbformat.NotebookNode:
     """The ``run_all`` kernel: the setup cell, then the pipeline 01 -> 04 in one session."""
-    setup = nbformat.read(paths.NOTEBOOKS_DIR / f"{pipeline.NOTEBOOKS[0]}.ipynb", as_version=4).cells[1]
+    cells = nbformat.read(paths.NOTEBOOKS_DIR / f"{pipeline.NOTEBOOKS[0]}.ipynb", as_version=4).cells
+    setup = next(c for c in cells if c.cell_type == "code")  # the setup cell every notebook starts with
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell(
             "# Gemma LoRA fine-tuning with keras-hub on JAX: the whole series\n\n"
-            f"Runs notebooks {', '.join(pipeline.NOTEBOOKS)} in order with papermill (profile `{profile}`). "
+            f"Runs notebooks {', '.join(pipeline.PROFILE_SERIES.get(profile, pipeline.SERIES))} in order with "
+            f"papermill (profile `{profile}`). "
             "The executed notebooks, adapter, plots and `report.md` land in `/kaggle/working/runs/<run_id>/`, "
             "kept as this kernel's output."),
         nbformat.v4.new_code_cell(setup.source),
@@ -165,27 +165,36 @@ def run_all_notebook(profile: str, overrides: dict) -> nbformat.NotebookNode:
     return nb
 
 
+def kernel_title(cfg: dict, name: str) -> str:
+    """A kernel's title (its slug is the id): the slug prefix and the notebook's name in words."""
+    words = "all notebooks" if name == "run_all" else name[:2] + " " + name[3:].replace("_", " ")
+    return f"{cfg['slug_prefix'].replace('-', ' ')} {words}"
+
+
 def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
-    """Write one kernel folder per notebook and a ``run_all`` kernel; returns the folders."""
+    """Write a ``run_all`` kernel and one kernel per notebook (with the profile's parameters injected and
+    the notebooks it needs as ``kernel_sources``); returns the folders."""
+    import papermill as pm
+
     _, _, _, profile = ACCELERATORS[cfg["accelerator"]]
     overrides = {"MODEL": cfg["model"]}
-    params = {**pipeline.PROFILES[profile], **overrides, "RUN_ID": "kaggle"}
-    kernels, accepted = [("run_all", "all notebooks", run_all_notebook(profile, overrides))], pipeline.accepted_parameters()
-    for name in pipeline.NOTEBOOKS:
-        nb = parameterized(name, {k: v for k, v in params.items() if k in accepted[name]})
-        kernels.append((name, name[:2] + " " + name[3:].replace("_", " "), nb))
-    written, previous = [], []
-    for folder_name, words, nb in kernels:
-        title = f"{cfg['slug_prefix'].replace('-', ' ')} {words}"
-        slug, folder = slugify(title), out / folder_name
+    params = {**pipeline.notebook_parameters(profile, overrides), "RUN_ID": "kaggle"}
+    ids = {name: f"{cfg['username']}/{slugify(kernel_title(cfg, name))}" for name in ("run_all", *pipeline.NOTEBOOKS)}
+    accepted, written = pipeline.accepted_parameters(), []
+    for name in ids:
+        folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        files.write_text(folder / f"{folder_name}.ipynb", nbformat.writes(nb))
-        sources = [] if folder_name == "run_all" else list(previous)
-        meta = kernel_metadata(cfg, slug, title, f"{folder_name}.ipynb", sources)
+        with files.atomic_path(folder / f"{name}.ipynb") as tmp:
+            if name == "run_all":
+                files.write_text(tmp, nbformat.writes(run_all_notebook(profile, overrides)))
+            else:
+                pm.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(tmp), prepare_only=True,
+                                    parameters=pipeline.for_notebook(params, accepted[name]), progress_bar=False)  # fmt: skip
+        series = pipeline.SWEEP_SERIES if name == pipeline.SWEEP_SERIES[-1] else pipeline.SERIES
+        needs = [ids[n] for n in series[: series.index(name)]] if name in series else []
+        meta = kernel_metadata(cfg, ids[name].split("/", 1)[1], kernel_title(cfg, name), f"{name}.ipynb", needs)
         files.write_json(folder / "kernel-metadata.json", meta)
         check_kernel_metadata(meta, folder)
-        if folder_name != "run_all":
-            previous.append(meta["id"])
         written.append(folder)
     return written
 
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{folder}: {json.loads((folder / 'kernel-metadata.json').read_text())['id']}")
         else:
             print(bundle(cfg, wheels=not args.no_wheels))
-    except (KaggleConfigError, OSError, subprocess.CalledProcessError) as exc:
+    except (KaggleConfigError, OSError, subprocess.CalledProcessError) as exc:  # one line, no traceback
         print(f"kaggle {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

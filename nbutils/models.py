@@ -149,7 +149,7 @@ def _check_reachable(model: str) -> None:
         return  # on Kaggle, attached models resolve without network
     scheme = model.split("://", 1)[0] if "://" in model else "kaggle"
     host = _REMOTE_HOSTS.get(scheme)
-    if host is None or (scheme == "kaggle" and compat.kaggle_preset_cached(model)):
+    if host is None or (scheme == "kaggle" and compat.kaggle_preset_cached(kaggle_handle(model))):
         return
     if not reachable(host):
         raise ModelLoadError(
@@ -188,12 +188,18 @@ def resolve_preset(model: str) -> str:
     raise ModelLoadError(f"Unknown model={model!r}. Accepted: {_describe_accepted()}.")
 
 
-def license_page(model: str) -> str:
-    """The Kaggle page where a Gemma preset's license is accepted (from its kaggle handle)."""
+def kaggle_handle(model: str) -> str:
+    """``owner/model/framework/variation[/version]`` of a keras-hub preset name or ``kaggle://`` handle ('' if none)."""
     import keras_hub
 
-    handle = keras_hub.models.CausalLM.presets.get(model, {}).get("kaggle_handle", model)
-    owner_model = "/".join(handle.removeprefix("kaggle://").split("/")[:2])
+    if model.startswith("kaggle://"):
+        return model.removeprefix("kaggle://")
+    return keras_hub.models.CausalLM.presets.get(model, {}).get("kaggle_handle", "").removeprefix("kaggle://")
+
+
+def license_page(model: str) -> str:
+    """The Kaggle page where a Gemma preset's license is accepted."""
+    owner_model = "/".join(kaggle_handle(model).split("/")[:2])
     return f"https://www.kaggle.com/models/{owner_model}" if "/" in owner_model else "https://www.kaggle.com/models/keras/gemma3"
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ON_KAGGLE = bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))  # set by every Kaggle notebook session
-KAGGLE_INPUT = Path("/kaggle/input")
 WORK_ROOT = Path("/kaggle/working") if ON_KAGGLE else REPO_ROOT  # where a run's outputs are written
 DATA_DIR = REPO_ROOT / "data"
 # Tests point these elsewhere (the notebook kernels inherit the environment).

@@ -35,7 +35,7 @@ PROFILES: dict[str, dict] = {
     "alpaca": dict(MODEL="gemma3_270m_local", DATASET="hf:yahma/alpaca-cleaned",
                    SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,
                    MAX_STEPS=60, BATCH_SIZE=4, EVAL_EVERY=20, MAX_NEW_TOKENS=96, GEN_BATCH_SIZE=20),
-    # A keras-hub preset on a 16 GB Kaggle T4, full built-in data: batches of 4 x 4 accumulated (bf16 weights,
+    # A keras-hub preset on a 16 GB Kaggle T4, full built-in data: batches of 4 x 4 accumulated (bf16 compute,
     # response-only logits), refusing to train on a CPU by mistake.
     "kaggle": dict(MODEL="gemma3_1b", SEQUENCE_LENGTH=256, RANK=16, LORA_TARGETS="all", BATCH_SIZE=4, GRAD_ACCUM=4,
                    EPOCHS=2, EVAL_EVERY=50, MAX_NEW_TOKENS=48, GEN_BATCH_SIZE=32, REQUIRE_ACCELERATOR=True),
@@ -51,8 +51,6 @@ PROFILES["sweep-smoke"] = {**PROFILES["smoke"], "SWEEP": {"rank": [2, 4]}, "DEFA
 PROFILES["sweep-cpu"] = {**PROFILES["cpu"], "MAX_VAL": 32, "MAX_TEST": 100, "SWEEP": {"rank": [2, 8, 32], "targets": ["query,value", "all"]},
                          "DEFAULT_CONFIG": {"rank": 8, "targets": "query,value"}, "MAX_STEPS": 80, "EVAL_EVERY": 40,
                          "WARMUP_STEPS": 10, "GEN_BATCH_SIZE": 16}  # fmt: skip
-for _name in ("kaggle", "kaggle-tpu"):  # the full grid of notebook 05 on the Kaggle budget
-    PROFILES[_name]["DEFAULT_CONFIG"] = {"rank": 8, "targets": "query,value"}
 PROFILE_SERIES = {"sweep-smoke": SWEEP_SERIES, "sweep-cpu": SWEEP_SERIES}
 PURPOSE = {
     "smoke": "plumbing check (used by the tests)",
@@ -96,6 +94,11 @@ def check_parameters(params: dict, accepted: dict[str, list[str]]) -> None:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else f"accepted: {', '.join(known)}."
             raise SystemExit(f"-p {key}: no notebook has this parameter; {hint}")
+
+
+def for_notebook(params: dict, accepted: list[str]) -> dict:
+    """The parameters one notebook takes (the others belong to other notebooks of the series)."""
+    return {k: v for k, v in params.items() if k in accepted}
 
 
 def parse_value(text: str):
@@ -173,7 +176,7 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     timings = {}
     with papermill_log(out / "pipeline.log"):
         for name in series:
-            nb_params = {k: v for k, v in params.items() if k in accepted[name]}
+            nb_params = for_notebook(params, accepted[name])
             print(f"[{name}] {nb_params}", flush=True)
             start = time.perf_counter()
             pm.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=nb_params,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 from pathlib import Path
 
-from nbutils import evaluation, files, report
+from nbutils import evaluation, files, report, training
 
 KEYS = ("rank", "targets", "learning_rate", "alpha")
 CSV_COLUMNS = ("name", "rank", "targets", "learning_rate", "alpha", "trainable_params", "trainable_share_pct",
@@ -33,6 +34,11 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
         if unknown:
             raise ValueError(f"SWEEP: unknown key(s) {sorted(unknown)}; a configuration may set {', '.join(KEYS)}.")
         full = {**{k: defaults[k] for k in KEYS}, **c}
+        if not isinstance(full["rank"], int) or full["rank"] < 1:
+            raise ValueError(f"SWEEP: rank {full['rank']!r} must be a positive integer.")
+        training.lora_layer_names(full["targets"])  # one-line error for an unknown target
+        full["alpha"] = float(full["alpha"] or full["rank"])  # 0 means alpha = rank: one name, one configuration
+        full["learning_rate"] = float(full["learning_rate"])
         if full not in out:
             out.append(full)
     return out
@@ -40,8 +46,7 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
 
 def config_name(config: dict) -> str:
     """A folder name that says what the configuration is, e.g. ``r8-query+value-lr0.0005-a8``."""
-    alpha = config["alpha"] or config["rank"]
-    return f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{alpha:g}"
+    return f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{config['alpha']:g}"
 
 
 def finished(folder: Path, budget: dict) -> dict | None:
@@ -50,7 +55,7 @@ def finished(folder: Path, budget: dict) -> dict | None:
     path = Path(folder) / "result.json"
     if not path.exists():
         return None
-    result = files.read_json(path)
+    result, budget = files.read_json(path), json.loads(json.dumps(budget))  # compared as stored (JSON types)
     if result["budget"] != budget:
         changed = sorted(k for k in budget if result["budget"].get(k) != budget[k])
         raise ValueError(f"{folder} was trained with another budget (changed: {', '.join(changed)}); "

@@ -96,6 +96,16 @@ def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0,
     return parameter_summary(lm)
 
 
+def adamw(cfg: TrainConfig, updates: int):
+    """AdamW with the warmup + decay schedule, global-norm clipping, and no decay on biases and norm scales."""
+    import keras
+
+    optimizer = keras.optimizers.AdamW(learning_rate=lr_schedule(cfg, updates), weight_decay=cfg.weight_decay,
+                                       global_clipnorm=cfg.clipnorm or None)  # fmt: skip
+    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+    return optimizer
+
+
 def parameter_summary(lm) -> dict:
     """Total and trainable parameter counts, trainable share and adapter size."""
     total = int(sum(np.prod(v.shape) for v in lm.backbone.weights))

@@ -25,12 +25,13 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     if not found:
         raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
     code = "/kaggle/working/gemma-lora"
-    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    shutil.copytree(os.path.dirname(found[0]), code, **copy)
     for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
-        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
+        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)

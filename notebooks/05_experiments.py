@@ -25,12 +25,13 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     if not found:
         raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
     code = "/kaggle/working/gemma-lora"
-    shutil.copytree(os.path.dirname(found[0]), code, dirs_exist_ok=True)
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    shutil.copytree(os.path.dirname(found[0]), code, **copy)
     for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # outputs of the earlier notebooks' kernels, when attached
-        for earlier in glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}"):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", dirs_exist_ok=True)
+    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
+        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)
@@ -41,10 +42,9 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
 # %%
 import gc
 
-import keras
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, evaluation, files, models, plots, prompts, report, runs, sweep, training
+from nbutils import data, devices, evaluation, files, models, plots, prompts, report, runs, sweep, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # the model 02 used
@@ -67,6 +67,8 @@ PATIENCE = 3
 MAX_VAL_ROWS = 0  # 0 means the whole val split (validation ROUGE-L generates an answer for each row)
 N_BOOTSTRAP = 1000
 MIXED_PRECISION = "auto"
+DISTRIBUTION = "auto"  # as in notebook 03
+REQUIRE_ACCELERATOR = False
 SEED = 0
 
 # %% [markdown]
@@ -77,7 +79,9 @@ SEED = 0
 
 # %%
 MODEL = models.choose_model(MODEL)
+devices.require_accelerator(REQUIRE_ACCELERATOR)
 policy = training.mixed_precision(MIXED_PRECISION)
+devices.use_distribution(DISTRIBUTION)
 baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
 settings = baseline["settings"]
 if settings["model"] != MODEL:
@@ -95,38 +99,35 @@ if default_config not in configs:
 budget = {"model": MODEL, "dataset": DATASET, "split_sha256": manifest["split_sha256"], "batch_size": BATCH_SIZE,
           "grad_accum": GRAD_ACCUM, "epochs": EPOCHS, "max_steps": MAX_STEPS, "warmup_steps": WARMUP_STEPS,
           "schedule": SCHEDULE, "weight_decay": WEIGHT_DECAY, "clipnorm": CLIPNORM, "eval_every": EVAL_EVERY,
-          "patience": PATIENCE, "val_rows": len(val_rows), "precision": policy, "seed": SEED}  # fmt: skip
+          "patience": PATIENCE, "val_rows": len(val_rows), "precision": policy, "seed": SEED,
+          "generation": {k: settings[k] for k in ("max_new_tokens", "sampler", "seed", "gen_batch_size")}}  # fmt: skip
 done = {sweep.config_name(c) for c in configs if sweep.finished(out / "sweep" / sweep.config_name(c), budget)}
 print(f"{len(configs)} configurations, {len(done)} already finished: {', '.join(sweep.config_name(c) for c in configs)}")
 
 # %% [markdown]
 # ## 2. Train each configuration
-# The same recipe as notebook 03 for each configuration: a fresh base model, `enable_lora` on the
-# targets, AdamW with the shared schedule, then an answer for every validation row (greedy, as in
-# 02) to score validation ROUGE-L. Finished configurations are skipped, so a killed sweep continues
-# where it stopped.
+# Notebook 03's recipe for each configuration (`training.enable_lora` and `training.adamw` are its
+# steps 1 and 2 as functions): a fresh base model, adapters on the targets, AdamW with the shared
+# schedule; then an answer for every validation row (greedy, as in 02) to score validation ROUGE-L.
+# Finished configurations are skipped, so a killed sweep continues where it stopped.
 
 # %%
 def train_config(config: dict, folder) -> dict:
     """Train one configuration on the shared budget; save its adapter and validation answers."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-    lm.backbone.enable_lora(rank=config["rank"], target_layer_names=training.lora_layer_names(config["targets"]))
-    training.configure_lora(lm.backbone, alpha=config["alpha"] or config["rank"], seed=SEED)
+    params = training.enable_lora(lm, config["rank"], config["targets"], config["alpha"], seed=SEED)
     cfg = training.TrainConfig(
         rank=config["rank"], targets=config["targets"], alpha=config["alpha"], learning_rate=config["learning_rate"],
         weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE,
         grad_accum=GRAD_ACCUM, epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
     )  # fmt: skip
-    updates = training.plan(cfg, len(splits["train"]))["updates"]
-    optimizer = keras.optimizers.AdamW(learning_rate=training.lr_schedule(cfg, updates), weight_decay=WEIGHT_DECAY,
-                                       global_clipnorm=CLIPNORM or None)  # fmt: skip
-    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+    optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
     result = training.train_lora(lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder)
     training.save_adapter(lm, folder / "adapter.lora.h5", training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]))
     answers = evaluation.generate(lm, val_rows, template, settings["max_new_tokens"], settings["gen_batch_size"],
                                   settings["sampler"], settings["seed"])  # fmt: skip
     files.write_jsonl(folder / "val_scores.jsonl", evaluation.score_rows(answers))
-    return sweep.record(config, budget, result, training.parameter_summary(lm), files.read_jsonl(folder / "val_scores.jsonl"))
+    return sweep.record(config, budget, result, params, files.read_jsonl(folder / "val_scores.jsonl"))
 
 
 results = []
@@ -189,7 +190,13 @@ default_name = sweep.config_name(default_config)
 default_test = chosen_test if default_name == chosen["name"] else test_scores(default_name)
 vs_base = evaluation.paired_bootstrap(files.read_jsonl(out / "baseline_scores.jsonl"), chosen_test, N_BOOTSTRAP, SEED, test_groups)
 vs_default = evaluation.paired_bootstrap(default_test, chosen_test, N_BOOTSTRAP, SEED, test_groups)
-files.write_json(out / "sweep_test.json", {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default})
+earlier = files.read_json(out / "sweep_test.json")["evaluations"] if (out / "sweep_test.json").exists() else []
+if earlier and earlier[-1]["chosen"] != chosen["name"]:  # a changed grid chose anew: say so, keep the record
+    print(f"note: the test split was used {len(earlier)} time(s) before in this run (for {earlier[-1]['chosen']}); "
+          "every evaluation is kept in sweep_test.json")  # fmt: skip
+evaluations = [e for e in earlier if e["chosen"] != chosen["name"]] + [
+    {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default}]
+files.write_json(out / "sweep_test.json", {"evaluations": evaluations})
 display(Markdown("**Chosen vs base model** (test)\n\n" + report.comparison_table(vs_base)))
 display(Markdown(f"**Chosen vs default `{default_name}`** (test; 'baseline' column = default)\n\n" + report.comparison_table(vs_default)))
 test_sentence = sweep.test_sentence(chosen["name"], default_name, vs_base, vs_default)

@@ -27,7 +27,7 @@ def test_lora_layer_indices_match_what_keras_hub_saves(tmp_path):
 
 def test_kaggle_cache_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))
-    assert not compat.kaggle_preset_cached("gemma3_1b")
+    assert not compat.kaggle_preset_cached("keras/gemma3/keras/gemma3_1b/3")
     from kagglehub import cache, handle
 
     handle_text = "keras/gemma3/keras/gemma3_1b/3"
@@ -35,8 +35,8 @@ def test_kaggle_cache_lookup(tmp_path, monkeypatch):
     assert str(folder).startswith(str(tmp_path)), "kagglehub cache layout changed: update compat.kaggle_preset_cached"
     (tmp_path / folder).mkdir(parents=True)
     (tmp_path / folder / "config.json").write_text("{}")
-    assert compat.kaggle_preset_cached("kaggle://" + handle_text)
-    assert not compat.kaggle_preset_cached("kaggle://keras/gemma3/keras/gemma3_1b")  # unversioned: ask the server
+    assert compat.kaggle_preset_cached(handle_text)
+    assert not compat.kaggle_preset_cached("keras/gemma3/keras/gemma3_1b")  # unversioned: ask the server
 
 
 @pytest.mark.parametrize("hyp,ref", [("the cat sat", "a cat sat down"), ("", "x"), ("same", "same")])

@@ -36,14 +36,17 @@ def test_render_writes_valid_kernels_that_chain(rendered):
         assert meta["model_sources"] == ["keras/gemma3/keras/gemma3_1b/3"]
         assert meta["dataset_sources"] == ["alice/gemma-lora-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
         assert meta["enable_gpu"] and not meta["enable_tpu"] and meta["enable_internet"] is False
-    assert len({m["id"] for m in metas.values()}) == 5
-    assert metas["03_lora_finetune"]["kernel_sources"] == [metas["01_prepare_data"]["id"], metas["02_baseline_inference"]["id"]]
+    assert len({m["id"] for m in metas.values()}) == len(pipeline.NOTEBOOKS) + 1
+    first_two = [metas["01_prepare_data"]["id"], metas["02_baseline_inference"]["id"]]
+    assert metas["03_lora_finetune"]["kernel_sources"] == first_two == metas["05_experiments"]["kernel_sources"]
+    assert metas["04_evaluate"]["kernel_sources"] == [*first_two, metas["03_lora_finetune"]["id"]]
     nb = nbformat.read(rendered["03_lora_finetune"] / "03_lora_finetune.ipynb", as_version=4)
     injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "MODEL = \"gemma3_1b\"" in injected and "GRAD_ACCUM = 4" in injected and "REQUIRE_ACCELERATOR = True" in injected
     run_all = nbformat.read(rendered["run_all"] / "run_all.ipynb", as_version=4)
     assert run_all.cells[1].source == setup_cell("01_prepare_data")
     assert "pipeline.run('kaggle', {'MODEL': 'gemma3_1b'})" in run_all.cells[2].source
+    assert ", ".join(pipeline.SERIES) in run_all.cells[0].source
 
 
 def test_tpu_and_cpu_accelerators(tmp_path):
@@ -82,10 +85,18 @@ def test_config_errors_name_the_fix(tmp_path, monkeypatch):
     assert kaggle.read_config(path, username="bob")["username"] == "bob"
     for change, complaint in [({"accelerator": "gpu-p100"}, "accelerator 'gpu-p100' is unknown"),
                               ({"model": "llama3"}, "model 'llama3' is not a keras-hub preset"),
-                              ({"gpu": True}, r"unknown key\(s\) \['gpu'\]")]:  # fmt: skip
+                              ({"gpu": True}, r"unknown key\(s\) \['gpu'\]"),
+                              ({"internet": "false"}, "'internet' must be true or false"),
+                              ({"slug_prefix": "Gemma_LoRA"}, "slug_prefix 'Gemma_LoRA' may hold only")]:  # fmt: skip
         path.write_text(json.dumps({**CFG, **change}))
         with pytest.raises(kaggle.KaggleConfigError, match=complaint):
             kaggle.read_config(path)
+    path.write_text(json.dumps({k: v for k, v in CFG.items() if k != "model"}))
+    with pytest.raises(kaggle.KaggleConfigError, match=r"missing \['model'\]"):
+        kaggle.read_config(path)
+    path.write_text('{"username": "alice",}')
+    with pytest.raises(kaggle.KaggleConfigError, match="not valid JSON"):
+        kaggle.read_config(path)
     assert kaggle.read_config(kaggle.CONFIG, username="bob")["accelerator"] in kaggle.ACCELERATORS  # the shipped file
 
 
@@ -184,3 +195,18 @@ def test_smoke_pipeline_on_the_kaggle_image_stack(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     comparison = json.loads((tmp_path / "runs" / "image" / "metrics.json").read_text())["comparison"]
     assert 0 <= comparison["rougeL_f1"]["tuned"] <= 1 and comparison["response_loss"]["tuned"] > 0
+
+
+@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
+def test_distribution_on_the_kaggle_image_stack():
+    """keras.distribution as the TPU profile uses it, on keras 3.13 / jax 0.7: the same update on 1, 4x1 and 2x2."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    script = paths.REPO_ROOT / "tests" / "_distributed_step.py"
+    done = subprocess.run([str(IMAGE_PYTHON), str(script), "none", "data", "model:2x2"], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {d["spec"]: d for d in map(json.loads, (line for line in done.stdout.splitlines() if line.startswith("{")))}
+    for spec in ("data", "model:2x2"):
+        assert steps[spec]["loss"] == pytest.approx(steps["none"]["loss"], rel=1e-5)
+        assert steps[spec]["batch_axes"] == ["batch"]
+    assert steps["model:2x2"]["shardings"]["decoder_block_0/ffw_linear/kernel"] == ["model"]

@@ -1,4 +1,4 @@
-"""The notebooks: paired sources, no committed outputs, and all four executed under nbval (smoke)."""
+"""The notebooks: paired sources, no committed outputs, and every notebook executed under nbval (smoke profiles)."""
 
 import datetime
 import os
@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jupytext
+import nbformat
 import pytest
 
 from nbutils import data, paths, pipeline, runs
@@ -23,24 +24,58 @@ def test_notebook_pair_in_sync_and_clean(nb):
     assert sum("parameters" in t for t in tags) == 1
 
 
-def test_all_notebooks_run_under_nbval(tmp_path):
-    """01 -> 04 with the smoke profile's parameters, executed by nbval (--nbval-lax)."""
+def prepare(tmp_path, names, params: dict) -> list[str]:
+    """Copies of the notebooks with papermill's parameters injected (what nbval then executes)."""
     import papermill as pm
 
-    params = {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}
     prepared = []
-    for nb in NOTEBOOKS:
+    for name in names:
+        nb = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
         accepted = pm.inspect_notebook(str(nb))
         target = tmp_path / nb.name
-        pm.execute_notebook(str(nb), str(target), parameters={k: v for k, v in params.items() if k in accepted},
+        pm.execute_notebook(str(nb), str(target), parameters=pipeline.for_notebook(params, accepted),
                             prepare_only=True, progress_bar=False)  # fmt: skip
         prepared.append(str(target))
+    return prepared
+
+
+def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
+    """Execute prepared notebooks in order under nbval (--nbval-lax: every cell must run without error)."""
     env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(tmp_path / "processed"), "NBUTILS_RUNS_DIR": str(tmp_path / "runs")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
                            "--nbval-cell-timeout=600", *prepared], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+
+
+def test_all_notebooks_run_under_nbval(tmp_path):
+    """01 -> 04 with the smoke profile's parameters, executed by nbval."""
+    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
     assert "| ROUGE-L F1 |" in report
+
+
+def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
+    """01 -> 02 -> 05 (sweep-smoke) under nbval; a rerun with a larger grid trains only the new configuration."""
+    import papermill as pm
+
+    params = {**pipeline.PROFILES["sweep-smoke"], "RUN_ID": "sweep"}
+    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SWEEP_SERIES, params))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    sweep_dir = tmp_path / "runs" / "sweep" / "sweep"
+    first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
+    assert len(first) == 2 and (tmp_path / "runs" / "sweep" / "sweep_report.md").read_text().startswith("# LoRA sweep")
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    params["SWEEP"] = {"rank": [2, 4, 1]}
+    nb = prepare(rerun, ["05_experiments"], params)[0]
+    monkeypatch.setenv("NBUTILS_PROCESSED_DIR", str(tmp_path / "processed"))  # the kernel inherits these
+    monkeypatch.setenv("NBUTILS_RUNS_DIR", str(tmp_path / "runs"))
+    pm.execute_notebook(nb, nb, progress_bar=False, cwd=str(rerun))
+    executed = nbformat.read(rerun / "05_experiments.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
+    assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first  # finished ones untouched
+    assert len(list(sweep_dir.iterdir())) == 3
 
 
 def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):

@@ -9,21 +9,25 @@ DEFAULTS = {"rank": 8, "targets": "query,value", "learning_rate": 5e-4, "alpha":
 
 def test_grid_expands_fills_defaults_and_refuses_unknown_keys():
     configs = sweep.expand({"rank": [1, 4, 16], "targets": ["query,value", "all"]}, DEFAULTS)
-    assert len(configs) == 6 and all(c["learning_rate"] == 5e-4 and c["alpha"] == 0 for c in configs)
+    assert len(configs) == 6 and all(c["learning_rate"] == 5e-4 and c["alpha"] == c["rank"] for c in configs)
     assert len({sweep.config_name(c) for c in configs}) == 6
-    explicit = sweep.expand([{"rank": 2}, {"rank": 2}, {"rank": 2, "learning_rate": 1e-3}], DEFAULTS)
+    explicit = sweep.expand([{"rank": 2}, {"rank": 2, "alpha": 2}, {"rank": 2, "learning_rate": 1e-3}], DEFAULTS)
     assert [sweep.config_name(c) for c in explicit] == ["r2-query+value-lr0.0005-a2", "r2-query+value-lr0.001-a2"]
     with pytest.raises(ValueError, match=r"SWEEP: unknown key\(s\) \['ranks'\]"):
         sweep.expand({"ranks": [1]}, DEFAULTS)
+    with pytest.raises(ValueError, match="SWEEP: rank 8.0 must be a positive integer"):
+        sweep.expand({"rank": [8.0]}, DEFAULTS)
+    with pytest.raises(ValueError, match="unknown target 'mlp'"):
+        sweep.expand({"targets": ["mlp"]}, DEFAULTS)
 
 
 def test_finished_configurations_are_kept_and_another_budget_is_refused(tmp_path):
-    budget = {"max_steps": 100, "seed": 0}
+    budget = {"max_steps": 100, "seed": 0, "shape": (1, 2)}  # a tuple comes back from JSON as a list
     assert sweep.finished(tmp_path / "r1", budget) is None
     files.write_json(tmp_path / "r1" / "result.json", {"name": "r1", "budget": budget})
     assert sweep.finished(tmp_path / "r1", budget)["name"] == "r1"
     with pytest.raises(ValueError, match="trained with another budget \\(changed: max_steps\\); use a new RUN_ID"):
-        sweep.finished(tmp_path / "r1", {"max_steps": 200, "seed": 0})
+        sweep.finished(tmp_path / "r1", {"max_steps": 200, "seed": 0, "shape": (1, 2)})
 
 
 def scores(right: int, n: int = 40) -> list[dict]:
@@ -50,5 +54,5 @@ def test_choice_is_the_smallest_within_noise_of_the_best():
 
 
 def test_choice_parameters_feed_the_pipeline():
-    chosen = {"rank": 4, "targets": "all", "learning_rate": 1e-3, "alpha": 0}
-    assert sweep.choice_parameters(chosen) == {"RANK": 4, "LORA_TARGETS": "all", "LEARNING_RATE": 1e-3, "LORA_ALPHA": 0.0}
+    chosen = {"rank": 4, "targets": "all", "learning_rate": 1e-3, "alpha": 4.0}
+    assert sweep.choice_parameters(chosen) == {"RANK": 4, "LORA_TARGETS": "all", "LEARNING_RATE": 1e-3, "LORA_ALPHA": 4.0}
