@@ -20,6 +20,8 @@ def table(rows: list[dict], columns: tuple) -> str:
     """A Markdown table of ``rows`` (floats to 3 significant decimals, big integers with separators)."""
 
     def fmt(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}"
         return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _cell(v)

@@ -56,3 +56,11 @@ def test_choice_is_the_smallest_within_noise_of_the_best():
 def test_choice_parameters_feed_the_pipeline():
     chosen = {"rank": 4, "targets": "all", "learning_rate": 1e-3, "alpha": 4.0}
     assert sweep.choice_parameters(chosen) == {"RANK": 4, "LORA_TARGETS": "all", "LEARNING_RATE": 1e-3, "LORA_ALPHA": 4.0}
+
+
+def test_report_table_formats_numbers_and_intervals():
+    from nbutils import report
+
+    table = report.table([{"name": "r2", "ci": [-0.13303, 0.05294], "params": 516096, "lr": 0.0005, "loss": 2.86812}],
+                         ("name", "ci", "params", "lr", "loss"))  # fmt: skip
+    assert table.splitlines()[2] == "| r2 | [-0.133, 0.053] | 516,096 | 0.0005 | 2.868 |"
