@@ -16,9 +16,10 @@ from pathlib import Path
 
 from nbutils import evaluation, files, report, training
 
-KEYS = ("rank", "targets", "learning_rate", "alpha")
-CSV_COLUMNS = ("name", "rank", "targets", "learning_rate", "alpha", "trainable_params", "trainable_share_pct",
-               "adapter_mb", "updates_run", "train_seconds", "useful_tokens_per_s", "best_val_loss", "val_rougeL_f1")  # fmt: skip
+KEYS = ("rank", "targets", "learning_rate", "alpha", "quantize")  # quantize: "" (float base) or "int8"
+CSV_COLUMNS = ("name", "rank", "targets", "learning_rate", "alpha", "quantize", "trainable_params", "trainable_share_pct",
+               "adapter_mb", "base_mb", "updates_run", "train_seconds", "useful_tokens_per_s", "best_val_loss",
+               "val_rougeL_f1")  # fmt: skip
 
 
 def expand(sweep: dict | list, defaults: dict) -> list[dict]:
@@ -39,6 +40,8 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
         training.lora_layer_names(full["targets"])  # one-line error for an unknown target
         full["alpha"] = float(full["alpha"] or full["rank"])  # 0 means alpha = rank: one name, one configuration
         full["learning_rate"] = float(full["learning_rate"])
+        if full["quantize"] not in ("", "int8"):
+            raise ValueError(f"SWEEP: quantize {full['quantize']!r}: use '' (float base weights) or 'int8'.")
         if full not in out:
             out.append(full)
     return out
@@ -46,7 +49,8 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
 
 def config_name(config: dict) -> str:
     """A folder name that says what the configuration is, e.g. ``r8-query+value-lr0.0005-a8``."""
-    return f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{config['alpha']:g}"
+    name = f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{config['alpha']:g}"
+    return name + (f"-{config['quantize']}" if config.get("quantize") else "")
 
 
 def finished(folder: Path, budget: dict) -> dict | None:

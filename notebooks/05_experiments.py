@@ -51,6 +51,7 @@ MODEL = "auto"  # the model 02 used
 DATASET = "pycode-summary"
 RUN_ID = "manual"
 SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}  # a grid, or a list of configurations
+# Keys: rank, targets, learning_rate, alpha, quantize ("" or "int8": the frozen base weights in int8, QLoRA-style)
 DEFAULT_CONFIG = {"rank": 8, "targets": "query,value"}  # keras-hub's default, compared with the chosen one on test
 LEARNING_RATE = 5e-4  # used where a configuration does not set "learning_rate"
 LORA_ALPHA = 0  # used where a configuration does not set "alpha"; 0 means alpha equal to the rank
@@ -91,7 +92,7 @@ data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseli
 template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
 out = runs.run_dir(RUN_ID)
-defaults = {"rank": 8, "targets": "query,value", "learning_rate": LEARNING_RATE, "alpha": LORA_ALPHA}
+defaults = {"rank": 8, "targets": "query,value", "learning_rate": LEARNING_RATE, "alpha": LORA_ALPHA, "quantize": ""}
 configs = sweep.expand(SWEEP, defaults)
 default_config = sweep.expand([DEFAULT_CONFIG], defaults)[0]
 if default_config not in configs:
@@ -115,6 +116,8 @@ print(f"{len(configs)} configurations, {len(done)} already finished: {', '.join(
 def train_config(config: dict, folder) -> dict:
     """Train one configuration on the shared budget; save its adapter and validation answers."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
+    if config["quantize"]:
+        training.quantize_base(lm, config["quantize"])  # before enable_lora, as keras.io's QLoRA recipe does
     params = training.enable_lora(lm, config["rank"], config["targets"], config["alpha"], seed=SEED)
     cfg = training.TrainConfig(
         rank=config["rank"], targets=config["targets"], alpha=config["alpha"], learning_rate=config["learning_rate"],
@@ -176,8 +179,11 @@ files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
 
 # %%
 def test_scores(name: str) -> list[dict]:
-    """Test-split scores of one configuration's saved adapter."""
+    """Test-split scores of one configuration's saved adapter (on a base quantized as in training)."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
+    quantize = files.read_json(out / "sweep" / name / "result.json")["quantize"]
+    if quantize:
+        training.quantize_base(lm, quantize)
     training.load_adapter(lm, out / "sweep" / name / "adapter.lora.h5", MODEL)
     _, scores, _ = evaluation.run_inference(lm, test_rows, template, SEQUENCE_LENGTH, settings["max_new_tokens"],
                                             settings["gen_batch_size"], settings["sampler"], settings["seed"])  # fmt: skip

@@ -4,7 +4,7 @@ import pytest
 
 from nbutils import evaluation, files, sweep
 
-DEFAULTS = {"rank": 8, "targets": "query,value", "learning_rate": 5e-4, "alpha": 0}
+DEFAULTS = {"rank": 8, "targets": "query,value", "learning_rate": 5e-4, "alpha": 0, "quantize": ""}
 
 
 def test_grid_expands_fills_defaults_and_refuses_unknown_keys():
@@ -19,6 +19,10 @@ def test_grid_expands_fills_defaults_and_refuses_unknown_keys():
         sweep.expand({"rank": [8.0]}, DEFAULTS)
     with pytest.raises(ValueError, match="unknown target 'mlp'"):
         sweep.expand({"targets": ["mlp"]}, DEFAULTS)
+    int8 = sweep.expand({"rank": [2], "quantize": ["", "int8"]}, DEFAULTS)
+    assert [sweep.config_name(c) for c in int8] == ["r2-query+value-lr0.0005-a2", "r2-query+value-lr0.0005-a2-int8"]
+    with pytest.raises(ValueError, match="quantize 'int4'"):
+        sweep.expand({"quantize": ["int4"]}, DEFAULTS)
 
 
 def test_finished_configurations_are_kept_and_another_budget_is_refused(tmp_path):
