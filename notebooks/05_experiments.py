@@ -181,7 +181,7 @@ files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
 def test_scores(name: str) -> list[dict]:
     """Test-split scores of one configuration's saved adapter (on a base quantized as in training)."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-    quantize = files.read_json(out / "sweep" / name / "result.json")["quantize"]
+    quantize = files.read_json(out / "sweep" / name / "result.json").get("quantize")
     if quantize:
         training.quantize_base(lm, quantize)
     training.load_adapter(lm, out / "sweep" / name / "adapter.lora.h5", MODEL)
