@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 IMAGE_VENV := .venv-kaggle-image
 IMAGE_REQ := tests/kaggle-image-requirements.txt
 IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-kaggle.txt | sha1sum | cut -c1-12)
-# TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these found.
-IMAGE_PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3.10 || echo python3)
+# TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these that runs one.
+SUPPORTED := 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))'
+IMAGE_PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do $$p -c $(SUPPORTED) >/dev/null 2>&1 && echo $$p && break; done)
 PROFILE ?= cpu
 
 .PHONY: venv image-venv test run sync clean
@@ -21,7 +22,7 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
-	@$(IMAGE_PYTHON) -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))' || \
+	@test -n "$(IMAGE_PYTHON)" || \
 	  { echo "The Kaggle-image check needs Python 3.9-3.12 (TensorFlow 2.19); set IMAGE_PYTHON=python3.12."; exit 1; }
 	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(IMAGE_REQ)

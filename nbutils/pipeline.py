@@ -46,7 +46,7 @@ PROFILES: dict[str, dict] = {
 # A Kaggle session without an accelerator: the cpu profile's budget on the keras-hub preset of the same model.
 PROFILES["kaggle-cpu"] = {**PROFILES["cpu"], "MODEL": "gemma3_270m"}
 # Notebook 05: two configurations of the tiny model (tests, nbval); and the real model on a 2-core CPU budget.
-PROFILES["sweep-smoke"] = {**PROFILES["smoke"], "SWEEP": {"rank": [2, 4]}, "DEFAULT_CONFIG": {"rank": 4}, "MAX_STEPS": 3,
+PROFILES["sweep-smoke"] = {**PROFILES["smoke"], "SWEEP": {"rank": [2, 4]}, "DEFAULT_CONFIG": {"rank": 2, "quantize": "int8"}, "MAX_STEPS": 3,
                            "EVAL_EVERY": 2, "N_BOOTSTRAP": 100}  # fmt: skip
 PROFILES["sweep-cpu"] = {**PROFILES["cpu"], "MAX_VAL": 32, "MAX_TEST": 100, "SWEEP": {"rank": [2, 8, 32], "targets": ["query,value", "all"]},
                          "DEFAULT_CONFIG": {"rank": 8, "targets": "query,value"}, "MAX_STEPS": 80, "EVAL_EVERY": 40,

@@ -82,11 +82,12 @@ def sweep_plot(results: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    for targets in dict.fromkeys(r["targets"] for r in results):
-        group = sorted((r for r in results if r["targets"] == targets), key=lambda r: r["trainable_params"])
-        x = [r["trainable_params"] for r in group]
-        axes[0].plot(x, [r["val_rougeL_f1"] for r in group], "o-", label=f"targets {targets}")
-        axes[1].plot(x, [r["best_val_loss"] for r in group], "o-", label=f"targets {targets}")
+    for targets, quantize in dict.fromkeys((r["targets"], r.get("quantize") or "") for r in results):
+        group = sorted((r for r in results if (r["targets"], r.get("quantize") or "") == (targets, quantize)),
+                       key=lambda r: r["trainable_params"])  # fmt: skip
+        x, label = [r["trainable_params"] for r in group], f"targets {targets}" + (f", {quantize} base" if quantize else "")
+        axes[0].plot(x, [r["val_rougeL_f1"] for r in group], "o-", label=label)
+        axes[1].plot(x, [r["best_val_loss"] for r in group], "o-", label=label)
     for r in results:
         axes[2].plot(r["val_curve"]["val_step"], r["val_curve"]["val_loss"], "o-", ms=3, label=r["name"])
     axes[0].set(xscale="log", xlabel="trainable parameters", ylabel="ROUGE-L F1 (validation)", title="Quality vs adapter size")

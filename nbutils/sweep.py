@@ -1,6 +1,6 @@
 """Notebook 05's sweep: LoRA configurations trained on one shared budget, resumable, chosen on validation.
 
-A configuration is a dict of ``rank``, ``targets``, ``learning_rate`` and ``alpha`` (missing keys take
+A configuration is a dict of ``rank``, ``targets``, ``learning_rate``, ``alpha`` and ``quantize`` (missing keys take
 the notebook's defaults). Each one lives in ``runs/<RUN_ID>/sweep/<name>/``; its ``result.json``,
 written last and atomically, marks it finished, so a rerun skips it and a changed grid trains only
 what is new.
@@ -61,7 +61,7 @@ def finished(folder: Path, budget: dict) -> dict | None:
         return None
     result, budget = files.read_json(path), json.loads(json.dumps(budget))  # compared as stored (JSON types)
     if result["budget"] != budget:
-        changed = sorted(k for k in budget if result["budget"].get(k) != budget[k])
+        changed = sorted(k for k in set(budget) | set(result["budget"]) if result["budget"].get(k) != budget.get(k))
         raise ValueError(f"{folder} was trained with another budget (changed: {', '.join(changed)}); "
                          "use a new RUN_ID for a new budget, or delete that folder to retrain it.")  # fmt: skip
     return result
@@ -126,8 +126,9 @@ def conclusion(choice: dict, results: list[dict]) -> str:
 
 def choice_parameters(result: dict) -> dict:
     """The chosen configuration as notebook parameters (``--params`` or a profile takes them)."""
-    return {"RANK": int(result["rank"]), "LORA_TARGETS": result["targets"],
-            "LEARNING_RATE": float(result["learning_rate"]), "LORA_ALPHA": float(result["alpha"])}  # fmt: skip
+    params = {"RANK": int(result["rank"]), "LORA_TARGETS": result["targets"],
+              "LEARNING_RATE": float(result["learning_rate"]), "LORA_ALPHA": float(result["alpha"])}  # fmt: skip
+    return {**params, "QUANTIZE": result["quantize"]} if result.get("quantize") else params
 
 
 def test_sentence(chosen: str, default: str, vs_base: dict, vs_default: dict) -> str:

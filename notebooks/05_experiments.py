@@ -196,13 +196,12 @@ default_name = sweep.config_name(default_config)
 default_test = chosen_test if default_name == chosen["name"] else test_scores(default_name)
 vs_base = evaluation.paired_bootstrap(files.read_jsonl(out / "baseline_scores.jsonl"), chosen_test, N_BOOTSTRAP, SEED, test_groups)
 vs_default = evaluation.paired_bootstrap(default_test, chosen_test, N_BOOTSTRAP, SEED, test_groups)
-earlier = files.read_json(out / "sweep_test.json")["evaluations"] if (out / "sweep_test.json").exists() else []
-if earlier and earlier[-1]["chosen"] != chosen["name"]:  # a changed grid chose anew: say so, keep the record
-    print(f"note: the test split was used {len(earlier)} time(s) before in this run (for {earlier[-1]['chosen']}); "
-          "every evaluation is kept in sweep_test.json")  # fmt: skip
-evaluations = [e for e in earlier if e["chosen"] != chosen["name"]] + [
-    {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default}]
-files.write_json(out / "sweep_test.json", {"evaluations": evaluations})
+earlier = files.read_json(out / "sweep_test.json").get("evaluations", []) if (out / "sweep_test.json").exists() else []
+if earlier:  # a rerun (e.g. a larger grid) looks at the test split again: say so, and keep every evaluation
+    print(f"note: the test split was evaluated {len(earlier)} time(s) before in this run "
+          f"({', '.join(e['chosen'] for e in earlier)}); all are kept in sweep_test.json")  # fmt: skip
+evaluation_record = {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default}
+files.write_json(out / "sweep_test.json", {"evaluations": [*earlier, evaluation_record]})
 display(Markdown("**Chosen vs base model** (test)\n\n" + report.comparison_table(vs_base)))
 display(Markdown(f"**Chosen vs default `{default_name}`** (test; 'baseline' column = default)\n\n" + report.comparison_table(vs_default)))
 test_sentence = sweep.test_sentence(chosen["name"], default_name, vs_base, vs_default)

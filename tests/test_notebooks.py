@@ -1,6 +1,7 @@
 """The notebooks: paired sources, no committed outputs, and every notebook executed under nbval (smoke profiles)."""
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     sweep_dir = tmp_path / "runs" / "sweep" / "sweep"
     first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
-    assert len(first) == 2 and (tmp_path / "runs" / "sweep" / "sweep_report.md").read_text().startswith("# LoRA sweep")
+    assert len(first) == 3 and (tmp_path / "runs" / "sweep" / "sweep_report.md").read_text().startswith("# LoRA sweep")
+    assert "r2-query+value-lr0.0005-a2-int8" in first  # the int8 default: trained, then tested on an int8 base
     rerun = tmp_path / "rerun"
     rerun.mkdir()
     params["SWEEP"] = {"rank": [2, 4, 1]}
@@ -75,7 +77,8 @@ def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first  # finished ones untouched
-    assert len(list(sweep_dir.iterdir())) == 3
+    assert len(list(sweep_dir.iterdir())) == 4
+    assert len(json.loads((tmp_path / "runs" / "sweep" / "sweep_test.json").read_text())["evaluations"]) == 2
 
 
 def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):
