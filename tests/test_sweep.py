@@ -68,3 +68,8 @@ def test_report_table_formats_numbers_and_intervals():
     table = report.table([{"name": "r2", "ci": [-0.13303, 0.05294], "params": 516096, "lr": 0.0005, "loss": 2.86812}],
                          ("name", "ci", "params", "lr", "loss"))  # fmt: skip
     assert table.splitlines()[2] == "| r2 | [-0.133, 0.053] | 516,096 | 0.0005 | 2.868 |"
+
+
+def test_an_int8_choice_is_passed_on_not_dropped():
+    chosen = {"rank": 2, "targets": "all", "learning_rate": 5e-4, "alpha": 2.0, "quantize": "int8"}
+    assert sweep.choice_parameters(chosen)["QUANTIZE"] == "int8"  # the pipeline refuses it until 03/04 take it
