@@ -347,6 +347,11 @@ def load_test_file(path: str, tokenizer, template, sequence_length: int, data_fo
 # ---------------------------------------------------------------- the processed folder
 
 
+def bootstrap_groups(rows: list[dict]) -> list[str] | None:
+    """Each row's module when every row has one (the cluster bootstrap resamples them), else None."""
+    return [r[GROUP_KEY] for r in rows] if all(GROUP_KEY in r for r in rows) else None
+
+
 def percentiles(values: list[int]) -> dict:
     """p50/p90/p99/max of token lengths."""
     if not values:

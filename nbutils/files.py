@@ -7,7 +7,9 @@ Every artifact goes to a temporary file in the same folder and is renamed into p
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -65,6 +67,15 @@ def write_json(path: Path, obj) -> Path:
 def to_jsonl(rows: list[dict]) -> str:
     """JSON Lines text with stable key order."""
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple) -> Path:
+    """Write ``rows`` as CSV with a header of ``columns`` (other keys ignored), atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -8,8 +8,6 @@ what is new.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 from pathlib import Path
@@ -73,15 +71,6 @@ def record(config: dict, budget: dict, train: dict, params: dict, val_scores: li
             "updates_run": train["updates_run"], "train_seconds": train["train_seconds"],
             "useful_tokens_per_s": train["useful_tokens_per_s"], "best_val_loss": train["best_val_loss"],
             "val_curve": train["history"], "val_rougeL_f1": evaluation.aggregate(val_scores)["rougeL_f1"]}  # fmt: skip
-
-
-def results_csv(results: list[dict]) -> str:
-    """``sweep_results.csv``: one row per configuration."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(results)
-    return text.getvalue()
 
 
 def choose(results: list[dict], val_scores: dict[str, list[dict]], n_bootstrap: int, seed: int,

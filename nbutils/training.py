@@ -9,9 +9,7 @@ adapter, never of the whole model.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import time
 from pathlib import Path
@@ -362,11 +360,7 @@ class TrainLog:
 
     def flush(self) -> None:
         """Write the CSV atomically."""
-        text = io.StringIO()
-        writer = csv.DictWriter(text, LOG_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        files.write_text(self.path, text.getvalue())
+        files.write_csv(self.path, self.rows, LOG_COLUMNS)
 
 
 def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, split_sha256: dict) -> dict:

@@ -97,7 +97,7 @@ files.write_jsonl(out / "tuned_scores.jsonl", scores)
 
 # %%
 base_scores = files.read_jsonl(out / "baseline_scores.jsonl")
-groups = [r[data.GROUP_KEY] for r in test_rows] if all(data.GROUP_KEY in r for r in test_rows) else None
+groups = data.bootstrap_groups(test_rows)
 comparison = evaluation.paired_bootstrap(base_scores, scores, N_BOOTSTRAP, SEED, groups)
 print(next(iter(comparison.values()))["ci_method"])
 display(Markdown(report.comparison_table(comparison)))

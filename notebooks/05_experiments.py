@@ -152,7 +152,7 @@ for n, config in enumerate(configs, 1):
 # adapter's size (log scale, one line per target set), and the validation curves.
 
 # %%
-files.write_text(out / "sweep_results.csv", sweep.results_csv(results))
+files.write_csv(out / "sweep_results.csv", results, sweep.CSV_COLUMNS)
 display(Markdown(report.table(results, sweep.CSV_COLUMNS)))
 display(Image(filename=str(plots.sweep_plot(results, out / "sweep.png"))))
 
@@ -165,7 +165,7 @@ display(Image(filename=str(plots.sweep_plot(results, out / "sweep.png"))))
 
 # %%
 val_scores = {r["name"]: files.read_jsonl(out / "sweep" / r["name"] / "val_scores.jsonl") for r in results}
-groups = [r[data.GROUP_KEY] for r in val_rows] if all(data.GROUP_KEY in r for r in val_rows) else None
+groups = data.bootstrap_groups(val_rows)
 choice = sweep.choose(results, val_scores, N_BOOTSTRAP, SEED, groups)
 chosen = next(r for r in results if r["name"] == choice["chosen"])
 conclusion = sweep.conclusion(choice, results)
@@ -190,7 +190,7 @@ def test_scores(name: str) -> list[dict]:
     return scores
 
 
-test_groups = [r[data.GROUP_KEY] for r in test_rows] if all(data.GROUP_KEY in r for r in test_rows) else None
+test_groups = data.bootstrap_groups(test_rows)
 chosen_test = test_scores(chosen["name"])
 default_name = sweep.config_name(default_config)
 default_test = chosen_test if default_name == chosen["name"] else test_scores(default_name)
