@@ -1,4 +1,4 @@
-"""Port a Gemma 3 GGUF file (llama.cpp layout) into keras-hub's Gemma3 classes.
+"""Port Gemma 3 between a GGUF file (llama.cpp layout) and keras-hub's Gemma3 classes, both ways.
 
 Facts this module relies on (each checked by tests/test_models.py):
 - architecture metadata lives under ``gemma3.*``;
@@ -23,7 +23,7 @@ TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 SPACE = "\u2581"  # SentencePiece's visible space
 # (blocks, width) of the Gemma 3 sizes whose port is verified against known outputs. Larger ones
 # (4B/12B/27B) use rope scaling and, for 27B, another query scaling, which this port does not map.
-VERIFIED_SIZES = {(18, 640): "Gemma 3 270M"}
+VERIFIED_SIZES = {(18, 640): "Gemma 3 270M", (2, 64): "the tiny test model"}
 
 
 class GGUFError(ValueError):
@@ -164,3 +164,98 @@ def load_weights(backbone, reader) -> None:
         block.gating_ffw.kernel.assign(_tensor(reader, p + "ffn_gate.weight").T)
         block.gating_ffw_2.kernel.assign(_tensor(reader, p + "ffn_up.weight").T)
         block.ffw_linear.kernel.assign(_tensor(reader, p + "ffn_down.weight").T)
+
+
+def _qkv_to_hf(kernel: np.ndarray) -> np.ndarray:
+    """keras ``(heads, hidden, head_dim)`` to HF ``(heads*head_dim, hidden)`` (inverse of :func:`_qkv`)."""
+    return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
+
+
+def _attn_out_to_hf(kernel: np.ndarray) -> np.ndarray:
+    """keras ``(heads, head_dim, hidden)`` to HF ``(hidden, heads*head_dim)`` (inverse of :func:`_attn_out`)."""
+    return kernel.transpose(2, 0, 1).reshape(kernel.shape[2], -1)
+
+
+def gguf_tensors(backbone) -> dict[str, np.ndarray]:
+    """Every backbone weight under its llama.cpp name, in llama.cpp's layout (the inverse of :func:`load_weights`).
+
+    Read through each layer's public ``kernel``, which for a LoRA-enabled layer is the merged kernel.
+    """
+    import keras
+
+    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)  # noqa: E731
+    out = {"token_embd.weight": value(backbone.get_layer("token_embedding").embeddings),
+           "output_norm.weight": value(backbone.get_layer("final_normalization").scale) + 1.0}  # fmt: skip
+    for i in range(backbone.num_layers):
+        block, p = backbone.get_layer(f"decoder_block_{i}"), f"blk.{i}."
+        att = block.attention
+        norms = {"attn_norm": block.pre_attention_norm, "post_attention_norm": block.post_attention_norm,
+                 "ffn_norm": block.pre_ffw_norm, "post_ffw_norm": block.post_ffw_norm,
+                 "attn_q_norm": att.query_norm, "attn_k_norm": att.key_norm}  # fmt: skip
+        out.update({f"{p}{name}.weight": value(layer.scale) + 1.0 for name, layer in norms.items()})
+        out[p + "attn_q.weight"] = _qkv_to_hf(value(att.query_dense.kernel))
+        out[p + "attn_k.weight"] = _qkv_to_hf(value(att.key_dense.kernel))
+        out[p + "attn_v.weight"] = _qkv_to_hf(value(att.value_dense.kernel))
+        out[p + "attn_output.weight"] = _attn_out_to_hf(value(att.output_dense.kernel))
+        out[p + "ffn_gate.weight"] = value(block.gating_ffw.kernel).T
+        out[p + "ffn_up.weight"] = value(block.gating_ffw_2.kernel).T
+        out[p + "ffn_down.weight"] = value(block.ffw_linear.kernel).T
+    return out
+
+
+def exportable(backbone) -> bool:
+    """Whether this port can write (and read back) ``backbone``'s size."""
+    return (backbone.num_layers, backbone.hidden_dim) in VERIFIED_SIZES
+
+
+def not_exportable_reason(backbone) -> str:
+    """One line saying why a backbone's size is not exported to GGUF, and what to use."""
+    return (f"the GGUF port covers the sizes it verifies ({', '.join(VERIFIED_SIZES.values())}), not "
+            f"{backbone.num_layers} blocks x {backbone.hidden_dim}; use the keras or transformers export.")
+
+
+def write_gguf(lm, path: Path, name: str = "Gemma 3 LoRA-tuned") -> Path:
+    """Write ``lm`` (a keras-hub Gemma3CausalLM; LoRA layers are merged) as an f32 GGUF with llama.cpp's
+    Gemma 3 metadata and SentencePiece vocabulary, atomically."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from nbutils import files
+
+    b, tokenizer = lm.backbone, lm.preprocessor.tokenizer
+    if not exportable(b):
+        raise GGUFError(not_exportable_reason(b))
+    proto = sp_pb2.ModelProto.FromString(tokenizer.proto)
+    with files.atomic_path(Path(path)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch="gemma3")
+        w.add_name(name)
+        w.add_context_length(32768)
+        w.add_embedding_length(b.hidden_dim)
+        w.add_block_count(b.num_layers)
+        w.add_feed_forward_length(b.intermediate_dim)
+        w.add_head_count(b.num_query_heads)
+        w.add_head_count_kv(b.num_key_value_heads)
+        w.add_key_length(b.head_dim)
+        w.add_value_length(b.head_dim)
+        w.add_layer_norm_rms_eps(b.layer_norm_epsilon)
+        w.add_rope_freq_base(1_000_000.0)
+        w.add_sliding_window(b.sliding_window_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([p.piece for p in proto.pieces])
+        w.add_token_scores([p.score for p in proto.pieces])
+        w.add_token_types([p.type for p in proto.pieces])
+        for add, token in ((w.add_bos_token_id, "<bos>"), (w.add_eos_token_id, "<eos>"), (w.add_unk_token_id, "<unk>"),
+                           (w.add_pad_token_id, "<pad>")):  # fmt: skip
+            add(int(tokenizer.token_to_id(token)))
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)
+        for tensor_name, array in gguf_tensors(b).items():
+            w.add_tensor(tensor_name, array)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(path)

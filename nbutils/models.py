@@ -79,17 +79,20 @@ def local_preset_dir() -> Path:
     return preset
 
 
-def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
-    """Convert a Gemma 3 GGUF into a keras-hub preset directory (written atomically)."""
+def gguf_causal_lm(gguf_path: Path):
+    """A float32 keras-hub ``Gemma3CausalLM`` (with tokenizer) built in memory from a Gemma 3 GGUF file."""
     import keras_hub
 
     reader = gguf_port.read_gguf(gguf_path)
     tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
     backbone = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
     gguf_port.load_weights(backbone, reader)
-    lm = keras_hub.models.Gemma3CausalLM(
-        backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
-    )
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer))
+
+
+def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
+    """Convert a Gemma 3 GGUF into a keras-hub preset directory (written atomically)."""
+    lm = gguf_causal_lm(gguf_path)
     with files.atomic_dir(preset_dir) as tmp:
         lm.save_to_preset(str(tmp))
     return preset_dir

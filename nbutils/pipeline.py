@@ -1,6 +1,7 @@
 """Run the notebooks with papermill: ``python -m nbutils.pipeline --profile cpu [--params F.json] [-p KEY VALUE ...]``.
 
-Profiles run 01 -> 04; the sweep profiles run 01 -> 02 -> 05.
+Profiles run 01 -> 04 -> 06; the sweep profiles run 01 -> 02 -> 05. ``--resume RUN_ID`` continues a run
+that stopped: finished notebooks are skipped and 03 continues from its last checkpoint.
 
 Each run gets a fresh ``runs/<run_id>/`` with the executed notebooks, a log, ``config.json`` and all
 artifacts; the path of ``report.md`` is printed at the end.
@@ -19,8 +20,8 @@ import time
 
 from nbutils import data, files, paths, provenance, runs
 
-NOTEBOOKS = ("01_prepare_data", "02_baseline_inference", "03_lora_finetune", "04_evaluate", "05_experiments")
-SERIES = NOTEBOOKS[:4]  # what a profile runs, unless PROFILE_SERIES says otherwise
+NOTEBOOKS = ("01_prepare_data", "02_baseline_inference", "03_lora_finetune", "04_evaluate", "05_experiments", "06_export")
+SERIES = (*NOTEBOOKS[:4], NOTEBOOKS[5])  # what a profile runs, unless PROFILE_SERIES says otherwise
 SWEEP_SERIES = (NOTEBOOKS[0], NOTEBOOKS[1], NOTEBOOKS[4])
 
 PROFILES: dict[str, dict] = {
@@ -161,8 +162,6 @@ def papermill_log(path):
 
 def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     """Execute the profile's notebooks into ``runs/<run_id>/``; returns the run's summary."""
-    import papermill as pm
-
     accepted = accepted_parameters()
     check_parameters(overrides, accepted)
     params = notebook_parameters(profile, overrides)
@@ -173,9 +172,33 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     params["RUN_ID"] = run_id
     files.write_json(out / "config.json", {"profile": profile, "parameters": params, "versions": provenance.versions(),
                                            "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
-    timings = {}
+    return execute(run_id, series, params, accepted, {})
+
+
+def resume(run_id: str) -> dict:
+    """Continue ``runs/<run_id>``: skip the notebooks that finished, continue 03 from its latest checkpoint."""
+    config_path = paths.RUNS_DIR / run_id / "config.json"
+    if not config_path.exists():
+        raise SystemExit(f"--resume {run_id}: {config_path} not found; the run ids are the folders under {paths.RUNS_DIR}.")
+    config = files.read_json(config_path)
+    series = PROFILE_SERIES.get(config["profile"], SERIES)
+    timings_path = paths.RUNS_DIR / run_id / "timings.json"  # a notebook's time is written when it succeeded
+    done = files.read_json(timings_path) if timings_path.exists() else {}
+    if all(name in done for name in series):
+        raise SystemExit(f"runs/{run_id} is finished; nothing to resume.")
+    print(f"resuming {run_id}: done {', '.join(done) or 'nothing'}", flush=True)
+    return execute(run_id, series, {**config["parameters"], "RESUME": True}, accepted_parameters(), done)
+
+
+def execute(run_id: str, series: tuple, params: dict, accepted: dict, done: dict) -> dict:
+    """Run the notebooks of ``series`` not in ``done`` (name -> seconds) into ``runs/<run_id>/``."""
+    import papermill as pm
+
+    out, timings = paths.RUNS_DIR / run_id, dict(done)
     with papermill_log(out / "pipeline.log"):
         for name in series:
+            if name in done:
+                continue
             nb_params = for_notebook(params, accepted[name])
             print(f"[{name}] {nb_params}", flush=True)
             start = time.perf_counter()
@@ -191,22 +214,31 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description="Run the notebook series (01-04, or 01, 02, 05 for sweeps) with papermill.")
+    parser = argparse.ArgumentParser(description="Run the notebook series (01-04 and 06, or 01, 02, 05 for sweeps) with papermill.")
     parser.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default: cpu)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override a notebook parameter, e.g. -p RANK 16")  # fmt: skip
     parser.add_argument("--params", default=None, metavar="FILE",
                         help="a JSON object of parameters, e.g. a sweep's sweep_choice.json (-p wins over it)")  # fmt: skip
     parser.add_argument("--run-id", default=None, help="folder name under runs/ (default: timestamp_profile)")
+    parser.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run that stopped (same parameters)")
     parser.add_argument("--profiles", action="store_true", help="print the profiles as a Markdown table and exit")
     args = parser.parse_args(argv)
     if args.profiles:
         print(profiles_table())
         return 0
+    run_id = None
     try:
+        if args.resume:
+            resume(args.resume)
+            return 0
         overrides = params_file(args.params) if args.params else {}
         overrides.update({k: parse_value(v) for k, v in args.parameter})
-        run(args.profile, overrides, args.run_id)
+        run_id = args.run_id or new_run_id(args.profile if args.profile in PROFILES else "run")
+        run(args.profile, overrides, run_id)
+    except KeyboardInterrupt:
+        print(f"pipeline interrupted; continue with: python -m nbutils.pipeline --resume {args.resume or run_id}", file=sys.stderr)
+        return 130
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
         print(f"pipeline failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}", file=sys.stderr)
         return 1

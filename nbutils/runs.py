@@ -11,6 +11,7 @@ STEP_FILES = {
     "03_lora_finetune": "adapter.json",
     "04_evaluate": "metrics.json",
     "05_experiments": "sweep_choice.json",
+    "06_export": "export/export_verification.json",
 }
 
 

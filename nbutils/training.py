@@ -9,8 +9,12 @@ adapter, never of the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +48,17 @@ class TrainConfig:
     eval_every: int = 25
     patience: int = 3
     seed: int = 0
+    checkpoint_every: int = 0  # updates between checkpoints under <out_dir>/checkpoints; 0: none
+    keep_checkpoints: int = 2
+
+
+# Knobs that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints")
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint was written."""
 
 
 def lora_layer_names(targets: str) -> list[str]:
@@ -230,7 +245,8 @@ class Trainer:
         return new
 
     def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
-        """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new state."""
+        """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new
+        state. A non-finite loss returns the old state untouched (nothing is applied)."""
         import jax
 
         trainable, non_trainable, opt_vars = state
@@ -240,6 +256,8 @@ class Trainer:
             self._mark("train", b)
             loss, g = self._grad(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
             total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
+        if not math.isfinite(float(total)):
+            return float(total), state
         trainable, opt_vars = self._apply(opt_vars, grads, trainable)
         return float(total), (trainable, non_trainable, opt_vars)
 
@@ -258,6 +276,16 @@ class Trainer:
         with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, state[2]))):
             return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
+    def restore(self, state: tuple, trainable: list, opt_vars: list) -> tuple:
+        """``state`` with the adapter and optimizer values of a checkpoint (shapes checked)."""
+        import jax.numpy as jnp
+
+        for name, now, saved in (("adapter", state[0], trainable), ("optimizer", state[2], opt_vars)):
+            if [tuple(x.shape) for x in now] != [tuple(x.shape) for x in saved]:
+                raise ValueError(f"the checkpoint's {name} weights do not fit this model (other rank, targets or model); "
+                                 "start a new RUN_ID or resume with the same parameters.")  # fmt: skip
+        return [jnp.asarray(x) for x in trainable], state[1], [jnp.asarray(x) for x in opt_vars]
+
     def write_back(self, state: tuple) -> None:
         """Copy the adapter and optimizer values from ``state`` into the Keras variables."""
         trainable, _, opt_vars = state
@@ -268,54 +296,144 @@ class Trainer:
 
 
 def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
-               sequence_length: int, out_dir: Path) -> dict:  # fmt: skip
+               sequence_length: int, out_dir: Path, resume: bool = False) -> dict:  # fmt: skip
     """Train the enabled LoRA weights; validation every EVAL_EVERY updates, early stopping that keeps the
-    best adapter; writes ``train_log.csv`` (one row per update) into ``out_dir``; returns a summary."""
-    tokenizer = lm.preprocessor.tokenizer
+    best adapter; writes ``train_log.csv`` (one row per update) and, every CHECKPOINT_EVERY updates, a
+    checkpoint into ``out_dir``; ``resume`` continues from the latest checkpoint there. Returns a summary.
+
+    SIGTERM or Ctrl-C writes a checkpoint after the current update and raises :class:`TrainingInterrupted`.
+    """
+    tokenizer, out_dir = lm.preprocessor.tokenizer, Path(out_dir)
     train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
     val_batches = batches.eval_batches(sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size)
     p = plan(cfg, len(train_rows))
     trainer = Trainer(lm, optimizer)
-    state = trainer.state()
-    log, history = TrainLog(Path(out_dir) / "train_log.csv"), {"val_loss": [], "val_step": []}
-    best, best_adapter, waited, stream = math.inf, None, 0, _batch_stream(train, cfg)
-    start, update = time.perf_counter(), 0
+    state, log = trainer.state(), TrainLog(out_dir / "train_log.csv")
+    run = {"update": 0, "best": math.inf, "waited": 0, "history": {"val_loss": [], "val_step": []}}
+    best_adapter, checkpoints = None, out_dir / CHECKPOINT_DIR
+    if resume:
+        state, best_adapter = _resume(checkpoints, cfg, trainer, state, run, log)
+    stream = _batch_stream(train, cfg)
+    for _ in range(run["update"] * cfg.grad_accum):  # the data order is a function of (SEED, pass): skip what was used
+        next(stream)
+    start, update, last_saved = time.perf_counter(), run["update"], None
+
+    def checkpoint() -> Path:
+        arrays = {"adapter": state[0], "optimizer": state[2], "best": best_adapter or []}
+        return save_checkpoint(checkpoints, {**run, "update": update}, arrays, log.rows, cfg)
+
     try:
-        for update in range(1, p["updates"] + 1):
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
-            lr = trainer.learning_rate(state)
-            compiles = any(("train", b.shape) not in trainer.compiled for b in micro)
-            t0 = time.perf_counter()
-            loss, state = trainer.update(micro, state)
-            seconds = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"update {update}: the training loss is {loss}; lower LEARNING_RATE "
-                                         f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off').")  # fmt: skip
-            log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds, compiles)
-            if update % cfg.eval_every and update != p["updates"]:
-                continue
-            val = trainer.mean_loss(val_batches, state)
-            history["val_loss"].append(val)
-            history["val_step"].append(update)
-            log.set_val(val)
-            print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
-            if val < best:
-                best, waited, best_adapter = val, 0, [np.array(x) for x in state[0]]  # the adapter only: a few MB
-                continue
-            waited += 1
-            if waited >= cfg.patience:
-                print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
-                      f"{history['val_step'][history['val_loss'].index(best)]}")  # fmt: skip
-                break
+        with stop_requests() as stop:
+            for update in range(run["update"] + 1, p["updates"] + 1):
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                lr = trainer.learning_rate(state)
+                compiles = any(("train", b.shape) not in trainer.compiled for b in micro)
+                t0 = time.perf_counter()
+                loss, state = trainer.update(micro, state)
+                seconds = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    update -= 1  # nothing was applied: the state is still that of the previous update
+                    kept = f"the last checkpoint {last_saved} is kept" if last_saved else "no checkpoint was written"
+                    raise FloatingPointError(f"update {update + 1}: the training loss is {loss}; lower LEARNING_RATE "
+                                             f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off'). The adapter "
+                                             f"of update {update} (or the best one) is left in the model; {kept}.")  # fmt: skip
+                log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds, compiles)
+                stop_early = False
+                if update % cfg.eval_every == 0 or update == p["updates"]:
+                    val = trainer.mean_loss(val_batches, state)
+                    run["history"]["val_loss"].append(val)
+                    run["history"]["val_step"].append(update)
+                    log.set_val(val)
+                    print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
+                    if val < run["best"]:
+                        run["best"], run["waited"], best_adapter = val, 0, [np.array(x) for x in state[0]]  # adapter only
+                    else:
+                        run["waited"] += 1
+                        stop_early = run["waited"] >= cfg.patience
+                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < p["updates"] and not stop_early:
+                    last_saved = checkpoint()
+                if stop:
+                    last_saved = checkpoint()
+                    raise TrainingInterrupted(f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
+                                              f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>).")  # fmt: skip
+                if stop_early:
+                    history = run["history"]
+                    print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
+                          f"{history['val_step'][history['val_loss'].index(run['best'])]}")  # fmt: skip
+                    break
     finally:  # the Keras variables always end up holding a valid adapter: the best one, else the last one
         trainer.write_back(state)
         for v, value in zip(trainer.trainable, best_adapter or []):
             v.assign(value)
         log.flush()
-    return {"history": history, "best_val_loss": best, "updates_planned": p["updates"], "updates_run": update,
-            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"],
+    return {"history": run["history"], "best_val_loss": run["best"], "updates_planned": p["updates"], "updates_run": update,
+            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"], "resumed_from": run.get("resumed_from"),
             "compilations": len(trainer.compiled), "train_seconds": round(time.perf_counter() - start, 1),
             **log.throughput()}  # fmt: skip
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGTERM and Ctrl-C (SIGINT) are recorded instead of killing the process mid-update;
+    yields the list of signal names received (handlers are restored afterwards)."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield received
+        return
+    handler = lambda signum, frame: received.append(signal.Signals(signum).name)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def save_checkpoint(folder: Path, run: dict, arrays: dict[str, list], log_rows: list[dict], cfg: TrainConfig) -> Path:
+    """Write ``update-NNNNNN/`` (arrays as ``.npz``, progress as JSON) atomically; keep the newest KEEP_CHECKPOINTS."""
+    path = Path(folder) / f"update-{run['update']:06d}"
+    with files.atomic_dir(path) as tmp:
+        flat = {f"{kind}_{i:04d}": np.asarray(x) for kind, values in arrays.items() for i, x in enumerate(values)}
+        np.savez(tmp / "arrays.npz", **flat)
+        files.write_json(tmp / "progress.json", {**run, "config": dataclasses.asdict(cfg), "log": log_rows,
+                                                 "data_order": "batches are a function of (seed, pass); skipped on resume"})  # fmt: skip
+    for old in sorted(Path(folder).glob("update-*"))[: -max(cfg.keep_checkpoints, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint under ``folder`` (half-written ones never get their final name)."""
+    found = sorted(p for p in Path(folder).glob("update-*") if (p / "progress.json").exists())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, list]]:
+    """Progress and arrays (``adapter``, ``optimizer``, ``best``) of a checkpoint; no pickle."""
+    progress = files.read_json(Path(path) / "progress.json")
+    arrays: dict[str, list] = {"adapter": [], "optimizer": [], "best": []}
+    with np.load(Path(path) / "arrays.npz", allow_pickle=False) as f:
+        for key in sorted(f.files):
+            arrays[key.rsplit("_", 1)[0]].append(f[key])
+    return progress, arrays
+
+
+def _resume(folder: Path, cfg: TrainConfig, trainer: Trainer, state: tuple, run: dict, log: "TrainLog") -> tuple:
+    """Load the latest checkpoint into ``run``/``log``; returns the restored state and best adapter."""
+    path = latest_checkpoint(folder)
+    if path is None:
+        print(f"RESUME: no checkpoint under {folder}; training from the start.")
+        return state, None
+    progress, arrays = load_checkpoint(path)
+    now, then = dataclasses.asdict(cfg), progress["config"]
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k)]
+    if changed:
+        raise ValueError(f"{path}: made with " + ", ".join(f"{k.upper()}={then.get(k)!r}" for k in changed) + " but now "
+                         + ", ".join(f"{k.upper()}={now[k]!r}" for k in changed) + "; resume with the same parameters or use a new RUN_ID.")  # fmt: skip
+    run.update({k: progress[k] for k in ("update", "best", "waited", "history")}, resumed_from=str(path))
+    log.rows = progress["log"]
+    print(f"RESUME: continuing after update {run['update']} from {path}")
+    return trainer.restore(state, arrays["adapter"], arrays["optimizer"]), arrays["best"] or None
 
 
 def _batch_stream(train: dict, cfg: TrainConfig):

@@ -5,7 +5,8 @@
 # weight stays frozen, and save just the adapter (a few MB instead of the whole model).
 #
 # - **Reads:** `data/processed/<DATASET>/` (from 01).
-# - **Writes:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `train_log.csv`, `loss_curve.png`, `train_summary.json`.
+# - **Writes:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `probe.npz`, `train_log.csv`, `loss_curve.png`,
+#   `train_summary.json`, `checkpoints/` (while training).
 # - **Previous:** `02_baseline_inference` · **Next:** `04_evaluate`
 
 # %%
@@ -46,7 +47,7 @@ import json
 import keras
 from IPython.display import Image, display
 
-from nbutils import data, devices, files, models, objective, plots, prompts, runs, training
+from nbutils import data, devices, export, files, models, objective, plots, prompts, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or any name 02 accepts
@@ -66,6 +67,9 @@ EPOCHS = 1
 MAX_STEPS = 0  # optimizer updates; 0 means EPOCHS passes over the train split
 EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement before stopping (the best adapter is kept)
+CHECKPOINT_EVERY = 50  # updates between checkpoints (adapter, optimizer, progress) in runs/<RUN_ID>/checkpoints; 0: none
+KEEP_CHECKPOINTS = 2  # the newest ones kept
+RESUME = False  # True: continue from the latest checkpoint of RUN_ID (same parameters)
 MAX_VAL_ROWS = 0  # 0 means the whole val split
 MIXED_PRECISION = "auto"  # bf16 on GPU/TPU, fp32 on CPU; or "on" / "off"
 DISTRIBUTION = "auto"  # "auto" (data parallel over all local devices when there are several), "none", "data", "model:2x4"
@@ -109,6 +113,7 @@ cfg = training.TrainConfig(
     rank=RANK, targets=LORA_TARGETS, alpha=LORA_ALPHA, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
     warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
     epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
+    checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=KEEP_CHECKPOINTS,
 )  # fmt: skip
 plan = training.plan(cfg, len(splits["train"]))
 optimizer = keras.optimizers.AdamW(
@@ -125,10 +130,12 @@ print(devices.memory_table(devices.memory_estimate(lm, BATCH_SIZE, lengths["tota
 # Rows are batched by length (a batch is only as wide as its longest row), each step is compiled
 # once per batch shape, validation loss is computed every `EVAL_EVERY` updates, and early stopping
 # keeps the best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s).
+# A checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True` continue
+# a run that died, to the same result as if it never had.
 
 # %%
 result = training.train_lora(lm, optimizer, splits["train"], splits["val"][: MAX_VAL_ROWS or None], cfg, template,
-                             SEQUENCE_LENGTH, out)  # fmt: skip
+                             SEQUENCE_LENGTH, out, resume=RESUME)  # fmt: skip
 print(f"{result['updates_run']} updates in {result['train_seconds']} s ({result['useful_tokens_per_s']} response tokens/s, "
       f"{result['compilations']} compiled shapes); best val loss {result['best_val_loss']:.3f}")  # fmt: skip
 
@@ -144,11 +151,14 @@ display(Image(filename=str(out / "loss_curve.png")))
 # %% [markdown]
 # ## 5. Save the adapter
 # Only the LoRA matrices go into `adapter.lora.h5`; `adapter.json` records what is needed to rebuild
-# it on top of the same base model.
+# it on top of the same base model. `probe.npz` keeps what this model computes on two validation rows,
+# so notebook 06 can prove that the adapter file and every export rebuild exactly this model.
 
 # %%
 spec = training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"])
 adapter_path, spec_path = training.save_adapter(lm, out / "adapter.lora.h5", spec)
+probe = export.probe_inputs(lm.preprocessor.tokenizer, splits["val"][: export.PROBE_ROWS], template, SEQUENCE_LENGTH)
+export.save_probe(lm, probe, out / export.PROBE_FILE)
 files.write_json(out / "train_summary.json", {"params": summary, "policy": policy, **result})
 print(json.dumps(spec, indent=1)[:600])
 

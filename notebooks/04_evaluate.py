@@ -7,7 +7,7 @@
 #
 # - **Reads:** `data/processed/<DATASET>/`, `runs/<RUN_ID>/baseline_*` (02) and `adapter.*` (03).
 # - **Writes:** `runs/<RUN_ID>/tuned_predictions.jsonl`, `metrics.json`, `metrics.png`, `report.md`.
-# - **Previous:** `03_lora_finetune` · **Next:** none (see the README for rank experiments)
+# - **Previous:** `03_lora_finetune` · **Next:** `06_export` (`05_experiments` compares LoRA configurations)
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset

@@ -182,9 +182,15 @@ def test_early_stopping_keeps_the_best_adapter(tiny, tmp_path, monkeypatch):
 def test_non_finite_loss_stops_with_advice(tiny, tmp_path):
     import keras
 
-    cfg = training.TrainConfig(rank=4, targets="all", max_steps=6, eval_every=3, batch_size=4, warmup_steps=0)
-    with pytest.raises(FloatingPointError, match=r"update \d+: the training loss is (nan|inf).*lower LEARNING_RATE"):
+    cfg = training.TrainConfig(rank=4, targets="all", max_steps=6, eval_every=3, batch_size=4, warmup_steps=0, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"update (\d+): the training loss is (nan|inf).*lower LEARNING_RATE") as err:
         training.train_lora(tiny, keras.optimizers.SGD(learning_rate=1e30), ROWS, ROWS[:4], cfg, "gemma", 128, tmp_path)
+    bad = int(err.value.args[0].split()[1].rstrip(":"))
+    last = training.latest_checkpoint(tmp_path / "checkpoints")  # the last good one survives, nothing after it
+    assert bad >= 2 and last.name == f"update-{bad - 1:06d}" and f"the last checkpoint {last} is kept" in str(err.value)
+    _, arrays = training.load_checkpoint(last)
+    assert all(np.isfinite(a).all() for a in arrays["adapter"])
+    assert all(np.isfinite(np.asarray(v)).all() for v in tiny.backbone.trainable_weights)  # no NaN left in the model
 
 
 def test_same_seed_same_adapter_and_log(tmp_path):

@@ -48,7 +48,7 @@ def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_all_notebooks_run_under_nbval(tmp_path):
-    """01 -> 04 with the smoke profile's parameters, executed by nbval."""
+    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval."""
     proc = nbval(tmp_path, prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
@@ -98,8 +98,8 @@ def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--profile 'gpu' is unknown"):
         pipeline.notebook_parameters("gpu", {})
     monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)
-    (tmp_path / "done").mkdir()
-    (tmp_path / "done" / "metrics.json").write_text("{}")
+    (tmp_path / "done" / "export").mkdir(parents=True)
+    (tmp_path / "done" / "export" / "export_verification.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds a finished run"):
         pipeline.run("smoke", {}, run_id="done")
 
@@ -113,6 +113,25 @@ def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
     assert first == "20261130-120000_cpu"
     (tmp_path / first).mkdir()
     assert pipeline.new_run_id("cpu") == "20261130-120000_cpu-2"  # never reuses an existing folder
+
+
+def test_resume_skips_finished_notebooks_and_resumes_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)
+    with pytest.raises(SystemExit, match="--resume nope: .*config.json not found"):
+        pipeline.resume("nope")
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"profile": "smoke", "parameters": {"RANK": 4, "RUN_ID": "r1"}}))
+    (run / "timings.json").write_text(json.dumps({"01_prepare_data": 1.0, "02_baseline_inference": 2.0}))
+    calls = []
+    monkeypatch.setattr(pipeline, "execute", lambda run_id, series, params, accepted, done: calls.append((series, params, done)))
+    pipeline.resume("r1")
+    series, params, done = calls[0]
+    assert series == pipeline.SERIES and params == {"RANK": 4, "RUN_ID": "r1", "RESUME": True} and set(done) == {
+        "01_prepare_data", "02_baseline_inference"}  # fmt: skip
+    (run / "timings.json").write_text(json.dumps({name: 1.0 for name in pipeline.SERIES}))
+    with pytest.raises(SystemExit, match="runs/r1 is finished; nothing to resume"):
+        pipeline.resume("r1")
 
 
 def test_unknown_parameter_is_refused_with_the_closest_names(tmp_path, monkeypatch):

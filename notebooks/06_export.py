@@ -1,0 +1,166 @@
+# %% [markdown]
+# # 06 · Export the tuned model, and check every export
+#
+# **Purpose:** turn the base model + the run's LoRA adapter into files other tools load — a merged
+# keras-hub preset, Hugging Face transformers safetensors, and a GGUF for llama.cpp / Ollama — and
+# prove each one computes what the trained model computed.
+#
+# - **Reads:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `probe.npz` (from 03), `data/processed/<DATASET>/` (from 01).
+# - **Writes:** `runs/<RUN_ID>/export/` (`keras/`, `transformers/`, `model.gguf`, `export_verification.json`).
+# - **Previous:** `04_evaluate` · **Next:** none
+
+# %%
+# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
+# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+import os
+
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
+    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    if not found:
+        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+    code = "/kaggle/working/gemma-lora"
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    shutil.copytree(os.path.dirname(found[0]), code, **copy)
+    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+        shutil.unpack_archive(archive, archive[: -len(".zip")])
+    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
+        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
+    sys.path.insert(0, code)
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
+    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+# %%
+import keras_hub
+import numpy as np
+from IPython.display import Markdown, display
+
+from nbutils import data, export, files, gguf_port, models, prompts, report, runs, training
+
+# %% tags=["parameters"]
+MODEL = "auto"  # the base model 03 trained on
+DATASET = "pycode-summary"
+RUN_ID = "manual"
+EXPORTS = "keras,transformers,gguf"  # any of these, comma-separated (each is a full copy of the model)
+TOLERANCE = 1e-3  # max |logit difference| allowed for a merged export (fp32 round-off of folding A·B into W)
+
+# %% [markdown]
+# ## 1. The trained model, rebuilt from its adapter
+# Notebook 03 saved a *probe*: two validation rows and the trained model's final hidden states on
+# them. Rebuilding base + adapter from `adapter.lora.h5` must give the **same** logits (tolerance 0:
+# same weights, same computation; checked when 03 trained in fp32). The rebuilt model's logits are
+# the reference for every export; the base model's show how much the adapter changes them, so a
+# check can tell a dropped adapter from round-off.
+
+# %%
+MODEL = models.choose_model(MODEL)
+exports = [e.strip() for e in EXPORTS.split(",") if e.strip()]
+unknown = set(exports) - {"keras", "transformers", "gguf"}
+if unknown:
+    raise ValueError(f"EXPORTS={EXPORTS!r}: unknown {', '.join(sorted(unknown))}; use keras, transformers and/or gguf.")
+training.mixed_precision("off")  # checks in fp32, whatever the training precision was
+out, spec = runs.run_dir(RUN_ID), runs.read_step_output(RUN_ID, "03_lora_finetune")
+probe = export.load_probe(out / export.PROBE_FILE)
+inputs = {"token_ids": probe["token_ids"], "padding_mask": probe["padding_mask"]}
+splits, manifest = data.load_processed(DATASET)
+template = prompts.Template(spec["template"], spec["stop_token"])
+texts = [prompts.render_prompt(r, template) + r["output"] for r in splits["val"][:32]]  # for the tokenizer checks
+
+lm = models.load_gemma(MODEL, sequence_length=spec["sequence_length"])
+base_logits = export.logits(lm, export.hidden_states(lm, inputs))
+training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
+reference = export.logits(lm, export.hidden_states(lm, inputs))  # the reference for every export below
+if probe["policy"] == "float32":  # trained in fp32: the rebuilt model must match the trained one exactly
+    checks = {"adapter_reloaded": export.compare(export.logits(lm, probe["hidden"]), reference, 0.0)}
+else:  # bf16 training computes in another precision than these fp32 checks: nothing exact to compare
+    checks = {"adapter_reloaded": {"skipped": f"trained under {probe['policy']}, checked in float32", "passed": None}}
+effect = float(np.max(np.abs(reference - base_logits)))
+empty = export.adapter_is_empty(lm.backbone)
+print(f"probe: {inputs['token_ids'].shape[0]} rows x {inputs['token_ids'].shape[1]} tokens; "
+      f"adapter changes the logits by up to {effect:.3g}")  # fmt: skip
+if empty:
+    print("the adapter is EMPTY (every B matrix is zero): the tuned model is the base model; the exports are of the base.")
+# Merged exports may differ from the unmerged model by fp32 round-off, never by the adapter itself: the
+# tolerance is TOLERANCE or a tenth of the adapter's effect, whichever is smaller.
+tolerance = TOLERANCE if empty else min(TOLERANCE, effect / 10)
+print(f"tolerance for the merged exports: {tolerance:.3g}")
+
+# %% [markdown]
+# ## 2. Merge the adapter into the weights
+# keras-hub's exporters read each layer's raw kernel `W`, so they would silently drop the adapter.
+# We fold it in first: a copy of the model, without LoRA, whose kernels are `W + (alpha / r) · A·B`
+# (Keras' `layer.kernel` of a LoRA layer). The result is an ordinary Gemma that needs no adapter.
+
+# %%
+merged = export.merged_copy(lm)
+del lm  # one model in memory fewer
+checks["merged_in_memory"] = export.compare(reference, export.logits(merged, export.hidden_states(merged, inputs)), tolerance)
+folder = out / "export"
+
+# %% [markdown]
+# ## 3. Write each export, load it back, compare
+# - **keras-hub preset**: `save_to_preset`, reloaded with `keras_hub.models.CausalLM.from_preset(folder)`.
+# - **transformers**: `export_to_transformers` writes `config.json`, `model.safetensors` and the
+#   tokenizer; keras-hub's own transformers converter loads it back (`from_preset` on the folder).
+# - **GGUF** (f32, llama.cpp's Gemma 3 layout): written with the `gguf` package and read back with the
+#   project's GGUF port, the one that loads the embedded model. For the transformers and GGUF exports
+#   the tokenizer travels too, so it is checked: the same ids on 32 validation texts.
+
+# %%
+def check(name, reloaded):
+    """Compare a reloaded export's logits (and tokenizer) with the trained model's."""
+    checks[name] = export.compare(reference, export.logits(reloaded, export.hidden_states(reloaded, inputs)), tolerance)
+    differing = export.differing_token_ids(merged.preprocessor.tokenizer, reloaded.preprocessor.tokenizer, texts)
+    checks[f"{name}_tokenizer"] = {"differing_texts": differing, "tolerance": 0, "passed": differing == 0}
+
+
+written = {}
+if "keras" in exports:
+    written["keras"] = export.save_keras_preset(merged, folder / "keras")
+    check("keras_preset", keras_hub.models.CausalLM.from_preset(str(written["keras"])))
+if "transformers" in exports:
+    written["transformers"] = export.save_transformers(merged, folder / "transformers")
+    check("transformers", keras_hub.models.CausalLM.from_preset(str(written["transformers"])))
+if "gguf" in exports and gguf_port.exportable(merged.backbone):
+    written["gguf"] = gguf_port.write_gguf(merged, folder / "model.gguf", name=f"{MODEL} + LoRA ({RUN_ID})")
+    check("gguf", models.gguf_causal_lm(written["gguf"]))
+elif "gguf" in exports:
+    print(f"GGUF skipped: {gguf_port.not_exportable_reason(merged.backbone)}")
+
+# %% [markdown]
+# ## 4. Verification report
+# `export_verification.json` holds every check; a failed one stops the notebook here.
+
+# %%
+verification = {"checks": checks, "adapter": {"empty": empty, "max_abs_logit_change": effect, "rank": spec["rank"],
+                "targets": spec["targets"]}, "files": {k: {"path": str(p.relative_to(out)), "mb": export.folder_mb(p)}
+                for k, p in written.items()}, "probe_shape": list(inputs["token_ids"].shape)}  # fmt: skip
+files.write_json(folder / "export_verification.json", verification)
+display(Markdown(report.table([{"check": k, **c} for k, c in checks.items()], ("check", "max_abs_diff", "differing_texts", "tolerance", "passed"))))
+failed = [k for k, c in checks.items() if c["passed"] is False]
+if failed:
+    raise AssertionError(f"export check(s) failed: {', '.join(failed)} (see {folder / 'export_verification.json'})")
+
+# %% [markdown]
+# ## Summary
+# Every requested export was written and matched the trained model; an adapter that changed nothing
+# would have been reported above.
+
+# %%
+saved = files.read_json(folder / "export_verification.json")
+assert all(c["passed"] is not False for c in saved["checks"].values())
+assert probe["policy"] != "float32" or saved["checks"]["adapter_reloaded"]["max_abs_diff"] == 0.0
+assert set(written) == {e for e in exports if e != "gguf" or gguf_port.exportable(merged.backbone)}
+assert all(p.exists() for p in written.values())
+assert empty or tolerance < effect, "a dropped adapter would pass these checks"
+sizes = ", ".join(f"{name} ({entry['mb']} MB)" for name, entry in saved["files"].items())
+print(f"OK: {sizes} in {folder}")

@@ -1,0 +1,77 @@
+"""Checkpoints and resume: a run killed (SIGKILL) and stopped (SIGTERM) ends exactly where an uninterrupted run ends."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbutils import training
+
+SCRIPT = Path(__file__).with_name("_resumable_training.py")
+
+
+def start(out: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the training process ended before {path.name}: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def log_values(out: Path) -> list[tuple]:
+    with open(out / "train_log.csv", newline="") as f:
+        return [(r["step"], r["train_loss"], r["val_loss"], r["learning_rate"]) for r in csv.DictReader(f)]
+
+
+def adapter(out: Path) -> list[np.ndarray]:
+    with np.load(out / "final_adapter.npz") as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    proc = start(straight)
+    assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
+    assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
+
+    proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
+    wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (broken / "final_adapter.npz").exists()
+    assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
+
+    proc = start(broken, "--resume", "--slow")  # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
+    wait_for(broken / "checkpoints" / "update-000008" / "progress.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (broken / "final_adapter.npz").exists()
+    stopped = training.latest_checkpoint(broken / "checkpoints")
+    assert f"SIGTERM received: stopped after update {int(stopped.name[-6:])}/12, checkpoint {stopped}" in err.splitlines()[-1]
+    assert "RESUME: continuing after update 4" in out
+
+    proc = start(broken, "--resume")  # 3. resumed to the end
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"RESUME: continuing after update {int(stopped.name[-6:])}" in out
+    for a, b in zip(adapter(straight), adapter(broken), strict=True):
+        np.testing.assert_array_equal(a, b)  # exact: same XLA programs on the same CPU, same data order
+    assert log_values(straight) == log_values(broken) and len(log_values(broken)) == 12
+
+
+def test_resume_refuses_other_parameters(tmp_path, tiny_lm):
+    cfg = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=1, batch_size=2)
+    arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
+    training.save_checkpoint(tmp_path / "checkpoints", {"update": 1, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
+    other = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=1.0)
+    with pytest.raises(ValueError, match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=1.0; resume with the same"):
+        training._resume(tmp_path / "checkpoints", other, None, None, {}, None)
