@@ -47,12 +47,18 @@ def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
                            "--nbval-cell-timeout=600", *prepared], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
 
 
-def test_all_notebooks_run_under_nbval(tmp_path):
-    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval."""
+def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
+    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in the
+    environment reach none of the files written."""
+    from test_kaggle import FAKE_KAGGLE_KEY, secret_leaks
+
+    monkeypatch.setenv("KAGGLE_KEY", FAKE_KAGGLE_KEY)
     proc = nbval(tmp_path, prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
     assert "| ROUGE-L F1 |" in report
+    assert (tmp_path / "runs" / "nbval" / "export" / "export_verification.json").exists()
+    assert not secret_leaks(tmp_path, [FAKE_KAGGLE_KEY])
 
 
 def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
