@@ -10,11 +10,16 @@ IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-ka
 SUPPORTED := 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))'
 IMAGE_PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do $$p -c $(SUPPORTED) >/dev/null 2>&1 && echo $$p && break; done)
 PROFILE ?= cpu
+# keras-hub 0.32 needs Python 3.11+; point make at another interpreter with PYTHON=python3.12.
+PYTHON ?= python3
+PYTHON_OK := 'import sys; sys.exit(sys.version_info < (3, 11))'
 
-.PHONY: venv image-venv test run sync clean
+.PHONY: venv image-venv test run sync docs lab clean
 
 $(STAMP): requirements.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -c $(PYTHON_OK) 2>/dev/null || \
+	  { echo "This project needs Python 3.11 or newer (keras-hub 0.32); '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing). Run e.g.: make $(MAKECMDGOALS) PYTHON=python3.12"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -40,6 +45,13 @@ run: venv
 
 sync: venv  ## regenerate the .ipynb files from the reviewed .py sources
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+docs: venv  ## render a run's executed notebooks into docs/ (RUN=<run_id>; default: the latest finished cpu run)
+	$(PY) -m nbutils.docs $(RUN)
+
+lab: venv  ## JupyterLab on the project's environment, notebooks folder open (installed into .venv on first use)
+	$(PY) -c 'import jupyterlab, ipywidgets' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check jupyterlab==4.6.6 ipywidgets==8.1.9
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean:
 	rm -rf $(VENV) $(IMAGE_VENV) .pytest_cache build

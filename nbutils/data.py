@@ -51,9 +51,24 @@ def detect_format(path: Path, forced: str = "", records: list | None = None) -> 
     return "dolly" if {"response", "context"} & keys and "output" not in keys else "alpaca"
 
 
+def read_text(path: Path) -> str:
+    """A data file's text, with one-line errors for an unreadable file, a binary file or non-UTF-8 bytes."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions.") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        what = "a binary file, not text" if b"\0" in raw[:8192] else (
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")  # fmt: skip
+        raise DataError(f"{path}: {what}; give a UTF-8 JSON/JSONL/CSV/TSV file (convert e.g. with "
+                        "`iconv -f latin1 -t utf-8`).") from None  # fmt: skip
+
+
 def read_json_records(path: Path) -> list:
     """Records of a JSON list or a JSON Lines file (errors name the line)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected a JSON list of objects or JSON Lines.")
     if text.lstrip().startswith("["):
@@ -69,15 +84,32 @@ def read_json_records(path: Path) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
+                _refuse_other_top_level(path, text)
                 raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}); expected one JSON object per line (JSONL).") from None
+        if len(records) == 1:
+            _refuse_other_top_level(path, text)
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: no rows found; expected a non-empty JSON list of objects or JSON Lines.")
     return records
 
 
+def _refuse_other_top_level(path: Path, text: str) -> None:
+    """A one-line error when the whole file is one JSON value that holds the rows, or none, instead of being them."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    nested = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)] if isinstance(value, dict) else []
+    if nested:
+        raise DataError(f"{path}: the rows are under the key {nested[0]!r} of a JSON object; save that list itself as the "
+                        "file (a JSON list of objects, or JSON Lines).")  # fmt: skip
+    if isinstance(value, dict) and "\n" in text.strip():
+        raise DataError(f"{path}: the file is one JSON object, not a list of rows; expected a JSON list of objects or JSON Lines.")
+
+
 def read_table(path: Path, fmt: str, columns: dict | None) -> list[dict]:
     """Rows of a CSV/TSV file, renamed by ``columns`` ({our field: their column})."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected a header row and data rows.")
     reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
@@ -220,6 +252,7 @@ def fit_to_length(row: dict, tokenizer, template, sequence_length: int) -> tuple
 def validate(rows: list[dict], tokenizer, template, sequence_length: int,
              where: str = "the data") -> tuple[list[dict], collections.Counter]:  # fmt: skip
     """Keep usable rows (truncating prompts where needed); count every dropped or truncated row."""
+    check_sequence_length(tokenizer, template, sequence_length)
     counts: collections.Counter = collections.Counter()
     usable, seen = [], set()
     for row in rows:
@@ -242,9 +275,22 @@ def validate(rows: list[dict], tokenizer, template, sequence_length: int,
                 continue
         counts["truncated_prompt (kept)"] += truncated
         kept.append({**row, "truncated": truncated})
+    if not kept and counts["too_long"] == sum(counts.values()):
+        raise DataError(f"{where}: all {counts['too_long']} rows are longer than SEQUENCE_LENGTH={sequence_length} tokens, even "
+                        "with their prompt truncated; raise SEQUENCE_LENGTH (longer rows cost memory and time).")  # fmt: skip
     if not kept:
         raise DataError(f"{where}: no usable rows left after validation ({dict(counts)}); see the reasons and fix the data.")
     return kept, counts
+
+
+def check_sequence_length(tokenizer, template, sequence_length: int) -> None:
+    """Refuse a SEQUENCE_LENGTH too small for the template plus a minimal prompt and a one-token answer."""
+    frame = len(sequences.encode_example(tokenizer, {"instruction": "", "input": "", "output": ""}, template)[0]) + 1
+    needed = frame + MIN_PROMPT_CONTENT_TOKENS + 1
+    if not isinstance(sequence_length, int) or sequence_length < needed:
+        raise DataError(f"SEQUENCE_LENGTH={sequence_length!r} is below the {needed} tokens the smallest example needs "
+                        f"({frame} for the template and stop token, {MIN_PROMPT_CONTENT_TOKENS} of prompt, 1 of answer); "
+                        "use at least that, e.g. 256.")  # fmt: skip
 
 
 def counts_table(counts: dict, total: int) -> str:
@@ -264,11 +310,15 @@ def stable_hash(text: str, seed: int) -> int:
 
 
 def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:
-    """Val and test counts from fractions (< 1) or counts (>= 1)."""
-    as_count = lambda s: int(round(s * n)) if s < 1 else int(s)  # noqa: E731
+    """Val and test counts from fractions (< 1; at least one row when above 0) or counts (>= 1)."""
+    for name, size in (("VAL_SIZE", val_size), ("TEST_SIZE", test_size)):
+        if not isinstance(size, (int, float)) or size < 0:
+            raise DataError(f"{name}={size!r}: use a fraction below 1 (e.g. 0.1) or a row count (e.g. 50).")
+    as_count = lambda s: max(1, int(round(s * n))) if 0 < s < 1 else int(s)  # noqa: E731
     n_val, n_test = as_count(val_size), as_count(test_size)
     if n_val + n_test >= n:
-        raise DataError(f"VAL_SIZE={val_size} and TEST_SIZE={test_size} leave no training rows out of {n}.")
+        raise DataError(f"{n} usable row(s) remain after validation, but VAL_SIZE={val_size} and TEST_SIZE={test_size} need "
+                        f"{n_val + n_test + 1} (train, val and test each non-empty); add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
     return n_val, n_test
 
 
@@ -287,6 +337,10 @@ def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int,
     for name in sorted(groups, key=lambda g: stable_hash(g, seed)):
         target = "test" if len(splits["test"]) < n_test else "val" if len(splits["val"]) < n_val else "train"
         splits[target].extend(groups[name])
+    empty = [s for s, wanted in (("test", n_test), ("val", n_val), ("train", 1)) if wanted and not splits[s]]
+    if empty:
+        raise DataError(f"the {len(rows)} rows come in {len(groups)} {group_key}s, kept whole per split, which leaves the "
+                        f"{'/'.join(empty)} split empty; add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
     return splits
 
 
@@ -397,7 +451,12 @@ def load_processed(dataset: str, notebook: str = "01_prepare_data") -> tuple[dic
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: run notebooks/{notebook}.ipynb first "
                                 f"(with DATASET/DATA_PATH giving {dataset!r}).")  # fmt: skip
-    return {s: files.read_jsonl(folder / f"{s}.jsonl") for s in SPLITS}, files.read_json(manifest_path)
+    manifest = files.read_json(manifest_path)
+    for s in SPLITS:  # the splits are written before their manifest: a write cut short shows up here
+        if files.sha256_file(folder / f"{s}.jsonl") != manifest["split_sha256"][s]:
+            raise DataError(f"{folder / f'{s}.jsonl'} does not match {manifest_path.name} (a write was interrupted or the "
+                            f"file edited); re-run notebooks/{notebook}.ipynb.")  # fmt: skip
+    return {s: files.read_jsonl(folder / f"{s}.jsonl") for s in SPLITS}, manifest
 
 
 def check_split_hashes(recorded: dict, manifest: dict, who: str) -> None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from nbutils import batches, compat, objective, prompts, sequences
+from nbutils import progress as progress_bar
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
 HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "response_loss": False,
@@ -25,13 +26,17 @@ def make_sampler(spec: str = "greedy", seed: int = 0):
     import keras_hub
 
     kind, _, value = spec.partition(":")
-    if kind == "greedy":
+    try:
+        k, p = int(value or 50) if kind == "top_k" else 1, float(value or 0.9) if kind == "top_p" else 0.5
+    except ValueError:
+        k = p = None
+    if kind == "greedy" and not value:
         return keras_hub.samplers.GreedySampler()
-    if kind == "top_k":
-        return keras_hub.samplers.TopKSampler(k=int(value or 50), seed=seed)
-    if kind == "top_p":
-        return keras_hub.samplers.TopPSampler(p=float(value or 0.9), seed=seed)
-    raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' or 'top_p:<p>'.")
+    if kind == "top_k" and k is not None and k >= 1:
+        return keras_hub.samplers.TopKSampler(k=k, seed=seed)
+    if kind == "top_p" and p is not None and 0 < p <= 1:
+        return keras_hub.samplers.TopPSampler(p=p, seed=seed)
+    raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
 
 
 def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop: int, max_new_tokens: int) -> tuple[list[int], bool]:
@@ -48,8 +53,6 @@ def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop
 def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_size: int = 16,
              sampler: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
     """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens."""
-    from tqdm.auto import tqdm
-
     tokenizer = lm.preprocessor.tokenizer
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
@@ -58,7 +61,7 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     generate_fn = lm.make_generate_function()
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
     results: dict[int, dict] = {}
-    bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not progress)
+    bar = progress_bar.bar(len(rows), "generating", "row", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         padded = idx + [idx[-1]] * (batch_size - len(idx))  # fixed batch shape: one compile

@@ -28,6 +28,8 @@ def atomic_path(path: Path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. no space left: say which artifact, and that its previous version is intact
+        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -38,13 +40,19 @@ def atomic_dir(path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)  # set aside, not deleted, until the new folder is in place
         os.replace(tmp, path)
+    except OSError as exc:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from nbutils import compat, files, gguf_port, paths
+from nbutils import compat, files, gguf_port, paths, quiet
 
 AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
@@ -84,7 +84,8 @@ def gguf_causal_lm(gguf_path: Path):
     import keras_hub
 
     reader = gguf_port.read_gguf(gguf_path)
-    tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
+    with quiet.native_stderr_filtered():
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
     backbone = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
     gguf_port.load_weights(backbone, reader)
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer))
@@ -110,7 +111,8 @@ def local_tokenizer():
     proto_path = paths.cache_dir() / f"{LOCAL_MODEL}-{pkg.EXPECTED_SHA256[:16]}.tokenizer.model"
     if not proto_path.exists():
         files.write_bytes(proto_path, gguf_port.sentencepiece_proto(gguf_port.read_gguf(embedded_gguf()[0])))
-    return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
+    with quiet.native_stderr_filtered():
+        return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
 
 
 def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
@@ -210,7 +212,8 @@ def _from_preset(cls, model: str, **kwargs):
     """``cls.from_preset`` with download failures turned into one clear error."""
     preset = resolve_preset(model)
     try:
-        return cls.from_preset(preset, **kwargs)
+        with quiet.native_stderr_filtered():
+            return cls.from_preset(preset, **kwargs)
     except Exception as exc:
         if preset != model:
             raise

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import difflib
 import logging
+import os
 import sys
 import time
 
@@ -171,7 +172,7 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     out = runs.run_dir(run_id)
     params["RUN_ID"] = run_id
     files.write_json(out / "config.json", {"profile": profile, "parameters": params, "versions": provenance.versions(),
-                                           "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
+                                           "machine": provenance.machine(), "started": dt.datetime.now().isoformat(timespec="seconds")})  # fmt: skip
     return execute(run_id, series, params, accepted, {})
 
 
@@ -194,6 +195,7 @@ def execute(run_id: str, series: tuple, params: dict, accepted: dict, done: dict
     """Run the notebooks of ``series`` not in ``done`` (name -> seconds) into ``runs/<run_id>/``."""
     import papermill as pm
 
+    os.environ.setdefault("NBUTILS_PROGRESS", "lines")  # the kernels inherit it: plain progress lines in saved outputs
     out, timings = paths.RUNS_DIR / run_id, dict(done)
     with papermill_log(out / "pipeline.log"):
         for name in series:

@@ -52,6 +52,24 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
 
+    def __post_init__(self):
+        """One-line errors for values that cannot train (each names the notebook parameter)."""
+        positive_int = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                        "eval_every": self.eval_every, "patience": self.patience, "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
+        for name, value in positive_int.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name.upper()}={value!r} must be a positive integer.")
+        for name in ("warmup_steps", "max_steps", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name.upper()}={getattr(self, name)!r} must be an integer >= 0.")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
+            raise ValueError(f"LEARNING_RATE={self.learning_rate!r} must be a number in (0, 1); LoRA typically uses 1e-4 to 1e-3.")
+        for name in ("weight_decay", "clipnorm", "alpha", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{'LORA_ALPHA' if name == 'alpha' else name.upper()}={value!r} must be a number >= 0.")
+
+
 # Knobs that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints")
 CHECKPOINT_DIR = "checkpoints"
@@ -89,6 +107,8 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
     each layer's initializer here keeps runs reproducible without resetting global seeds.
     """
     layers = [lyr for lyr in compat.all_layers(backbone) if getattr(lyr, "lora_enabled", False)]
+    if layers and not (isinstance(layers[0].lora_rank, int) and layers[0].lora_rank >= 1):
+        raise ValueError(f"RANK={layers[0].lora_rank!r} must be a positive integer.")
     expected = len(compat.lora_layer_indices(backbone))
     if not layers or len(layers) != expected:
         raise ValueError(f"found {len(layers)} LoRA-enabled layers, keras-hub enabled {expected}: "

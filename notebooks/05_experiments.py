@@ -11,7 +11,7 @@
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -38,6 +38,10 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
     print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+
+from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+
+quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
 
 # %%
 import gc

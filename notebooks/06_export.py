@@ -11,7 +11,7 @@
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs; anywhere else this cell does nothing.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -39,8 +39,11 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
     print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
 
+from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+
+quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+
 # %%
-import keras_hub
 import numpy as np
 from IPython.display import Markdown, display
 
@@ -108,7 +111,8 @@ folder = out / "export"
 
 # %% [markdown]
 # ## 3. Write each export, load it back, compare
-# - **keras-hub preset**: `save_to_preset`, reloaded with `keras_hub.models.CausalLM.from_preset(folder)`.
+# - **keras-hub preset**: `save_to_preset`, reloaded with `keras_hub.models.CausalLM.from_preset(folder)`
+#   (`models.load_gemma(folder)` calls it).
 # - **transformers**: `export_to_transformers` writes `config.json`, `model.safetensors` and the
 #   tokenizer; keras-hub's own transformers converter loads it back (`from_preset` on the folder).
 # - **GGUF** (f32, llama.cpp's Gemma 3 layout): written with the `gguf` package and read back with the
@@ -126,10 +130,10 @@ def check(name, reloaded):
 written = {}
 if "keras" in exports:
     written["keras"] = export.save_keras_preset(merged, folder / "keras")
-    check("keras_preset", keras_hub.models.CausalLM.from_preset(str(written["keras"])))
+    check("keras_preset", models.load_gemma(str(written["keras"]), spec["sequence_length"]))  # from_preset(folder)
 if "transformers" in exports:
     written["transformers"] = export.save_transformers(merged, folder / "transformers")
-    check("transformers", keras_hub.models.CausalLM.from_preset(str(written["transformers"])))
+    check("transformers", models.load_gemma(str(written["transformers"]), spec["sequence_length"]))  # keras-hub converts it
 if "gguf" in exports and gguf_port.exportable(merged.backbone):
     written["gguf"] = gguf_port.write_gguf(merged, folder / "model.gguf", name=f"{MODEL} + LoRA ({RUN_ID})")
     check("gguf", models.gguf_causal_lm(written["gguf"]))

@@ -128,6 +128,7 @@ def test_setup_cell_on_a_simulated_kaggle(tmp_path):
     with zipfile.ZipFile(dataset / "nbutils.zip", "w") as z:  # what `kaggle datasets create --dir-mode zip` uploads
         z.writestr("__init__.py", "")
         z.writestr("marker.py", "VALUE = 42\n")
+        z.writestr("quiet.py", "def load_frameworks():\n    pass\n")  # the real one imports JAX/Keras: not needed here
     earlier = root / "input" / "notebooks" / "alice" / "gemma-lora-01-prepare-data" / "data" / "processed" / "ds"
     earlier.mkdir(parents=True)
     (earlier / "manifest.json").write_text("{}")

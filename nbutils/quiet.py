@@ -1,0 +1,63 @@
+"""Clean notebook outputs: the frameworks' start-up chatter is filtered here, in one place.
+
+TensorFlow (keras-hub's tokenizers), XLA and SentencePiece write log lines from C++ straight to the
+process's stderr, which Jupyter shows in the cell. :func:`native_stderr_filtered` captures that file
+descriptor while they load and passes on every line except the known, harmless ones below, so a
+real error still shows. Python warnings a reader can do nothing about are filtered by message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} .*(port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|dso_loader\.cc|cuda_\w+\.cc)"
+    r"|E\d{4} .*cuda_(platform|executor|diagnostics)\.cc.*(cuInit|CUDA|kernel driver)"
+    r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty.*"
+    r"|To enable the following instructions: .*rebuild TensorFlow.*"
+    r"|\s*)$"
+)
+WARNING_NOISE = ("IProgress not found",)  # tqdm without ipywidgets: it falls back to a text bar
+
+
+def is_noise(line: str) -> bool:
+    """Whether a native log line is known, harmless start-up chatter."""
+    return bool(NATIVE_NOISE.match(line))
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Capture file descriptor 2 while the block runs; re-emit every line that is not known noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (some embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines() if not is_noise(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def load_frameworks() -> None:
+    """Import JAX, Keras and keras-hub (hence TensorFlow) with their start-up chatter filtered out."""
+    for message in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    with native_stderr_filtered():
+        import jax  # noqa: F401
+        import keras  # noqa: F401
+        import keras_hub  # noqa: F401

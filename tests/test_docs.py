@@ -1,0 +1,95 @@
+"""What a reader sees: clean executed notebooks, and docs/ pages that cannot drift from the sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jupytext
+import nbformat
+import pytest
+
+from nbutils import docs, paths, pipeline, quiet
+
+from test_kaggle import FAKE_KAGGLE_KEY, secret_leaks
+
+FORBIDDEN_CHARS = {"\x1b": "an ANSI escape code", "\x08": "a backspace", "\r": "a carriage return (a redrawn bar)"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke pipeline (01 -> 04 -> 06) run as a user runs it, with Kaggle credentials in the environment."""
+    root = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(root / "processed"), "NBUTILS_RUNS_DIR": str(root / "runs"),
+           "KAGGLE_USERNAME": "fake-user-5be1", "KAGGLE_KEY": FAKE_KAGGLE_KEY}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "clean"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return root
+
+
+def output_problems(nb_path) -> list[str]:
+    """Every saved output line with an escape code, a redraw, a known noise line or a warning."""
+    problems = []
+    for i, cell in enumerate(nbformat.read(nb_path, as_version=4).cells):
+        for out in cell.get("outputs", []):
+            text = out.get("text") or "".join(v for k, v in out.get("data", {}).items() if k == "text/plain")
+            for char, what in FORBIDDEN_CHARS.items():
+                if char in text:
+                    problems.append(f"{nb_path.name} cell {i}: {what}")
+            for line in text.splitlines():
+                if (line.strip() and quiet.is_noise(line)) or "Warning:" in line or out.get("name") == "stderr":
+                    problems.append(f"{nb_path.name} cell {i}: {line[:120]!r}")
+    return problems
+
+
+def test_executed_notebooks_have_clean_outputs_and_no_secrets(smoke_run):
+    run = smoke_run / "runs" / "clean"
+    notebooks = sorted(run.glob("*.ipynb"))
+    assert [p.stem for p in notebooks] == list(pipeline.SERIES)
+    problems = [p for nb in notebooks for p in output_problems(nb)]
+    assert not problems, "\n".join(problems[:20])
+    printed = "".join(o.get("text", "") for nb in notebooks for c in nbformat.read(nb, as_version=4).cells for o in c.get("outputs", []))
+    assert "generating: 8/8 rows (100%)" in printed  # progress as plain lines
+    assert not secret_leaks(smoke_run, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
+
+
+def test_the_output_check_finds_noise(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="fine\rredrawn 50%\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\n"),
+    ])])  # fmt: skip
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    problems = output_problems(tmp_path / "x.ipynb")
+    assert len(problems) == 2 and "carriage return" in problems[0] and "port.cc" in problems[1]
+
+
+def notebook_code(name: str) -> list[str]:
+    return [c.source.strip() for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells if c.cell_type == "code"]
+
+
+def test_rendered_pages_hold_the_code_outputs_and_images(smoke_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RUNS_DIR", smoke_run / "runs")
+    pages = docs.render("clean", tmp_path)
+    assert [p.stem for p in pages] == list(pipeline.SERIES)
+    for page in pages:
+        text = page.read_text()
+        assert text.startswith("> Rendered from run `clean` (profile `smoke`") and "accelerator" in text
+        assert docs.code_cells(text) == notebook_code(page.stem), page.name
+    assert list((tmp_path / "03_lora_finetune_files").glob("*.png"))  # the loss curve, as an image file
+    edited = pages[2].read_text().replace("training.train_lora(", "training.train_lora_v2(")
+    assert docs.code_cells(edited) != notebook_code(pages[2].stem)  # a changed line is seen
+
+
+@pytest.mark.parametrize("name", pipeline.SERIES)
+def test_committed_pages_match_the_notebook_sources(name):
+    page = docs.DOCS_DIR / f"{name}.md"
+    assert page.exists(), f"docs/{name}.md is missing: run `make run` then `make docs`"
+    assert docs.code_cells(page.read_text()) == notebook_code(name), f"docs/{name}.md is older than notebooks/{name}.py: run `make docs` on a new run"
+
+
+def test_readme_links_the_pages_in_order():
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    links = [readme.find(f"(docs/{name}.md)") for name in pipeline.SERIES]
+    assert all(i > 0 for i in links) and links == sorted(links)
+    assert readme.find("## Read the tutorial") < readme.find("## The notebooks")
