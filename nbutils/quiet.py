@@ -15,13 +15,13 @@ import sys
 import tempfile
 import warnings
 
-NATIVE_NOISE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]\d{4} .*(port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|dso_loader\.cc|cuda_\w+\.cc)"
-    r"|E\d{4} .*cuda_(platform|executor|diagnostics)\.cc.*(cuInit|CUDA|kernel driver)"
-    r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty.*"
-    r"|To enable the following instructions: .*rebuild TensorFlow.*"
-    r"|\s*)$"
+NATIVE_NOISE = re.compile(  # each alternative matches a whole line's start; the rest of the line is free text
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} .*(port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|dso_loader\.cc|cuda_\w+\.cc):\d+\]"
+    r"|E\d{4} .*cuda_(platform|executor|diagnostics)\.cc:\d+\] .*(cuInit|CUDA|kernel driver)"
+    r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty"
+    r"|To enable the following instructions: .*rebuild TensorFlow"
+    r"|\s*$"
 )
 WARNING_NOISE = ("IProgress not found",)  # tqdm without ipywidgets: it falls back to a text bar
 

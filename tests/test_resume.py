@@ -72,6 +72,6 @@ def test_resume_refuses_other_parameters(tmp_path, tiny_lm):
     cfg = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=1, batch_size=2)
     arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
     training.save_checkpoint(tmp_path / "checkpoints", {"update": 1, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
-    other = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=1.0)
-    with pytest.raises(ValueError, match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=1.0; resume with the same"):
+    other = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=0.5)
+    with pytest.raises(ValueError, match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=0.5; resume with the same"):
         training._resume(tmp_path / "checkpoints", other, None, None, {}, None)
