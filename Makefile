@@ -18,7 +18,7 @@ PYTHON_OK := 'import sys; sys.exit(sys.version_info < (3, 11))'
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -c $(PYTHON_OK) 2>/dev/null || \
-	  { echo "This project needs Python 3.11 or newer (keras-hub 0.32); '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing). Run e.g.: make $(MAKECMDGOALS) PYTHON=python3.12"; exit 1; }
+	  { echo "This project needs Python 3.11 or newer (keras-hub 0.32); '$(PYTHON)' is $$($(PYTHON) -V 2>/dev/null || echo missing). Run e.g.: make $(MAKECMDGOALS) PYTHON=python3.12"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.installed-*

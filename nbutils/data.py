@@ -275,7 +275,7 @@ def validate(rows: list[dict], tokenizer, template, sequence_length: int,
                 continue
         counts["truncated_prompt (kept)"] += truncated
         kept.append({**row, "truncated": truncated})
-    if not kept and counts["too_long"] == sum(counts.values()):
+    if not kept and counts["too_long"] and counts["too_long"] == sum(counts.values()):
         raise DataError(f"{where}: all {counts['too_long']} rows are longer than SEQUENCE_LENGTH={sequence_length} tokens, even "
                         "with their prompt truncated; raise SEQUENCE_LENGTH (longer rows cost memory and time).")  # fmt: skip
     if not kept:
@@ -317,8 +317,9 @@ def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:
     as_count = lambda s: max(1, int(round(s * n))) if 0 < s < 1 else int(s)  # noqa: E731
     n_val, n_test = as_count(val_size), as_count(test_size)
     if n_val + n_test >= n:
+        splits = "train, val and test" if n_test else "train and val"
         raise DataError(f"{n} usable row(s) remain after validation, but VAL_SIZE={val_size} and TEST_SIZE={test_size} need "
-                        f"{n_val + n_test + 1} (train, val and test each non-empty); add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
+                        f"{n_val + n_test + 1} ({splits} each non-empty); add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
     return n_val, n_test
 
 

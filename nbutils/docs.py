@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from nbutils import files, paths, pipeline, provenance
+from nbutils import files, paths, pipeline
 
 DOCS_DIR = paths.REPO_ROOT / "docs"
 INJECTED_MARK = "*Parameters of this run (injected by papermill):*"
@@ -36,7 +36,7 @@ def header(run_id: str, config: dict) -> str:
     """Where the page's outputs come from."""
     v = config.get("versions", {})
     packages = ", ".join(f"{k} {ver}" for k, ver in sorted(v.get("packages", {}).items()) if ver)
-    m = config.get("machine") or provenance.machine()
+    m = config.get("machine") or {"cpus": "?", "cpu_model": "an unrecorded machine", "memory_gb": "?", "accelerator": "unrecorded"}
     return (f"> Rendered from run `{run_id}` (profile `{config['profile']}`, started {config.get('started', '?')}): "
             f"{m['cpus']} × {m['cpu_model']}, {m['memory_gb']} GB, accelerator {m['accelerator']}; Python {v.get('python')} "
             f"on {v.get('platform')}; {packages}. Regenerate with `make run`, then `make docs`.\n\n")  # fmt: skip

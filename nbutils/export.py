@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import compat, files, sequences
+from nbutils import files, sequences, training
+from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"
 PROBE_ROWS = 2
-PROBE_KEYS = ("token_ids", "padding_mask", "hidden", "policy")
+PROBE_KEYS = ("token_ids", "padding_mask", "hidden", "policy", "distributed")
 
 
 def probe_inputs(tokenizer, rows: list[dict], template, sequence_length: int) -> dict[str, np.ndarray]:
@@ -43,9 +44,13 @@ def logits(lm, hidden: np.ndarray) -> np.ndarray:
 
 
 def save_probe(lm, inputs: dict, path: Path) -> Path:
-    """Write the probe inputs, ``lm``'s hidden states on them and its dtype policy (``.npz``, no pickle), atomically."""
+    """Write the probe inputs, ``lm``'s hidden states on them, its dtype policy and whether a device mesh was in use
+    (``.npz``, no pickle), atomically."""
+    import keras
+
     with files.atomic_path(Path(path)) as tmp:
-        np.savez(tmp, **inputs, hidden=hidden_states(lm, inputs), policy=np.array(lm.backbone.dtype_policy.name))
+        np.savez(tmp, **inputs, hidden=hidden_states(lm, inputs), policy=np.array(lm.backbone.dtype_policy.name),
+                 distributed=np.array(keras.distribution.distribution() is not None))  # fmt: skip
     return Path(path)
 
 
@@ -56,15 +61,12 @@ def load_probe(path: Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path} not found: re-run notebooks/03_lora_finetune.ipynb (it saves the probe with the adapter).")
     with np.load(path, allow_pickle=False) as f:
         probe = {k: f[k] for k in f.files}
-    probe["policy"] = str(probe.get("policy", ""))
+    if "policy" in probe:
+        probe.setdefault("distributed", np.array(False))  # probes saved before the flag existed were single-device
     if set(probe) != set(PROBE_KEYS):
         raise ValueError(f"{path}: expected arrays {', '.join(PROBE_KEYS)}, found {', '.join(sorted(probe))}; re-run notebook 03.")
+    probe["policy"], probe["distributed"] = str(probe["policy"]), bool(probe["distributed"])
     return probe
-
-
-def lora_layers(backbone) -> list:
-    """The LoRA-enabled layers of ``backbone``."""
-    return [layer for layer in compat.all_layers(backbone) if getattr(layer, "lora_enabled", False)]
 
 
 def adapter_is_empty(backbone) -> bool:

@@ -47,10 +47,10 @@ def atomic_dir(path: Path):
             os.replace(path, old)  # set aside, not deleted, until the new folder is in place
         os.replace(tmp, path)
     except OSError as exc:
-        if old.exists() and not path.exists():
-            os.replace(old, path)
         raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact") from None
     finally:
+        if old.exists() and not path.exists():  # whatever interrupted the swap: put the previous version back
+            os.rename(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 

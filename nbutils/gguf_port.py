@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nbutils import files
+
 # SentencePiece piece types share their numbering with GGUF's token_type field.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
@@ -203,6 +205,21 @@ def gguf_tensors(backbone) -> dict[str, np.ndarray]:
     return out
 
 
+def vocabulary_fields(proto: bytes) -> tuple[list[str], list[float], list[int]]:
+    """GGUF tokens, scores and token types from a SentencePiece proto: the inverse of :func:`sentencepiece_proto`
+    (whitespace-run pieces spelled with spaces again; ``<unk>`` and the turn tokens typed CONTROL, as llama.cpp writes them)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto_model = sp_pb2.ModelProto.FromString(proto)
+    tokens, scores, types = [], [], []
+    for p in proto_model.pieces:
+        whitespace_run = len(p.piece) > 1 and set(p.piece) == {SPACE}
+        tokens.append(p.piece.replace(SPACE, " ") if whitespace_run else p.piece)
+        scores.append(p.score)
+        types.append(CONTROL if p.type == UNKNOWN or p.piece in TURN_TOKENS else p.type)
+    return tokens, scores, types
+
+
 def exportable(backbone) -> bool:
     """Whether this port can write (and read back) ``backbone``'s size."""
     return (backbone.num_layers, backbone.hidden_dim) in VERIFIED_SIZES
@@ -218,14 +235,11 @@ def write_gguf(lm, path: Path, name: str = "Gemma 3 LoRA-tuned") -> Path:
     """Write ``lm`` (a keras-hub Gemma3CausalLM; LoRA layers are merged) as an f32 GGUF with llama.cpp's
     Gemma 3 metadata and SentencePiece vocabulary, atomically."""
     import gguf
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    from nbutils import files
 
     b, tokenizer = lm.backbone, lm.preprocessor.tokenizer
     if not exportable(b):
         raise GGUFError(not_exportable_reason(b))
-    proto = sp_pb2.ModelProto.FromString(tokenizer.proto)
+    tokens, scores, types = vocabulary_fields(tokenizer.proto)
     with files.atomic_path(Path(path)) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="gemma3")
         w.add_name(name)
@@ -243,13 +257,14 @@ def write_gguf(lm, path: Path, name: str = "Gemma 3 LoRA-tuned") -> Path:
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        w.add_token_list([p.piece for p in proto.pieces])
-        w.add_token_scores([p.score for p in proto.pieces])
-        w.add_token_types([p.type for p in proto.pieces])
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
         for add, token in ((w.add_bos_token_id, "<bos>"), (w.add_eos_token_id, "<eos>"), (w.add_unk_token_id, "<unk>"),
                            (w.add_pad_token_id, "<pad>")):  # fmt: skip
             add(int(tokenizer.token_to_id(token)))
         w.add_add_bos_token(True)
+        w.add_add_sep_token(False)
         w.add_add_eos_token(False)
         w.add_add_space_prefix(False)
         for tensor_name, array in gguf_tensors(b).items():

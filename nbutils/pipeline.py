@@ -167,8 +167,9 @@ def run(profile: str, overrides: dict, run_id: str | None = None) -> dict:
     check_parameters(overrides, accepted)
     params = notebook_parameters(profile, overrides)
     run_id, series = run_id or new_run_id(profile), PROFILE_SERIES.get(profile, SERIES)
-    if (paths.RUNS_DIR / run_id / runs.STEP_FILES[series[-1]]).exists():
-        raise SystemExit(f"runs/{run_id} already holds a finished run; pick another --run-id.")
+    finished = [runs.STEP_FILES[series[-1]], *(["metrics.json"] if series == SERIES else [])]  # metrics.json: runs from before 06
+    if any((paths.RUNS_DIR / run_id / f).exists() for f in finished):
+        raise SystemExit(f"runs/{run_id} already holds a finished run; pick another --run-id (or --resume {run_id}).")
     out = runs.run_dir(run_id)
     params["RUN_ID"] = run_id
     files.write_json(out / "config.json", {"profile": profile, "parameters": params, "versions": provenance.versions(),
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         run_id = args.run_id or new_run_id(args.profile if args.profile in PROFILES else "run")
         run(args.profile, overrides, run_id)
     except KeyboardInterrupt:
-        print(f"pipeline interrupted; continue with: python -m nbutils.pipeline --resume {args.resume or run_id}", file=sys.stderr)
+        print(f"pipeline interrupted; continue from the last periodic checkpoint with: python -m nbutils.pipeline --resume "
+              f"{args.resume or run_id}", file=sys.stderr)  # fmt: skip
         return 130
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
         print(f"pipeline failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}", file=sys.stderr)

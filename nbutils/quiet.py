@@ -1,9 +1,9 @@
 """Clean notebook outputs: the frameworks' start-up chatter is filtered here, in one place.
 
 TensorFlow (keras-hub's tokenizers), XLA and SentencePiece write log lines from C++ straight to the
-process's stderr, which Jupyter shows in the cell. :func:`native_stderr_filtered` captures that file
-descriptor while they load and passes on every line except the known, harmless ones below, so a
-real error still shows. Python warnings a reader can do nothing about are filtered by message.
+process's stderr, which Jupyter shows in the cell. :func:`native_stderr_filtered` routes that file
+descriptor through a filter while they load and passes on every line except the known, harmless ones
+below, so a real error still shows. Python warnings a reader can do nothing about are filtered by message.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
+import threading
 import warnings
 
 NATIVE_NOISE = re.compile(  # each alternative matches a whole line's start; the rest of the line is free text
@@ -33,24 +33,32 @@ def is_noise(line: str) -> bool:
 
 @contextlib.contextmanager
 def native_stderr_filtered():
-    """Capture file descriptor 2 while the block runs; re-emit every line that is not known noise."""
+    """Route file descriptor 2 through a filter while the block runs: every line that is not known noise is
+    passed on at once (so the last words of a native crash still show)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no real stderr (some embedded interpreters): nothing to filter
         yield
         return
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines() if not is_noise(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def forward() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                if not is_noise(raw.decode("utf-8", "replace").rstrip("\r\n")):
+                    os.write(saved, raw)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to the end and stops
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 def load_frameworks() -> None:

@@ -52,7 +52,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         """One-line errors for values that cannot train (each names the notebook parameter)."""
         positive_int = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                         "eval_every": self.eval_every, "patience": self.patience, "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
@@ -100,13 +100,18 @@ def seed_lora_a(layers: list, seed: int) -> None:
         a.assign(keras.initializers.HeUniform(seed=seed * 100_003 + i)(a.shape, dtype=a.dtype))
 
 
+def lora_layers(backbone) -> list:
+    """The LoRA-enabled layers of ``backbone``, depth first."""
+    return [layer for layer in compat.all_layers(backbone) if getattr(layer, "lora_enabled", False)]
+
+
 def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
     """Set ``alpha`` on every LoRA-enabled layer, draw its ``A`` from ``seed`` and compute it unmerged; returns the layers.
 
     keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG; seeding
     each layer's initializer here keeps runs reproducible without resetting global seeds.
     """
-    layers = [lyr for lyr in compat.all_layers(backbone) if getattr(lyr, "lora_enabled", False)]
+    layers = lora_layers(backbone)
     if layers and not (isinstance(layers[0].lora_rank, int) and layers[0].lora_rank >= 1):
         raise ValueError(f"RANK={layers[0].lora_rank!r} must be a positive integer.")
     expected = len(compat.lora_layer_indices(backbone))
@@ -122,8 +127,6 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
 
 def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0) -> dict:
     """Freeze the model and add seeded rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"RANK={rank!r} must be a positive integer.")
     lm.backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
     configure_lora(lm.backbone, alpha or rank, seed)
     return parameter_summary(lm)
@@ -206,9 +209,6 @@ def warmup_linear(peak: float, warmup: int, total: int):
 
 def plan(cfg: TrainConfig, n_train: int) -> dict:
     """Batches per pass over the training rows and optimizer updates to run (each of GRAD_ACCUM batches)."""
-    for name, value in (("BATCH_SIZE", cfg.batch_size), ("GRAD_ACCUM", cfg.grad_accum), ("EVAL_EVERY", cfg.eval_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
     n_batches = n_train // cfg.batch_size
     if n_batches < 1:
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {n_train} training rows.")
@@ -298,13 +298,15 @@ class Trainer:
 
     def restore(self, state: tuple, trainable: list, opt_vars: list) -> tuple:
         """``state`` with the adapter and optimizer values of a checkpoint (shapes checked)."""
+        import jax
         import jax.numpy as jnp
 
         for name, now, saved in (("adapter", state[0], trainable), ("optimizer", state[2], opt_vars)):
             if [tuple(x.shape) for x in now] != [tuple(x.shape) for x in saved]:
                 raise ValueError(f"the checkpoint's {name} weights do not fit this model (other rank, targets or model); "
                                  "start a new RUN_ID or resume with the same parameters.")  # fmt: skip
-        return [jnp.asarray(x) for x in trainable], state[1], [jnp.asarray(x) for x in opt_vars]
+        place = lambda saved, now: jax.device_put(jnp.asarray(saved, dtype=now.dtype), now.sharding)  # noqa: E731  (keep the layout)
+        return [place(x, n) for x, n in zip(trainable, state[0])], state[1], [place(x, n) for x, n in zip(opt_vars, state[2])]
 
     def write_back(self, state: tuple) -> None:
         """Copy the adapter and optimizer values from ``state`` into the Keras variables."""
@@ -331,16 +333,19 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
     state, log = trainer.state(), TrainLog(out_dir / "train_log.csv")
     run = {"update": 0, "best": math.inf, "waited": 0, "history": {"val_loss": [], "val_step": []}}
     best_adapter, checkpoints = None, out_dir / CHECKPOINT_DIR
+    fingerprint = data_fingerprint(train, val_batches)
     if resume:
-        state, best_adapter = _resume(checkpoints, cfg, trainer, state, run, log)
+        state, best_adapter = _resume(checkpoints, cfg, fingerprint, trainer, state, run, log)
+    else:  # a fresh run never resumes from, or rotates against, another run's checkpoints
+        shutil.rmtree(checkpoints, ignore_errors=True)
     stream = _batch_stream(train, cfg)
     for _ in range(run["update"] * cfg.grad_accum):  # the data order is a function of (SEED, pass): skip what was used
         next(stream)
-    start, update, last_saved = time.perf_counter(), run["update"], None
+    start, update, last_saved = time.perf_counter(), run["update"], latest_checkpoint(checkpoints)
 
     def checkpoint() -> Path:
         arrays = {"adapter": state[0], "optimizer": state[2], "best": best_adapter or []}
-        return save_checkpoint(checkpoints, {**run, "update": update}, arrays, log.rows, cfg)
+        return save_checkpoint(checkpoints, {**run, "update": update, "data_sha256": fingerprint}, arrays, log.rows, cfg)
 
     try:
         with stop_requests() as stop:
@@ -370,17 +375,17 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
                     else:
                         run["waited"] += 1
                         stop_early = run["waited"] >= cfg.patience
-                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < p["updates"] and not stop_early:
-                    last_saved = checkpoint()
-                if stop:
-                    last_saved = checkpoint()
-                    raise TrainingInterrupted(f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
-                                              f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>).")  # fmt: skip
-                if stop_early:
+                if stop_early:  # finishes normally, even if a stop signal came during this update
                     history = run["history"]
                     print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
                           f"{history['val_step'][history['val_loss'].index(run['best'])]}")  # fmt: skip
                     break
+                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < p["updates"]:
+                    last_saved = checkpoint()
+                if stop and update < p["updates"]:
+                    last_saved = checkpoint()
+                    raise TrainingInterrupted(f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
+                                              f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>).")  # fmt: skip
     finally:  # the Keras variables always end up holding a valid adapter: the best one, else the last one
         trainer.write_back(state)
         for v, value in zip(trainer.trainable, best_adapter or []):
@@ -417,7 +422,7 @@ def save_checkpoint(folder: Path, run: dict, arrays: dict[str, list], log_rows: 
         np.savez(tmp / "arrays.npz", **flat)
         files.write_json(tmp / "progress.json", {**run, "config": dataclasses.asdict(cfg), "log": log_rows,
                                                  "data_order": "batches are a function of (seed, pass); skipped on resume"})  # fmt: skip
-    for old in sorted(Path(folder).glob("update-*"))[: -max(cfg.keep_checkpoints, 1)]:
+    for old in sorted(p for p in Path(folder).glob("update-*") if p.name < path.name)[: 1 - max(cfg.keep_checkpoints, 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -438,7 +443,13 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, list]]:
     return progress, arrays
 
 
-def _resume(folder: Path, cfg: TrainConfig, trainer: Trainer, state: tuple, run: dict, log: "TrainLog") -> tuple:
+def data_fingerprint(train: dict, val_batches: list) -> str:
+    """sha256 of the token ids and masks trained and validated on (data, template, sequence length, tokenizer)."""
+    arrays = [train["token_ids"], train["response_mask"], *(a for b in val_batches for a in b.inputs().values())]
+    return files.sha256_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
+
+
+def _resume(folder: Path, cfg: TrainConfig, fingerprint: str, trainer: Trainer, state: tuple, run: dict, log: "TrainLog") -> tuple:
     """Load the latest checkpoint into ``run``/``log``; returns the restored state and best adapter."""
     path = latest_checkpoint(folder)
     if path is None:
@@ -450,6 +461,9 @@ def _resume(folder: Path, cfg: TrainConfig, trainer: Trainer, state: tuple, run:
     if changed:
         raise ValueError(f"{path}: made with " + ", ".join(f"{k.upper()}={then.get(k)!r}" for k in changed) + " but now "
                          + ", ".join(f"{k.upper()}={now[k]!r}" for k in changed) + "; resume with the same parameters or use a new RUN_ID.")  # fmt: skip
+    if progress.get("data_sha256") != fingerprint:
+        raise ValueError(f"{path}: made on other training/validation data (notebook 01 re-run, or another template, "
+                         "SEQUENCE_LENGTH or MAX_VAL_ROWS); resume on the same data or use a new RUN_ID.")  # fmt: skip
     run.update({k: progress[k] for k in ("update", "best", "waited", "history")}, resumed_from=str(path))
     log.rows = progress["log"]
     print(f"RESUME: continuing after update {run['update']} from {path}")

@@ -163,6 +163,7 @@ def no_space(*args, **kwargs):
 
 
 def test_no_space_left_keeps_the_previous_artifacts(tmp_path, monkeypatch):
+    real_replace = os.replace
     files.write_json(tmp_path / "metrics.json", {"rouge": 0.3})
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "model.gguf").write_bytes(b"previous")
@@ -170,9 +171,17 @@ def test_no_space_left_keeps_the_previous_artifacts(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write .*metrics.json \(No space left on device\); its previous version, if any, is intact") as err:
         files.write_json(tmp_path / "metrics.json", {"rouge": 0.9})
     one_line(err)
+    calls = []
+
+    def second_move_fails(src, dst):  # the old folder is set aside, then moving the new one in fails
+        calls.append(dst)
+        return real_replace(src, dst) if len(calls) == 1 else no_space()
+
+    monkeypatch.setattr(os, "replace", second_move_fails)
     with pytest.raises(OSError, match=r"cannot write .*export \(No space left on device\)"):
         with files.atomic_dir(tmp_path / "export") as tmp:
             (tmp / "model.gguf").write_bytes(b"new")
+    assert len(calls) == 2
     monkeypatch.undo()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"rouge": 0.3}
     assert (tmp_path / "export" / "model.gguf").read_bytes() == b"previous"

@@ -93,3 +93,13 @@ def test_readme_links_the_pages_in_order():
     links = [readme.find(f"(docs/{name}.md)") for name in pipeline.SERIES]
     assert all(i > 0 for i in links) and links == sorted(links)
     assert readme.find("## Read the tutorial") < readme.find("## The notebooks")
+
+
+def test_native_stderr_filter_drops_known_noise_and_passes_the_rest():
+    code = ("import os, sys\nfrom nbutils import quiet\nwith quiet.native_stderr_filtered():\n"
+            "    os.write(2, b'I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\\n')\n"
+            "    os.write(2, b'a real problem\\n')\n"
+            "    os.write(2, b'normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\\n')\n"
+            "print('after', file=sys.stderr)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "a real problem\nafter\n", done.stderr

@@ -88,10 +88,26 @@ def test_probe_round_trip_and_errors(tuned, tmp_path):
     inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
     assert inputs["token_ids"].shape[1] == inputs["padding_mask"].sum(axis=1).max()  # trimmed to the longest row
     probe = export.load_probe(export.save_probe(tuned, inputs, tmp_path / "probe.npz"))
-    assert probe["policy"] == "float32"
+    assert probe["policy"] == "float32" and probe["distributed"] is False
     np.testing.assert_array_equal(probe["hidden"], export.hidden_states(tuned, inputs))
     with pytest.raises(FileNotFoundError, match="re-run notebooks/03_lora_finetune.ipynb"):
         export.load_probe(tmp_path / "missing.npz")
     np.savez(tmp_path / "partial.npz", token_ids=inputs["token_ids"])
-    with pytest.raises(ValueError, match="partial.npz: expected arrays token_ids, padding_mask, hidden, policy"):
+    with pytest.raises(ValueError, match="partial.npz: expected arrays token_ids, padding_mask, hidden, policy, distributed"):
         export.load_probe(tmp_path / "partial.npz")
+
+
+def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(tuned, gguf_reader, tmp_path):
+    """The written tokenizer fields equal llama.cpp's own file field for field; the model keys are the same set."""
+    path = gguf_port.write_gguf(export.merged_copy(tuned), tmp_path / "tiny.gguf")
+    written = gguf_port.read_gguf(path)
+    ours = {k: f.contents() for k, f in written.fields.items() if k.startswith("tokenizer.")}
+    theirs = {k: f.contents() for k, f in gguf_reader.fields.items() if k.startswith("tokenizer.")}
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        if key == "tokenizer.ggml.scores":
+            np.testing.assert_array_equal(np.float32(ours[key]), np.float32(theirs[key]))
+        else:
+            assert ours[key] == theirs[key], key
+    model_keys = lambda r: {k for k in r.fields if k.startswith("gemma3.")}  # noqa: E731
+    assert model_keys(written) == model_keys(gguf_reader)

@@ -1,6 +1,7 @@
 """Checkpoints and resume: a run killed (SIGKILL) and stopped (SIGTERM) ends exactly where an uninterrupted run ends."""
 
 import csv
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nbutils import training
+from nbutils import models, training
 
 SCRIPT = Path(__file__).with_name("_resumable_training.py")
 
@@ -68,10 +69,38 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert log_values(straight) == log_values(broken) and len(log_values(broken)) == 12
 
 
-def test_resume_refuses_other_parameters(tmp_path, tiny_lm):
+def test_resume_refuses_other_parameters_or_data(tmp_path):
     cfg = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=1, batch_size=2)
     arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
-    training.save_checkpoint(tmp_path / "checkpoints", {"update": 1, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
+    run = {"update": 1, "best": 1.0, "waited": 0, "history": {}, "data_sha256": "abc"}
+    training.save_checkpoint(tmp_path / "checkpoints", run, arrays, [], cfg)
     other = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=0.5)
     with pytest.raises(ValueError, match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=0.5; resume with the same"):
-        training._resume(tmp_path / "checkpoints", other, None, None, {}, None)
+        training._resume(tmp_path / "checkpoints", other, "abc", None, None, {}, None)
+    same = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2)  # CHECKPOINT_EVERY may change
+    with pytest.raises(ValueError, match=r"update-000001: made on other training/validation data"):
+        training._resume(tmp_path / "checkpoints", same, "another", None, None, {}, None)
+
+
+def test_a_fresh_run_clears_old_checkpoints_and_rotation_keeps_the_newest(tmp_path):
+    cfg = training.TrainConfig(rank=4, targets="all", checkpoint_every=1, keep_checkpoints=2, batch_size=2)
+    arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
+    for update in (250, 1, 2, 3):  # an old run's 250 must not outlive the new ones once the new run rotates
+        if update == 1:
+            shutil.rmtree(tmp_path / "checkpoints")  # what train_lora does for a fresh run (resume=False)
+        training.save_checkpoint(tmp_path / "checkpoints", {"update": update, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["update-000002", "update-000003"]
+    training.save_checkpoint(tmp_path / "checkpoints", {"update": 1, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
+    assert (tmp_path / "checkpoints" / "update-000001").exists()  # never deletes the one just written
+
+
+def test_training_from_scratch_removes_another_runs_checkpoints(tmp_path):
+    lm = models.load_gemma("tiny", sequence_length=128)
+    training.enable_lora(lm, 4, "query,value", 8)
+    stale = tmp_path / "checkpoints" / "update-000999"
+    stale.mkdir(parents=True)
+    (stale / "progress.json").write_text("{}")
+    cfg = training.TrainConfig(rank=4, max_steps=3, eval_every=3, batch_size=4, checkpoint_every=1, warmup_steps=0)
+    rows = [{"instruction": "Say it.", "input": f"item {i}", "output": f"It is {i}."} for i in range(8)]
+    training.train_lora(lm, training.adamw(cfg, 3), rows, rows[:4], cfg, "gemma", 128, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
