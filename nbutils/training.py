@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, devices, files, objective, prompts, sequences
+from nbutils import batches, compat, devices, files, objective, progress, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
@@ -347,6 +347,8 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
         arrays = {"adapter": state[0], "optimizer": state[2], "best": best_adapter or []}
         return save_checkpoint(checkpoints, {**run, "update": update, "data_sha256": fingerprint}, arrays, log.rows, cfg)
 
+    bar = progress.bar(p["updates"], "training", "update", enabled=progress.widgets_available())  # saved outputs: the eval lines
+    bar.update(run["update"])
     try:
         with stop_requests() as stop:
             for update in range(run["update"] + 1, p["updates"] + 1):
@@ -363,6 +365,7 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
                                              f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off'). The adapter "
                                              f"of update {update} (or the best one) is left in the model; {kept}.")  # fmt: skip
                 log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds, compiles)
+                bar.update(1)
                 stop_early = False
                 if update % cfg.eval_every == 0 or update == p["updates"]:
                     val = trainer.mean_loss(val_batches, state)
@@ -387,6 +390,7 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
                     raise TrainingInterrupted(f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
                                               f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>).")  # fmt: skip
     finally:  # the Keras variables always end up holding a valid adapter: the best one, else the last one
+        bar.close()
         trainer.write_back(state)
         for v, value in zip(trainer.trainable, best_adapter or []):
             v.assign(value)

@@ -103,3 +103,20 @@ def test_native_stderr_filter_drops_known_noise_and_passes_the_rest():
             "print('after', file=sys.stderr)\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "a real problem\nafter\n", done.stderr
+
+
+def test_progress_lines_print_each_quarter_once(capsys, monkeypatch):
+    from nbutils import progress
+
+    monkeypatch.setenv("NBUTILS_PROGRESS", "lines")
+    assert not progress.widgets_available()
+    bar = progress.bar(200, "generating", "row")
+    for _ in range(10):
+        bar.update(20)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [  # batches of 20: a line at the first update past each quarter
+        "generating: 60/200 rows (30%)", "generating: 100/200 rows (50%)", "generating: 160/200 rows (80%)", "generating: 200/200 rows (100%)"]  # fmt: skip
+    silent = progress.bar(10, "training", "update", enabled=False)
+    silent.update(10)
+    assert capsys.readouterr().out == ""
