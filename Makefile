@@ -51,7 +51,7 @@ docs: venv  ## render a run's executed notebooks into docs/ (RUN=<run_id>; defau
 
 lab: venv  ## JupyterLab on the project's environment, notebooks folder open (installed into .venv on first use)
 	$(PY) -c 'import jupyterlab, ipywidgets' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check jupyterlab==4.6.6 ipywidgets==8.1.9
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) $(IMAGE_VENV) .pytest_cache build

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 import nbutils  # noqa: F401  (KERAS_BACKEND=jax)
-from nbutils import data, export, files, paths, prompts, runs, sequences
+from nbutils import data, export, files, paths, prompts, quiet, runs, sequences
 
 
 def valid_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="test prompts answered greedily by both sides")
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
+    quiet.load_frameworks()
     out = paths.RUNS_DIR / args.run_id
     folder, spec = out / "export", runs.read_step_output(args.run_id, "03_lora_finetune")
     probe = export.load_probe(out / export.PROBE_FILE)
