@@ -1,0 +1,86 @@
+"""Where the training process's memory goes: resident and peak RSS after each stage of a `cpu` run.
+
+    .venv/bin/python bench/memory_profile.py [--rows 64] [--out FILE]
+
+One process does what notebook 03 does with the embedded Gemma 3 270M (LoRA rank 8 on all
+projections, batch 4, the fast path on length-bucketed batches) and prints, after each stage, the
+current and peak resident memory (Linux ``/proc/self/status``), the XLA scratch ("temp") buffer
+each compiled step shape allocates while it runs, and what glibc hands back to the system after
+``malloc_trim``. Writes the figures as JSON (default ``runs/bench/memory_profile.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+import nbutils  # noqa: F401  (JAX backend before Keras loads)
+from nbutils import files, paths
+
+MODEL, SEQUENCE_LENGTH, RANK, SEED = "gemma3_270m_local", 160, 8, 0
+
+
+def rss_gb() -> tuple[float, float]:
+    """Current and peak resident memory of this process (GB)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1e6, int(status["VmHWM"].split()[0]) / 1e6
+
+
+def main() -> int:
+    """Run the stages, print one line per stage, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=64, help="training rows (batches of 4, one pass)")
+    parser.add_argument("--out", default=str(paths.RUNS_DIR / "bench" / "memory_profile.json"))
+    args = parser.parse_args()
+    if not Path("/proc/self/status").exists():
+        raise SystemExit("bench/memory_profile.py reads /proc/self/status: run it on Linux.")
+    stages: list[dict] = []
+
+    def record(stage: str, **extra) -> None:
+        now, peak = rss_gb()
+        stages.append({"stage": stage, "rss_gb": round(now, 2), "peak_rss_gb": round(peak, 2), **extra})
+        print(f"{stage:42s} rss {now:5.2f} GB   peak {peak:5.2f} GB   {json.dumps(extra) if extra else ''}", flush=True)
+
+    record("python + nbutils")
+    from nbutils import quiet
+
+    quiet.load_frameworks()
+    record("JAX, Keras, keras-hub (+TensorFlow)", tensorflow_loaded="tensorflow" in sys.modules)
+    import keras
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import prepare_rows
+
+    from nbutils import batches, devices, models, sequences, training
+
+    rows, _ = prepare_rows(args.rows, 1)
+    record("tokenizer + training rows")
+    lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
+    record("model loaded (fp32 weights)")
+    training.enable_lora(lm, RANK, "all", seed=SEED)
+    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=5e-4))
+    state = trainer.state()
+    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
+    record("LoRA enabled, optimizer built")
+    for batch in batches.epoch_batches(arrays, 4, SEED, 0):
+        new = ("train", batch.shape) not in trainer.compiled
+        if new:  # the step's XLA scratch buffer for this shape (the jitted value-and-grad of Trainer)
+            compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(batch.inputs()), 1.0).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes / 1e9
+        _, state = trainer.update([batch], state)
+        if new:
+            record(f"first update of shape {batch.shape}", xla_temp_gb=round(temp, 2))
+    record("one pass trained")
+    trimmed = ctypes.CDLL("libc.so.6").malloc_trim(0) if sys.platform == "linux" else 0
+    record("after malloc_trim (freed heap returned)", trimmed=bool(trimmed))
+    peak = max(s["peak_rss_gb"] for s in stages)
+    files.write_json(Path(args.out), {"rows": args.rows, "stages": stages, "peak_rss_gb": peak})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
