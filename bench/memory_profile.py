@@ -1,9 +1,10 @@
 """Where the training process's memory goes: resident and peak RSS after each stage of a `cpu` run.
 
-    .venv/bin/python bench/memory_profile.py [--rows 64] [--out FILE]
+    .venv/bin/python bench/memory_profile.py [--rows 64] [--max-batch-tokens N] [--out FILE]
 
 One process does what notebook 03 does with the embedded Gemma 3 270M (LoRA rank 8 on all
-projections, batch 4, the fast path on length-bucketed batches) and prints, after each stage, the
+projections, batch 4, the fast path on length-bucketed batches in steps of at most
+``--max-batch-tokens`` tokens, by default the ``cpu`` profile's MAX_BATCH_TOKENS) and prints, after each stage, the
 current and peak resident memory (Linux ``/proc/self/status``), the XLA scratch ("temp") buffer
 each compiled step shape allocates while it runs, and what glibc hands back to the system after
 ``malloc_trim``. Writes the figures as JSON (default ``runs/bench/memory_profile.json``).
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
-from nbutils import files, paths
+from nbutils import files, paths, pipeline
 
 MODEL, SEQUENCE_LENGTH, RANK, SEED = "gemma3_270m_local", 160, 8, 0
 
@@ -33,6 +34,8 @@ def main() -> int:
     """Run the stages, print one line per stage, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=64, help="training rows (batches of 4, one pass)")
+    parser.add_argument("--max-batch-tokens", type=int, default=pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"],
+                        help="tokens per step (MAX_BATCH_TOKENS); default: the cpu profile's")
     parser.add_argument("--out", default=str(paths.RUNS_DIR / "bench" / "memory_profile.json"))
     args = parser.parse_args()
     if not Path("/proc/self/status").exists():
@@ -61,23 +64,24 @@ def main() -> int:
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
     record("model loaded (fp32 weights)")
     training.enable_lora(lm, RANK, "all", seed=SEED)
-    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=5e-4))
+    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=5e-4), args.max_batch_tokens)
     state = trainer.state()
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
     record("LoRA enabled, optimizer built")
     for batch in batches.epoch_batches(arrays, 4, SEED, 0):
-        new = ("train", batch.shape) not in trainer.compiled
-        if new:  # the step's XLA scratch buffer for this shape (the jitted value-and-grad of Trainer)
-            compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(batch.inputs()), 1.0).compile()
-            temp = compiled.memory_analysis().temp_size_in_bytes / 1e9
+        new = [piece for piece in trainer.steps([batch]) if ("train", piece.shape) not in trainer.compiled]
+        temps = {}  # each new step shape's XLA scratch buffer (the jitted value-and-grad of Trainer)
+        for piece in new:
+            compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(piece.inputs()), 1.0).compile()
+            temps[str(piece.shape)] = round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 2)
         _, state = trainer.update([batch], state)
         if new:
-            record(f"first update of shape {batch.shape}", xla_temp_gb=round(temp, 2))
+            record(f"first update of batch {batch.shape}", xla_temp_gb=temps)
     record("one pass trained")
     trimmed = ctypes.CDLL("libc.so.6").malloc_trim(0) if sys.platform == "linux" else 0
     record("after malloc_trim (freed heap returned)", trimmed=bool(trimmed))
     peak = max(s["peak_rss_gb"] for s in stages)
-    files.write_json(Path(args.out), {"rows": args.rows, "stages": stages, "peak_rss_gb": peak})
+    files.write_json(Path(args.out), {"rows": args.rows, "max_batch_tokens": args.max_batch_tokens, "stages": stages, "peak_rss_gb": peak})
     print(f"wrote {args.out}")
     return 0
 

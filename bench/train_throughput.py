@@ -7,7 +7,8 @@ on the same rows of the built-in task for the same number of updates, each in it
 (stock, project, stock, project, … so neither gets a warmer machine):
   (a) stock: ``Gemma3CausalLM`` with its own preprocessor, ``fit`` on ``{"prompts", "responses"}`` at
       a fixed ``sequence_length`` (the recipe of Google's Keras LoRA tutorial);
-  (b) project: ``nbutils.training.Trainer`` on length-bucketed batches, logits at response positions.
+  (b) project: ``nbutils.training.Trainer`` on length-bucketed batches, logits at response positions,
+      each batch run in steps of at most the ``cpu`` profile's MAX_BATCH_TOKENS tokens.
 Throughput counts response tokens per second of steady-state steps (steps that compiled a new shape
 are timed apart as compile time). Both final adapters are scored by the same response loss on the
 training rows. The script also measures the machine's fp32 matmul peak with JAX, counts the fast
@@ -30,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
-from nbutils import files, paths
+from nbutils import files, paths, pipeline
 
 MODEL, SEQUENCE_LENGTH, RANK, LR, SEED = "gemma3_270m_local", 160, 8, 5e-4, 0
+MAX_BATCH_TOKENS = pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"]  # the project arm steps as the cpu profile does
 
 
 def prepare_rows(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
@@ -141,19 +143,19 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False) -
     training.enable_lora(lm, RANK, "all", seed=SEED)
     opt = keras.optimizers.AdamW(learning_rate=LR, weight_decay=0.01)
     opt.exclude_from_weight_decay(var_names=["bias", "scale"])
-    trainer = training.Trainer(lm, opt)
+    trainer = training.Trainer(lm, opt, MAX_BATCH_TOKENS)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
     state, steady, compiles, flops = trainer.state(), [], [], []
     order = [np.arange(i, i + batch_size) for i in range(0, len(rows) - batch_size + 1, batch_size)]
     plan = [batches.make_batch(arrays, idx) for idx in order] if same_batches else batches.epoch_batches(arrays, batch_size, SEED, 0)
     for b in plan:
-        new_shape = ("train", b.shape) not in trainer.compiled
+        new_shape = trainer.will_compile([b])
         start = time.perf_counter()
         _, state = trainer.update([b], state)
         seconds = time.perf_counter() - start
         (compiles if new_shape else steady).append((seconds, b.useful_tokens))
         if not new_shape:
-            flops.append(step_flops(lm.backbone, *b.shape, merged_lora=False))
+            flops.append(sum(step_flops(lm.backbone, *piece.shape, merged_lora=False) for piece in trainer.steps([b])))
     trainer.write_back(state)
     steady_s = sum(s for s, _ in steady)
     mean_steady = steady_s / len(steady)

@@ -80,6 +80,22 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
     return Batch(ids, arrays["padding_mask"][idx, :width], positions, targets.astype(np.int32), weights, row_index)
 
 
+def rows_per_step(rows: int, width: int, max_tokens: int) -> int:
+    """Rows of a ``rows``-row batch of ``width`` tokens that one step runs under a ``max_tokens`` budget (0: all)."""
+    return min(rows, max(1, max_tokens // width)) if max_tokens else rows
+
+
+def split_rows(batch: Batch, max_tokens: int) -> list[Batch]:
+    """``batch`` as consecutive groups of rows with at most ``max_tokens`` tokens (rows × width) each, and at
+    least one row each; ``max_tokens`` 0 keeps it whole. Same width, so each piece size compiles once."""
+    rows, width, _ = batch.shape
+    per_piece = rows_per_step(rows, width, max_tokens)
+    if per_piece >= rows:
+        return [batch]
+    fields = [f.name for f in dataclasses.fields(Batch)]
+    return [Batch(**{f: getattr(batch, f)[i : i + per_piece] for f in fields}) for i in range(0, rows, per_piece)]
+
+
 def epoch_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int) -> list[Batch]:
     """One pass over the rows: shuffled by ``(seed, epoch)``, grouped by width, batches in shuffled order.
 

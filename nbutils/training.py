@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # updates between checkpoints under <out_dir>/checkpoints; 0: none
     keep_checkpoints: int = 2
+    max_batch_tokens: int = 0  # run a batch with more tokens (rows x width) as smaller micro-batches; 0: whole
 
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class TrainConfig:
         for name, value in positive_int.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.upper()}={value!r} must be a positive integer.")
-        for name in ("warmup_steps", "max_steps", "checkpoint_every"):
+        for name in ("warmup_steps", "max_steps", "checkpoint_every", "max_batch_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)!r} must be an integer >= 0.")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
@@ -71,7 +72,7 @@ class TrainConfig:
 
 
 # Knobs that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "max_batch_tokens")
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -231,12 +232,16 @@ def response_nll(nll, weights):
 
 class Trainer:
     """Jit-compiled LoRA steps on JAX: logits only at the scored positions, the loss a mean over the
-    response tokens of a whole update, one optimizer step per update (Keras' stateless API)."""
+    response tokens of a whole update, one optimizer step per update (Keras' stateless API).
 
-    def __init__(self, lm, optimizer):
+    ``max_batch_tokens`` bounds the tokens of each step (see :func:`nbutils.batches.split_rows`): a
+    wider batch runs as several micro-batches of the same update, which only lowers the memory a step needs.
+    """
+
+    def __init__(self, lm, optimizer, max_batch_tokens: int = 0):
         import jax
 
-        self.backbone, self.optimizer = lm.backbone, optimizer
+        self.backbone, self.optimizer, self.max_batch_tokens = lm.backbone, optimizer, max_batch_tokens
         self.trainable = list(self.backbone.trainable_variables)
         if not self.trainable:
             raise ValueError("the model has no trainable weights: enable LoRA first (notebook 03, step 1).")
@@ -264,6 +269,14 @@ class Trainer:
         self.compiled.add((kind, batch.shape))
         return new
 
+    def steps(self, batch_list: list) -> list:
+        """The batches as the jitted steps run them (split to at most ``max_batch_tokens`` tokens each)."""
+        return [piece for b in batch_list for piece in batches.split_rows(b, self.max_batch_tokens)]
+
+    def will_compile(self, batch_list: list, kind: str = "train") -> bool:
+        """Whether running ``batch_list`` meets a step shape not compiled yet."""
+        return any((kind, b.shape) not in self.compiled for b in self.steps(batch_list))
+
     def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
         """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new
         state. A non-finite loss returns the old state untouched (nothing is applied)."""
@@ -272,7 +285,7 @@ class Trainer:
         trainable, non_trainable, opt_vars = state
         denominator = float(sum(b.useful_tokens for b in micro_batches))
         total, grads = 0.0, None
-        for b in micro_batches:
+        for b in self.steps(micro_batches):
             self._mark("train", b)
             loss, g = self._grad(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
             total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
@@ -285,9 +298,10 @@ class Trainer:
         """Loss per response token over all batches (token-weighted, not a mean of batch means)."""
         trainable, non_trainable, _ = state
         denominator = float(sum(b.useful_tokens for b in batch_list))
-        for b in batch_list:
+        pieces = self.steps(batch_list)
+        for b in pieces:
             self._mark("eval", b)
-        return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in batch_list))
+        return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in pieces))
 
     def learning_rate(self, state: tuple) -> float:
         """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""
@@ -329,7 +343,7 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
     train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
     val_batches = batches.eval_batches(sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size)
     p = plan(cfg, len(train_rows))
-    trainer = Trainer(lm, optimizer)
+    trainer = Trainer(lm, optimizer, cfg.max_batch_tokens)
     state, log = trainer.state(), TrainLog(out_dir / "train_log.csv")
     run = {"update": 0, "best": math.inf, "waited": 0, "history": {"val_loss": [], "val_step": []}}
     best_adapter, checkpoints = None, out_dir / CHECKPOINT_DIR
@@ -354,7 +368,7 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
             for update in range(run["update"] + 1, p["updates"] + 1):
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 lr = trainer.learning_rate(state)
-                compiles = any(("train", b.shape) not in trainer.compiled for b in micro)
+                compiles = trainer.will_compile(micro)
                 t0 = time.perf_counter()
                 loss, state = trainer.update(micro, state)
                 seconds = time.perf_counter() - t0

@@ -51,7 +51,7 @@ import json
 import keras
 from IPython.display import Image, display
 
-from nbutils import data, devices, export, files, models, objective, plots, prompts, runs, training
+from nbutils import batches, data, devices, export, files, models, objective, plots, prompts, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or any name 02 accepts
@@ -67,6 +67,7 @@ SCHEDULE = "cosine"  # or "linear"
 CLIPNORM = 1.0  # clip the global norm of all adapter gradients; 0 turns it off
 BATCH_SIZE = 4
 GRAD_ACCUM = 1  # batches per optimizer update (the loss is the mean over all their response tokens)
+MAX_BATCH_TOKENS = 0  # a batch with more tokens (rows x width) runs as smaller steps of the same update: less memory; 0: whole
 EPOCHS = 1
 MAX_STEPS = 0  # optimizer updates; 0 means EPOCHS passes over the train split
 EVAL_EVERY = 25  # validation loss every this many updates
@@ -117,7 +118,7 @@ cfg = training.TrainConfig(
     rank=RANK, targets=LORA_TARGETS, alpha=LORA_ALPHA, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
     warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
     epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
-    checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=KEEP_CHECKPOINTS,
+    checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=KEEP_CHECKPOINTS, max_batch_tokens=MAX_BATCH_TOKENS,
 )  # fmt: skip
 plan = training.plan(cfg, len(splits["train"]))
 optimizer = keras.optimizers.AdamW(
@@ -127,7 +128,8 @@ optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
 print(inspect.getsource(objective.scored_nll))
 print(f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
 lengths = manifest["token_lengths"]
-print(devices.memory_table(devices.memory_estimate(lm, BATCH_SIZE, lengths["total"]["max"], lengths["target"]["max"])))
+step_rows = batches.rows_per_step(BATCH_SIZE, lengths["total"]["max"], MAX_BATCH_TOKENS)
+print(devices.memory_table(devices.memory_estimate(lm, step_rows, lengths["total"]["max"], lengths["target"]["max"])))
 
 # %% [markdown]
 # ## 3. Train

@@ -256,3 +256,32 @@ def test_int8_base_trains_like_fp32(arrays):
         after[mode] = before - trainer.mean_loss([b], state)
     assert norms["int8"] == pytest.approx(norms[""], rel=0.05) and norms["int8"] != norms[""]  # close, yet int8
     assert after["int8"] > 0.5 * after[""] > 0
+
+
+def test_split_rows_keeps_every_row_once_within_the_token_budget(arrays):
+    b = max(batches.epoch_batches(arrays, 4, 0, 0), key=lambda x: x.shape[1])
+    rows, width, scored = b.shape
+    assert batches.split_rows(b, 0) == [b] and batches.split_rows(b, rows * width) == [b]
+    for budget, per_piece in ((2 * width, 2), (2 * width + 5, 2), (width, 1), (1, 1)):  # (1, 1): a row over budget runs alone
+        pieces = batches.split_rows(b, budget)
+        assert [p.shape for p in pieces] == [(per_piece, width, scored)] * (rows // per_piece)
+        for field in ("token_ids", "padding_mask", "positions", "targets", "weights", "rows"):
+            np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in pieces]), getattr(b, field))
+
+
+def test_token_budget_changes_memory_per_step_not_the_update(arrays):
+    """MAX_BATCH_TOKENS: the rows of a batch run in smaller steps of the same update (same loss, same adapter)."""
+    b = max(batches.epoch_batches(arrays, 4, 0, 0), key=lambda x: x.shape[1])
+    results = []
+    for budget in (0, b.shape[1]):  # whole, then one row per step
+        trainer = training.Trainer(seeded_tiny(), training_optimizer(), max_batch_tokens=budget)
+        assert trainer.will_compile([b])
+        val = trainer.mean_loss([b], trainer.state())
+        loss, state = trainer.update([b], trainer.state())
+        assert not trainer.will_compile([b])
+        results.append((val, loss, [np.asarray(x) for x in state[0]], {s for _, s in trainer.compiled}))
+    (val_a, loss_a, adapter_a, shapes_a), (val_b, loss_b, adapter_b, shapes_b) = results
+    assert shapes_a == {b.shape} and shapes_b == {(1, *b.shape[1:])}  # the budget did split the batch
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and val_b == pytest.approx(val_a, rel=1e-5)
+    for x, y in zip(adapter_a, adapter_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
