@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import files, sequences, training
+from nbutils import files, sequences
 from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"

@@ -134,7 +134,8 @@ print(devices.memory_table(devices.memory_estimate(lm, step_rows, lengths["total
 # %% [markdown]
 # ## 3. Train
 # Rows are batched by length (a batch is only as wide as its longest row), each step is compiled
-# once per batch shape, validation loss is computed every `EVAL_EVERY` updates, and early stopping
+# once per batch shape (a batch over `MAX_BATCH_TOKENS` runs as smaller steps of the same update, to
+# save memory), validation loss is computed every `EVAL_EVERY` updates, and early stopping
 # keeps the best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s).
 # A checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True` continue
 # a run that died, to the same result as if it never had.
