@@ -21,7 +21,8 @@ from pathlib import Path
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
 from nbutils import files, paths, pipeline
 
-MODEL, SEQUENCE_LENGTH, RANK, SEED = "gemma3_270m_local", 160, 8, 0
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import MODEL, RANK, SEED, SEQUENCE_LENGTH, prepare_rows  # noqa: E402  (the same set-up as the speed bench)
 
 
 def rss_gb() -> tuple[float, float]:
@@ -53,9 +54,6 @@ def main() -> int:
     quiet.load_frameworks()
     record("JAX, Keras, keras-hub (+TensorFlow)", tensorflow_loaded="tensorflow" in sys.modules)
     import keras
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_throughput import prepare_rows
 
     from nbutils import batches, devices, models, sequences, training
 
