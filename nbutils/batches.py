@@ -81,13 +81,15 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
 
 
 def rows_per_step(rows: int, width: int, max_tokens: int) -> int:
-    """Rows of a ``rows``-row batch of ``width`` tokens that one step runs under a ``max_tokens`` budget (0: all)."""
-    return min(rows, max(1, max_tokens // width)) if max_tokens else rows
+    """Rows of a ``rows``-row batch of ``width`` tokens that one step runs under a ``max_tokens`` budget (0: all):
+    the largest divisor of ``rows`` that fits (at least 1), so every step of the batch has the same shape."""
+    fit = max(1, max_tokens // width) if max_tokens else rows
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fit)
 
 
 def split_rows(batch: Batch, max_tokens: int) -> list[Batch]:
-    """``batch`` as consecutive groups of rows with at most ``max_tokens`` tokens (rows × width) each, and at
-    least one row each; ``max_tokens`` 0 keeps it whole. Same width, so each piece size compiles once."""
+    """``batch`` as equal consecutive groups of rows with at most ``max_tokens`` tokens (rows × width) each, and
+    at least one row each; ``max_tokens`` 0 keeps it whole. One piece shape per batch shape: one compilation."""
     rows, width, _ = batch.shape
     per_piece = rows_per_step(rows, width, max_tokens)
     if per_piece >= rows:

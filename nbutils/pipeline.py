@@ -33,7 +33,7 @@ PROFILES: dict[str, dict] = {
     # The real embedded Gemma 3 270M on the built-in task, capped to fit a 2-core CPU in under 25 minutes.
     "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=1200, MAX_VAL=48,
                 MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=300, BATCH_SIZE=4,
-                MAX_BATCH_TOKENS=128, EVAL_EVERY=75, WARMUP_STEPS=20, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
+                MAX_BATCH_TOKENS=192, EVAL_EVERY=75, WARMUP_STEPS=20, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
     # Alpaca instruction data from the Hugging Face hub (online), or your own file: -p DATA_PATH my.json.
     "alpaca": dict(MODEL="gemma3_270m_local", DATASET="hf:yahma/alpaca-cleaned",
                    SEQUENCE_LENGTH=192, MAX_TRAIN=400, MAX_VAL=32, MAX_TEST=60, LORA_TARGETS="all", LEARNING_RATE=5e-4,
