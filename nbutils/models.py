@@ -14,6 +14,7 @@ One entry point, :func:`load_gemma`. ``model`` may be
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import socket
 import time
@@ -79,10 +80,17 @@ def local_preset_dir() -> Path:
     return preset
 
 
+def free_dropped_models() -> None:
+    """Free the models nothing refers to any more before building another: a Keras model holds reference
+    cycles (layers and their parents), so only Python's cycle collector frees it, at a time of its choosing."""
+    gc.collect()
+
+
 def gguf_causal_lm(gguf_path: Path):
     """A float32 keras-hub ``Gemma3CausalLM`` (with tokenizer) built in memory from a Gemma 3 GGUF file."""
     import keras_hub
 
+    free_dropped_models()
     reader = gguf_port.read_gguf(gguf_path)
     with quiet.native_stderr_filtered():
         tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
@@ -241,6 +249,7 @@ def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int =
     import keras
     import keras_hub
 
+    free_dropped_models()
     start = time.perf_counter()
     policy = keras.mixed_precision.global_policy().name
     if model == TINY_MODEL:

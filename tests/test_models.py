@@ -1,5 +1,6 @@
 """The embedded Gemma 3 270M: tokenizer, weights, cache and loader errors."""
 
+import gc
 import shutil
 import time
 
@@ -209,3 +210,17 @@ def test_unverified_gemma3_sizes_are_refused(gguf_reader, blocks, width, rope):
     with pytest.raises(gguf_port.GGUFError, match=rf"{blocks} blocks x {width} is not supported.*Gemma 3 270M"):
         gguf_port.backbone_config(fake)
     assert gguf_port.backbone_config(gguf_reader)["num_layers"] == 18  # the verified one passes
+
+
+def test_loading_a_model_frees_a_dropped_one():
+    """A dropped Keras model lives on in reference cycles; load_gemma collects it before building the next one."""
+    import weakref
+
+    gc.disable()  # only load_gemma's own collection may free it
+    try:
+        dropped = weakref.ref(models.load_gemma(models.TINY_MODEL, sequence_length=16))
+        assert dropped() is not None  # cycles keep it alive without a collection
+        models.load_gemma(models.TINY_MODEL, sequence_length=16)
+        assert dropped() is None
+    finally:
+        gc.enable()
