@@ -81,15 +81,22 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
 
 
 def rows_per_step(rows: int, width: int, max_tokens: int) -> int:
-    """Rows of a ``rows``-row batch of ``width`` tokens that one step runs under a ``max_tokens`` budget (0: all):
-    the largest divisor of ``rows`` that fits (at least 1), so every step of the batch has the same shape."""
+    """Rows per step of a ``rows`` × ``width`` batch under a ``max_tokens`` budget (0: all rows in one step)."""
     fit = max(1, max_tokens // width) if max_tokens else rows
-    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fit)
+    # the largest divisor of ``rows`` that fits: every step of a batch has the same shape (one compilation)
+    return max((d for d in range(1, rows + 1) if rows % d == 0 and d <= fit), default=rows)
+
+
+def largest_step(rows: int, max_length: int, max_tokens: int) -> tuple[int, int]:
+    """``(rows, width)`` of the step with the most tokens that batches of ``rows`` rows up to ``max_length``
+    tokens make under ``max_tokens`` (a narrower batch may run more rows per step than the widest)."""
+    widths = range(WIDTH_STEP, round_up(max_length, WIDTH_STEP) + 1, WIDTH_STEP)
+    steps = [(rows_per_step(rows, min(w, max_length), max_tokens), min(w, max_length)) for w in widths]
+    return max(steps, key=lambda s: (s[0] * s[1], s[1]))
 
 
 def split_rows(batch: Batch, max_tokens: int) -> list[Batch]:
-    """``batch`` as equal consecutive groups of rows with at most ``max_tokens`` tokens (rows × width) each, and
-    at least one row each; ``max_tokens`` 0 keeps it whole. One piece shape per batch shape: one compilation."""
+    """``batch`` as equal groups of consecutive rows of at most ``max_tokens`` tokens (0: whole), at least one row each."""
     rows, width, _ = batch.shape
     per_piece = rows_per_step(rows, width, max_tokens)
     if per_piece >= rows:

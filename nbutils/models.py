@@ -81,8 +81,8 @@ def local_preset_dir() -> Path:
 
 
 def free_dropped_models() -> None:
-    """Free the models nothing refers to any more before building another: a Keras model holds reference
-    cycles (layers and their parents), so only Python's cycle collector frees it, at a time of its choosing."""
+    """Free the models nothing refers to any more (``del lm`` first) before another is built."""
+    # a Keras model holds reference cycles (layers and their parents): only the cycle collector frees it
     gc.collect()
 
 

@@ -128,8 +128,8 @@ optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
 print(inspect.getsource(objective.scored_nll))
 print(f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates")
 lengths = manifest["token_lengths"]
-step_rows = batches.rows_per_step(BATCH_SIZE, lengths["total"]["max"], MAX_BATCH_TOKENS)
-print(devices.memory_table(devices.memory_estimate(lm, step_rows, lengths["total"]["max"], lengths["target"]["max"])))
+step_rows, step_width = batches.largest_step(BATCH_SIZE, lengths["total"]["max"], MAX_BATCH_TOKENS)
+print(devices.memory_table(devices.memory_estimate(lm, step_rows, step_width, lengths["target"]["max"])))
 
 # %% [markdown]
 # ## 3. Train

@@ -44,8 +44,6 @@ from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the co
 quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
 
 # %%
-import gc
-
 from IPython.display import Image, Markdown, display
 
 from nbutils import data, devices, evaluation, files, models, plots, prompts, report, runs, sweep, training
@@ -145,7 +143,6 @@ for n, config in enumerate(configs, 1):
         print(f"[{n}/{len(configs)}] {folder.name}: training", flush=True)
         result = train_config(config, folder)
         files.write_json(folder / "result.json", result)  # written last: marks the configuration finished
-        gc.collect()
     print(f"[{n}/{len(configs)}] {folder.name}: {result['trainable_params']:,} params, best val loss "
           f"{result['best_val_loss']:.3f}, val ROUGE-L {result['val_rougeL_f1']:.3f}, {result['train_seconds']} s")  # fmt: skip
     results.append(result)

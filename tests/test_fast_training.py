@@ -269,6 +269,13 @@ def test_split_rows_keeps_every_row_once_within_the_token_budget(arrays):
             np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in pieces]), getattr(b, field))
 
 
+def test_rows_per_step_is_the_largest_divisor_that_fits():
+    assert [batches.rows_per_step(*case) for case in ((6, 10, 40), (5, 10, 40), (4, 10, 0), (4, 50, 40), (0, 10, 40))] == [3, 1, 4, 1, 0]
+    # the largest step of a budget: 2 x 96 = 192 tokens beats 1 x 160 and 4 x 32 (batch 4, rows up to 150 tokens)
+    assert batches.largest_step(4, 150, 192) == (2, 96) and batches.largest_step(4, 150, 0) == (4, 150)
+    assert batches.largest_step(4, 150, 100) == (1, 150)  # a row over the budget runs alone
+
+
 def test_token_budget_changes_memory_per_step_not_the_update(arrays):
     """MAX_BATCH_TOKENS: the rows of a batch run in smaller steps of the same update (same loss, same adapter)."""
     b = max(batches.epoch_batches(arrays, 4, 0, 0), key=lambda x: x.shape[1])

@@ -3,6 +3,7 @@
 import gc
 import shutil
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -214,8 +215,6 @@ def test_unverified_gemma3_sizes_are_refused(gguf_reader, blocks, width, rope):
 
 def test_loading_a_model_frees_a_dropped_one():
     """A dropped Keras model lives on in reference cycles; load_gemma collects it before building the next one."""
-    import weakref
-
     gc.disable()  # only load_gemma's own collection may free it
     try:
         dropped = weakref.ref(models.load_gemma(models.TINY_MODEL, sequence_length=16))
