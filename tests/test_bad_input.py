@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nbutils import data, evaluation, files, gguf_port, models, paths, prompts, training
