@@ -2,8 +2,9 @@
 
 Rows are grouped by length so a batch is only as wide as its longest row, rounded up to a multiple
 of ``WIDTH_STEP`` (XLA then compiles each width once). Each batch also lists the positions whose
-next token is a response token (rounded up to ``RESPONSE_STEP`` per row), so the 262k-word LM head
-runs there only. The layout itself comes from :mod:`nbutils.sequences`.
+next token is a response token, as many entries per row as the longest response of the whole data
+set (rounded up to ``RESPONSE_STEP``), so the 262k-word LM head runs there only and every batch of a
+width has one shape. The layout itself comes from :mod:`nbutils.sequences`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,15 @@ class Batch:
         return int(self.weights.sum())
 
 
-def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | None = None) -> Batch:
+def scored_entries(arrays: dict[str, np.ndarray]) -> int:
+    """Scored entries per row that hold every row's response: its longest, rounded up to ``RESPONSE_STEP``."""
+    return round_up(sequences.loss_positions(arrays["response_mask"]).sum(1).max(initial=1), RESPONSE_STEP)
+
+
+def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | None = None, scored: int = 0) -> Batch:
     """The rows ``idx`` of :func:`sequences.make_arrays` output as a bucketed batch of ``n_rows`` rows
-    (extra rows repeat the last one with zero weight, so the last evaluation batch keeps its shape)."""
+    (extra rows repeat the last one with zero weight, so the last evaluation batch keeps its shape) and
+    ``scored`` entries per row (0: what these rows need; see :func:`scored_entries`)."""
     idx = np.asarray(idx)
     real = len(idx)
     if n_rows and n_rows > real:
@@ -65,12 +72,14 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
     full_width = arrays["token_ids"].shape[1]
     lengths = arrays["padding_mask"][idx].sum(1)
     width = min(round_up(lengths.max(), WIDTH_STEP), full_width)
-    scored = sequences.loss_positions(arrays["response_mask"][idx, :width])
-    per_row = scored.sum(1)
-    r = min(round_up(per_row.max(), RESPONSE_STEP), width - 1)
+    loss_at = sequences.loss_positions(arrays["response_mask"][idx, :width])
+    per_row = loss_at.sum(1)
+    r = scored or round_up(per_row.max(), RESPONSE_STEP)
+    if per_row.max() > r:
+        raise ValueError(f"a row has {per_row.max()} response tokens, more than scored={r} entries.")
     positions = np.zeros((len(idx), r), np.int32)
     weights = np.zeros((len(idx), r), np.float32)
-    for i, row in enumerate(scored):
+    for i, row in enumerate(loss_at):
         where = np.flatnonzero(row)
         positions[i, : len(where)] = where
         weights[i, : len(where)] = 1.0 if i < real else 0.0
@@ -116,11 +125,12 @@ def epoch_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epo
     order = rng.permutation(n)[: n - n % batch_size]
     widths = np.array([round_up(x, WIDTH_STEP) for x in arrays["padding_mask"].sum(1)])
     order = order[np.argsort(widths[order], kind="stable")]  # same-width rows together, shuffled within
-    batches = [make_batch(arrays, order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    scored = scored_entries(arrays)
+    batches = [make_batch(arrays, order[i : i + batch_size], scored=scored) for i in range(0, len(order), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
     """Every row once, grouped by length; the last batch is padded with zero-weight rows."""
-    order = np.argsort(arrays["padding_mask"].sum(1), kind="stable")
-    return [make_batch(arrays, order[i : i + batch_size], batch_size) for i in range(0, len(order), batch_size)]
+    order, scored = np.argsort(arrays["padding_mask"].sum(1), kind="stable"), scored_entries(arrays)
+    return [make_batch(arrays, order[i : i + batch_size], batch_size, scored) for i in range(0, len(order), batch_size)]

@@ -77,6 +77,55 @@ def test_fast_loss_equals_a_direct_full_logits_computation(arrays, soft_cap):
     assert fast == pytest.approx(direct_loss(lm, ROWS[:8]), rel=1e-5)
 
 
+@pytest.mark.parametrize("soft_cap, train_embedding", [(None, False), (3.0, False), (None, True)])
+def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_embedding):
+    """The output layer's own backward pass (its gradient formed in the forward) against autodiff of the
+    plain computation, on a batch whose scored entries need the second of the eight compiled sizes
+    (the first holds 32), with zero-weight padding rows; a trainable embedding gets its gradient too."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    from nbutils import objective
+
+    lm = seeded_tiny(final_logit_soft_cap=soft_cap)
+    backbone = lm.backbone
+    backbone.token_embedding.trainable = train_embedding
+    batch = batches.make_batch(arrays, np.arange(13), n_rows=16, scored=16)  # 16 x 16 entries: sizes 32, 64, ..., 256
+    inputs = {k: jnp.asarray(v) for k, v in batch.inputs().items()}
+    assert 32 < batch.useful_tokens <= 64 and (batch.weights[13:] == 0).all()
+    trainable, non_trainable = objective.variable_values(backbone)
+
+    def plain(trainable):
+        mapping = list(zip(backbone.trainable_variables, trainable)) + list(zip(backbone.non_trainable_variables, non_trainable))
+        with keras.StatelessScope(state_mapping=mapping):
+            hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
+            logits = backbone.token_embedding(jnp.take_along_axis(hidden, inputs["positions"][..., None], axis=1), reverse=True)
+        nll = keras.ops.sparse_categorical_crossentropy(inputs["targets"], keras.ops.cast(logits, "float32"), from_logits=True)
+        return jnp.sum(nll * inputs["weights"])
+
+    def fast(trainable):
+        return jnp.sum(objective.scored_nll(backbone, trainable, non_trainable, inputs) * inputs["weights"])
+
+    (want, want_grads), (got, got_grads) = (jax.jit(jax.value_and_grad(f))(trainable) for f in (plain, fast))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in want_grads)
+    for w, g in zip(want_grads, got_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_every_batch_of_a_width_has_one_shape(tokenizer):
+    """Entries per row come from the longest response of the data set, so short and long responses share a shape."""
+    rows = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + i % 3),
+             "output": " ".join(["word"] * (1 + 3 * i))} for i in range(12)]  # fmt: skip
+    arrays = sequences.make_arrays(tokenizer, rows, "gemma", 128)
+    per_row = sequences.loss_positions(arrays["response_mask"]).sum(1)
+    assert batches.scored_entries(arrays) == batches.round_up(per_row.max(), batches.RESPONSE_STEP) >= 32
+    for made in (batches.epoch_batches(arrays, 2, 0, 0), batches.eval_batches(arrays, 2)):
+        assert {b.shape[2] for b in made} == {batches.scored_entries(arrays)}
+        assert len({b.shape for b in made}) == len({b.shape[1] for b in made})
+
+
 def training_optimizer(**kw):
     import keras
 
