@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
-from nbutils import files, paths, pipeline
+from nbutils import files, objective, paths, pipeline
 
 MODEL, SEQUENCE_LENGTH, RANK, LR, SEED = "gemma3_270m_local", 160, 8, 5e-4, 0
 MAX_BATCH_TOKENS = pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"]  # the project arm steps as the cpu profile does
@@ -64,19 +64,25 @@ def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(backbone, rows: int, width: int, scored: int, merged_lora: bool) -> float:
+def head_entries(piece) -> int:
+    """The entries the fast path's output layer runs on in one step (see ``objective.output_nll``)."""
+    rows, _, scored = piece.shape
+    return objective.head_size(rows * scored, piece.useful_tokens)
+
+
+def step_flops(backbone, rows: int, width: int, head_entries: int, merged_lora: bool) -> float:
     """FLOPs of one LoRA training step from the model's shapes (forward + backward to the adapters).
 
     Frozen projections: 2·params per token forward and 2·params backward (input gradients); with
     Keras' merged LoRA kernel, another 2·params for the kernel gradient. Attention scores and
     values: 4·T²·(heads·head_dim) per layer forward, twice that backward. LM head (tied embedding)
-    at ``scored`` positions per row: 2·V·d forward and 2·V·d backward.
+    at the ``head_entries`` positions it runs on (the whole step): 2·V·d forward and 2·V·d backward.
     """
     kernels = sum(int(np.prod(v.shape)) for v in backbone.weights if v.path.endswith("/kernel"))
     tokens = rows * width
     linear = (6 if merged_lora else 4) * kernels * tokens
     attn = 3 * 4 * rows * width**2 * backbone.num_query_heads * backbone.head_dim * backbone.num_layers
-    head = 4 * backbone.vocabulary_size * backbone.hidden_dim * rows * scored
+    head = 4 * backbone.vocabulary_size * backbone.hidden_dim * head_entries
     return float(linear + attn + head)
 
 
@@ -127,7 +133,7 @@ def run_stock(rows: list[dict], batch_size: int) -> dict:
     backbone = lm.backbone
     return {"useful_tokens_per_s": sum(useful[1:]) / sum(steady), "seconds_per_update": float(np.mean(steady)),
             "compile_s": seconds[0] - float(np.mean(steady)), "wall_s": sum(seconds), "compilations": 1,
-            "gflop_per_update": step_flops(backbone, batch_size, SEQUENCE_LENGTH, SEQUENCE_LENGTH - 1, True) / 1e9,
+            "gflop_per_update": step_flops(backbone, batch_size, SEQUENCE_LENGTH, batch_size * (SEQUENCE_LENGTH - 1), True) / 1e9,
             "final_loss": mean_response_loss(lm, rows), "peak_rss_gb": training_peak, "peak_rss_with_eval_gb": peak_rss_gb()}  # fmt: skip
 
 
@@ -157,7 +163,8 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, m
         seconds = time.perf_counter() - start
         (compiles if new_shape else steady).append((seconds, b.useful_tokens))
         if not new_shape:
-            flops.append(sum(step_flops(lm.backbone, *piece.shape, merged_lora=False) for piece in trainer.steps([b])))
+            flops.append(sum(step_flops(lm.backbone, *piece.shape[:2], head_entries(piece), merged_lora=False)
+                             for piece in trainer.steps([b])))  # fmt: skip
     trainer.write_back(state)
     training_peak = peak_rss_gb()  # before the yardstick loss below, which is not part of training
     steady_s = sum(s for s, _ in steady)

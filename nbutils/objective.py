@@ -40,9 +40,8 @@ def output_nll(layer, values: list, hidden, targets, weights):
     import jax.numpy as jnp
 
     rows, scored, dim = hidden.shape
-    n = rows * scored
-    step = max(HEAD_STEP, -(-n // HEAD_SIZES // HEAD_STEP) * HEAD_STEP)
-    sizes = list(range(step, -(-n // step) * step + 1, step))
+    n, sizes = rows * scored, head_sizes(rows * scored)
+    step = sizes[0]
     order = jnp.argsort(weights.reshape(-1) <= 0, stable=True)  # weighted entries first, in order
     h = jnp.pad(hidden.reshape(n, dim)[order], ((0, sizes[-1] - n), (0, 0)))
     t = jnp.pad(targets.reshape(-1)[order], (0, sizes[-1] - n))
@@ -51,6 +50,17 @@ def output_nll(layer, values: list, hidden, targets, weights):
     which = jnp.clip(-(-jnp.sum(weights > 0) // step) - 1, 0, len(sizes) - 1)
     nll = jnp.zeros(n, jnp.float32).at[order].set(jax.lax.switch(which, branches, h, t, values)[:n])
     return jnp.where(weights > 0, nll.reshape(rows, scored), 0.0)
+
+
+def head_sizes(entries: int) -> list[int]:
+    """The sizes the output layer is compiled at in a step of ``entries`` (rows × scored) entries."""
+    step = max(HEAD_STEP, -(-entries // HEAD_SIZES // HEAD_STEP) * HEAD_STEP)
+    return list(range(step, -(-entries // step) * step + 1, step))
+
+
+def head_size(entries: int, weighted: int) -> int:
+    """The entries the output layer runs on in a step of ``entries`` entries of which ``weighted`` are scored."""
+    return next((k for k in head_sizes(entries) if k >= weighted), head_sizes(entries)[-1])
 
 
 def _nll_with_gradient(layer):

@@ -114,6 +114,14 @@ def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_emb
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_output_layer_sizes():
+    from nbutils import objective
+
+    assert objective.head_sizes(96) == [16, 32, 48, 64, 80, 96]  # 2 rows x 48 entries
+    assert objective.head_sizes(256) == list(range(32, 257, 32)) and objective.head_sizes(768) == list(range(96, 769, 96))
+    assert [objective.head_size(96, k) for k in (0, 1, 16, 17, 96)] == [16, 16, 16, 32, 96]
+
+
 def test_every_batch_of_a_width_has_one_shape(tokenizer):
     """Entries per row come from the longest response of the data set, so short and long responses share a shape."""
     rows = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + i % 3),
