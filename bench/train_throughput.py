@@ -70,19 +70,19 @@ def head_entries(piece) -> int:
     return objective.head_size(rows * scored, piece.useful_tokens)
 
 
-def step_flops(backbone, rows: int, width: int, head_entries: int, merged_lora: bool) -> float:
+def step_flops(backbone, rows: int, width: int, head_positions: int, merged_lora: bool) -> float:
     """FLOPs of one LoRA training step from the model's shapes (forward + backward to the adapters).
 
     Frozen projections: 2·params per token forward and 2·params backward (input gradients); with
     Keras' merged LoRA kernel, another 2·params for the kernel gradient. Attention scores and
     values: 4·T²·(heads·head_dim) per layer forward, twice that backward. LM head (tied embedding)
-    at the ``head_entries`` positions it runs on (the whole step): 2·V·d forward and 2·V·d backward.
+    at the ``head_positions`` it runs on (the whole step): 2·V·d forward and 2·V·d backward.
     """
     kernels = sum(int(np.prod(v.shape)) for v in backbone.weights if v.path.endswith("/kernel"))
     tokens = rows * width
     linear = (6 if merged_lora else 4) * kernels * tokens
     attn = 3 * 4 * rows * width**2 * backbone.num_query_heads * backbone.head_dim * backbone.num_layers
-    head = 4 * backbone.vocabulary_size * backbone.hidden_dim * head_entries
+    head = 4 * backbone.vocabulary_size * backbone.hidden_dim * head_positions
     return float(linear + attn + head)
 
 
@@ -155,7 +155,8 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, m
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
     state, steady, compiles, flops = trainer.state(), [], [], []
     order = [np.arange(i, i + batch_size) for i in range(0, len(rows) - batch_size + 1, batch_size)]
-    plan = [batches.make_batch(arrays, idx) for idx in order] if same_batches else batches.epoch_batches(arrays, batch_size, SEED, 0)
+    scored = batches.scored_entries(arrays)
+    plan = [batches.make_batch(arrays, idx, scored=scored) for idx in order] if same_batches else batches.epoch_batches(arrays, batch_size, SEED, 0)
     for b in plan:
         new_shape = trainer.will_compile([b])
         start = time.perf_counter()

@@ -74,7 +74,7 @@ def make_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, n_rows: int | Non
     width = min(round_up(lengths.max(), WIDTH_STEP), full_width)
     loss_at = sequences.loss_positions(arrays["response_mask"][idx, :width])
     per_row = loss_at.sum(1)
-    r = scored or round_up(per_row.max(), RESPONSE_STEP)
+    r = min(scored or round_up(per_row.max(), RESPONSE_STEP), width - 1)  # a row scores at most width - 1
     if per_row.max() > r:
         raise ValueError(f"a row has {per_row.max()} response tokens, more than scored={r} entries.")
     positions = np.zeros((len(idx), r), np.int32)

@@ -116,15 +116,25 @@ def use_distribution(spec: str = "auto"):
     return dist
 
 
+def data_devices(dist) -> int:
+    """Size of the data (batch) axis of a Keras distribution's device mesh."""
+    return dist.device_mesh.shape[dist.device_mesh.axis_names.index(dist.batch_dim_name)]
+
+
+def data_shards(rows: int) -> int:
+    """Devices :func:`place_batch` splits a batch of ``rows`` rows over (1: not split)."""
+    import keras
+
+    dist = keras.distribution.distribution()
+    return 1 if dist is None or rows % data_devices(dist) else data_devices(dist)
+
+
 def place_batch(inputs: dict) -> dict:
     """Split a batch's rows over the data axis of Keras' current distribution (unchanged without one,
     or when the rows do not divide evenly, e.g. a last partial evaluation batch)."""
     import keras
 
     dist = keras.distribution.distribution()
-    if dist is None:
-        return inputs
-    data_devices = dist.device_mesh.shape[dist.device_mesh.axis_names.index(dist.batch_dim_name)]
-    if any(x.shape[0] % data_devices for x in inputs.values()):
+    if dist is None or any(x.shape[0] % data_devices(dist) for x in inputs.values()):
         return inputs
     return {k: keras.distribution.distribute_tensor(x, dist.get_data_layout(x.shape)) for k, x in inputs.items()}

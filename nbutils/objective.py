@@ -3,17 +3,21 @@
 Training (:class:`nbutils.training.Trainer`) and the teacher-forced evaluation loss
 (:func:`nbutils.evaluation.response_losses`) both call :func:`scored_nll`, so they cannot disagree.
 The 262k-word output layer dominates a step, so :func:`output_nll` runs it once, on the scored
-entries actually present (rounded up to ``HEAD_STEP``), and forms its gradient in the forward pass.
+entries actually present (rounded up to one of a few sizes), and forms its gradient in the forward pass.
 """
 
 from __future__ import annotations
+
+from typing import Callable
+
+from nbutils import devices
 
 HEAD_STEP = 16  # the output layer runs on a multiple of this many scored entries
 HEAD_SIZES = 8  # at most this many sizes compiled into each step (one is picked at run time)
 
 
 def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
-    """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where ``weights`` is 0), computed statelessly.
+    """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where unweighted), computed statelessly.
 
     ``inputs`` holds ``token_ids``/``padding_mask`` ``(rows, width)`` and ``positions``/``targets``/``weights``
     ``(rows, scored)`` (see :class:`nbutils.batches.Batch`). The output layer (the tied embedding in
@@ -26,29 +30,34 @@ def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
         hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
         head_values = [v.value for v in backbone.token_embedding.variables]
     picked = keras.ops.take_along_axis(hidden, inputs["positions"][..., None], axis=1)
-    return output_nll(backbone.token_embedding, head_values, picked, inputs["targets"], inputs["weights"])
+    groups = devices.data_shards(picked.shape[0])  # each device compacts and scores its own rows
+    return output_nll(backbone.token_embedding, head_values, picked, inputs["targets"], inputs["weights"], groups)
 
 
-def output_nll(layer, values: list, hidden, targets, weights):
+def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
     """Cross-entropy of ``layer(hidden, reverse=True)`` at ``targets`` ``(rows, scored)``, 0 where ``weights`` is 0.
 
-    The entries with weight move to the front and the layer runs on the first ``k`` of them, ``k`` the
-    smallest of a few compiled sizes that holds them all (``lax.switch``): one shape per batch shape,
-    whatever its response tokens, and no work on padding. ``values`` are ``layer``'s variables' values.
+    In each of ``groups`` equal blocks of rows the weighted entries move to the front, and the layer
+    runs on the first ``k`` entries of every block, ``k`` the smallest of a few compiled sizes that
+    holds them (``lax.switch``): one shape per batch shape whatever its response tokens, no work on
+    padding, and blocks stay on the device holding their rows. ``values``: ``layer``'s variables' values.
     """
     import jax
     import jax.numpy as jnp
 
     rows, scored, dim = hidden.shape
-    n, sizes = rows * scored, head_sizes(rows * scored)
-    step = sizes[0]
-    order = jnp.argsort(weights.reshape(-1) <= 0, stable=True)  # weighted entries first, in order
-    h = jnp.pad(hidden.reshape(n, dim)[order], ((0, sizes[-1] - n), (0, 0)))
-    t = jnp.pad(targets.reshape(-1)[order], (0, sizes[-1] - n))
+    m = rows // groups * scored  # entries per block
+    sizes = head_sizes(m) if not any(v.trainable for v in layer.variables) else [head_sizes(m)[-1]]
+    weighted = (weights > 0).reshape(groups, m)
+    order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
+    pad = ((0, 0), (0, sizes[-1] - m))
+    h = jnp.pad(jnp.take_along_axis(hidden.reshape(groups, m, dim), order[..., None], axis=1), (*pad, (0, 0)))
+    t = jnp.pad(jnp.take_along_axis(targets.reshape(groups, m), order, axis=1), pad)
     nll_of = _nll_with_gradient(layer)
-    branches = [lambda h, t, v, k=k: jnp.pad(nll_of(h[:k], t[:k], v), (0, sizes[-1] - k)) for k in sizes]
-    which = jnp.clip(-(-jnp.sum(weights > 0) // step) - 1, 0, len(sizes) - 1)
-    nll = jnp.zeros(n, jnp.float32).at[order].set(jax.lax.switch(which, branches, h, t, values)[:n])
+    branches = [lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k))) for k in sizes]
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted.sum(1).max()), len(sizes) - 1)  # as head_size
+    nll = jax.lax.switch(which, branches, h, t, values)[:, :m]
+    nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to each entry's place
     return jnp.where(weights > 0, nll.reshape(rows, scored), 0.0)
 
 
@@ -63,7 +72,7 @@ def head_size(entries: int, weighted: int) -> int:
     return next((k for k in head_sizes(entries) if k >= weighted), head_sizes(entries)[-1])
 
 
-def _nll_with_gradient(layer):
+def _nll_with_gradient(layer) -> Callable:
     """``nll(hidden, targets, values)`` of ``layer`` whose backward pass reuses d nll/d hidden formed in the forward.
 
     Each entry's loss depends on its own hidden vector only, so that gradient is one ``(entries, dim)``
@@ -84,7 +93,7 @@ def _nll_with_gradient(layer):
         return nll, pullback(jnp.ones_like(nll))[0]
 
     def backward(d_hidden, g):
-        return g[:, None].astype(d_hidden.dtype) * d_hidden, None, None
+        return (g[..., None] * d_hidden.astype(g.dtype)).astype(d_hidden.dtype), None, None
 
     if any(v.trainable for v in layer.variables):
         return plain

@@ -2,6 +2,8 @@
 with XLA_FLAGS=--xla_force_host_platform_device_count=4. Prints one JSON line per set-up."""
 
 import json
+import math
+import re
 import sys
 
 import numpy as np
@@ -22,7 +24,8 @@ def axes(sharding) -> list:
 
 
 def step(spec: str) -> dict:
-    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model."""
+    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the most
+    entries one device's output-layer matmul runs on (the largest compiled size, from the step's HLO)."""
     import keras
 
     devices.use_distribution(spec)
@@ -37,9 +40,13 @@ def step(spec: str) -> dict:
     micro = [batches.make_batch(arrays, np.arange(0, 4)), batches.make_batch(arrays, np.arange(4, 8))]
     loss, state = trainer.update(micro, trainer.state())
     trainer.write_back(state)
+    compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0).compile().as_text()
+    out_dims = [[int(d) for d in dims.split(",")] for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled)]
+    head_rows = max((math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0)  # 0: vocabulary sharded
     specs = {v.path: axes(v.value.sharding) for v in lm.backbone.weights}
     return {"spec": spec, "loss": loss, "adapter": [np.asarray(v.value).tolist() for v in trainer.trainable],
-            "shardings": specs, "batch_axes": axes(getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)), "adapter_devices": len(trainer.trainable[0].value.sharding.device_set)}  # fmt: skip
+            "shardings": specs, "batch_axes": axes(getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)), "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
+            "head_rows": head_rows}  # fmt: skip
 
 
 if __name__ == "__main__":

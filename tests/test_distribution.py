@@ -37,6 +37,11 @@ def test_distributed_step_equals_one_device(steps, spec):
     assert all(m > 0 for m in moved)  # the comparison is over real, updated matrices
 
 
+def test_each_device_runs_the_output_layer_on_its_own_rows(steps):
+    """Data parallel over 4 devices: each device's 262k-word matmul covers its quarter of the entries, not all."""
+    assert steps["data"]["head_rows"] * 4 == steps["none"]["head_rows"] == 64  # 4 rows x 16 entries
+
+
 def test_layout_map_shards_the_kernels(steps):
     shardings = steps["model:2x2"]["shardings"]
     assert shardings["token_embedding/embeddings"] == ["model"]

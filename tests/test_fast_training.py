@@ -77,11 +77,13 @@ def test_fast_loss_equals_a_direct_full_logits_computation(arrays, soft_cap):
     assert fast == pytest.approx(direct_loss(lm, ROWS[:8]), rel=1e-5)
 
 
-@pytest.mark.parametrize("soft_cap, train_embedding", [(None, False), (3.0, False), (None, True)])
-def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_embedding):
+@pytest.mark.parametrize("soft_cap, train_embedding, rows, scored", [(None, False, 13, 16), (3.0, False, 13, 16),
+                                                                    (None, True, 13, 16), (None, False, 5, 20)])
+def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_embedding, rows, scored):
     """The output layer's own backward pass (its gradient formed in the forward) against autodiff of the
-    plain computation, on a batch whose scored entries need the second of the eight compiled sizes
-    (the first holds 32), with zero-weight padding rows; a trainable embedding gets its gradient too."""
+    plain computation: 13 rows + 3 zero-weight rows x 16 entries need the second of eight compiled sizes
+    (32, 64, ...), 5 x 20 entries the second of 16, 32, ..., 112 (more than the 100 entries); a trainable
+    embedding gets its gradient too. Each entry's loss is scaled differently, as a loss that averages does."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -91,9 +93,11 @@ def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_emb
     lm = seeded_tiny(final_logit_soft_cap=soft_cap)
     backbone = lm.backbone
     backbone.token_embedding.trainable = train_embedding
-    batch = batches.make_batch(arrays, np.arange(13), n_rows=16, scored=16)  # 16 x 16 entries: sizes 32, 64, ..., 256
+    batch = batches.make_batch(arrays, np.arange(rows), n_rows=16 if rows == 13 else rows, scored=scored)
     inputs = {k: jnp.asarray(v) for k, v in batch.inputs().items()}
-    assert 32 < batch.useful_tokens <= 64 and (batch.weights[13:] == 0).all()
+    sizes = objective.head_sizes(batch.weights.size)
+    assert sizes[0] < batch.useful_tokens <= sizes[1] and (batch.weights[rows:] == 0).all()
+    scale = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, batch.weights.shape), jnp.float32) * inputs["weights"]
     trainable, non_trainable = objective.variable_values(backbone)
 
     def plain(trainable):
@@ -102,16 +106,16 @@ def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_emb
             hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
             logits = backbone.token_embedding(jnp.take_along_axis(hidden, inputs["positions"][..., None], axis=1), reverse=True)
         nll = keras.ops.sparse_categorical_crossentropy(inputs["targets"], keras.ops.cast(logits, "float32"), from_logits=True)
-        return jnp.sum(nll * inputs["weights"])
+        return jnp.sum(nll * scale)
 
     def fast(trainable):
-        return jnp.sum(objective.scored_nll(backbone, trainable, non_trainable, inputs) * inputs["weights"])
+        return jnp.sum(objective.scored_nll(backbone, trainable, non_trainable, inputs) * scale)
 
     (want, want_grads), (got, got_grads) = (jax.jit(jax.value_and_grad(f))(trainable) for f in (plain, fast))
     assert float(got) == pytest.approx(float(want), rel=1e-5)
-    scale = max(float(jnp.abs(g).max()) for g in want_grads)
+    largest = max(float(jnp.abs(g).max()) for g in want_grads)
     for w, g in zip(want_grads, got_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * largest)
 
 
 def test_output_layer_sizes():
@@ -123,14 +127,15 @@ def test_output_layer_sizes():
 
 
 def test_every_batch_of_a_width_has_one_shape(tokenizer):
-    """Entries per row come from the longest response of the data set, so short and long responses share a shape."""
+    """Entries per row come from the longest response of the data set (at most width - 1), so short and long
+    responses share a shape."""
     rows = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + i % 3),
              "output": " ".join(["word"] * (1 + 3 * i))} for i in range(12)]  # fmt: skip
     arrays = sequences.make_arrays(tokenizer, rows, "gemma", 128)
     per_row = sequences.loss_positions(arrays["response_mask"]).sum(1)
     assert batches.scored_entries(arrays) == batches.round_up(per_row.max(), batches.RESPONSE_STEP) >= 32
     for made in (batches.epoch_batches(arrays, 2, 0, 0), batches.eval_batches(arrays, 2)):
-        assert {b.shape[2] for b in made} == {batches.scored_entries(arrays)}
+        assert all(b.shape[2] == min(batches.scored_entries(arrays), b.shape[1] - 1) for b in made)
         assert len({b.shape for b in made}) == len({b.shape[1] for b in made})
 
 
