@@ -99,8 +99,8 @@ def rows_per_step(rows: int, width: int, max_tokens: int) -> int:
 def largest_step(rows: int, max_length: int, max_tokens: int) -> tuple[int, int]:
     """``(rows, width)`` of the step with the most tokens that batches of ``rows`` rows up to ``max_length``
     tokens make under ``max_tokens`` (a narrower batch may run more rows per step than the widest)."""
-    widths = range(WIDTH_STEP, round_up(max_length, WIDTH_STEP) + 1, WIDTH_STEP)
-    steps = [(rows_per_step(rows, min(w, max_length), max_tokens), min(w, max_length)) for w in widths]
+    widths = [min(w, max_length) for w in range(WIDTH_STEP, round_up(max_length, WIDTH_STEP) + 1, WIDTH_STEP)]
+    steps = [(rows_per_step(rows, w, max_tokens), w) for w in widths]
     return max(steps, key=lambda s: (s[0] * s[1], s[1]))
 
 

@@ -47,13 +47,14 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
 
     rows, scored, dim = hidden.shape
     m = rows // groups * scored  # entries per block
-    sizes = head_sizes(m) if not any(v.trainable for v in layer.variables) else [head_sizes(m)[-1]]
+    frozen = not any(v.trainable for v in layer.variables)  # else: plain autodiff, one size (see below)
+    sizes = head_sizes(m) if frozen else head_sizes(m)[-1:]
     weighted = (weights > 0).reshape(groups, m)
     order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
     pad = ((0, 0), (0, sizes[-1] - m))
     h = jnp.pad(jnp.take_along_axis(hidden.reshape(groups, m, dim), order[..., None], axis=1), (*pad, (0, 0)))
     t = jnp.pad(jnp.take_along_axis(targets.reshape(groups, m), order, axis=1), pad)
-    nll_of = _nll_with_gradient(layer)
+    nll_of = _nll_with_gradient(layer, frozen)
     branches = [lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k))) for k in sizes]
     which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted.sum(1).max()), len(sizes) - 1)  # as head_size
     nll = jax.lax.switch(which, branches, h, t, values)[:, :m]
@@ -72,12 +73,12 @@ def head_size(entries: int, weighted: int) -> int:
     return next((k for k in head_sizes(entries) if k >= weighted), head_sizes(entries)[-1])
 
 
-def _nll_with_gradient(layer) -> Callable:
+def _nll_with_gradient(layer, frozen: bool) -> Callable:
     """``nll(hidden, targets, values)`` of ``layer`` whose backward pass reuses d nll/d hidden formed in the forward.
 
     Each entry's loss depends on its own hidden vector only, so that gradient is one ``(entries, dim)``
     array, and no ``(entries, vocabulary)`` logits are kept for the backward pass.
-    Only ``hidden`` gets a gradient, so a trainable layer (no LoRA: full fine-tuning) gets the plain function.
+    Only ``hidden`` gets a gradient, so a layer that is not ``frozen`` (no LoRA: full fine-tuning) gets the plain function.
     """
     import jax
     import jax.numpy as jnp
@@ -95,7 +96,7 @@ def _nll_with_gradient(layer) -> Callable:
     def backward(d_hidden, g):
         return (g[..., None] * d_hidden.astype(g.dtype)).astype(d_hidden.dtype), None, None
 
-    if any(v.trainable for v in layer.variables):
+    if not frozen:
         return plain
     nll = jax.custom_vjp(plain)
     nll.defvjp(forward, backward)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nbutils import batches, compat, models, sequences, training
+from nbutils import batches, compat, models, objective, sequences, training
 
 # Rows of very different lengths, so batches fall into several width buckets.
 ROWS = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + 4 * (i % 6)),
@@ -88,8 +88,6 @@ def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_emb
     import jax.numpy as jnp
     import keras
 
-    from nbutils import objective
-
     lm = seeded_tiny(final_logit_soft_cap=soft_cap)
     backbone = lm.backbone
     backbone.token_embedding.trainable = train_embedding
@@ -119,8 +117,6 @@ def test_output_layer_gradient_equals_plain_autodiff(arrays, soft_cap, train_emb
 
 
 def test_output_layer_sizes():
-    from nbutils import objective
-
     assert objective.head_sizes(96) == [16, 32, 48, 64, 80, 96]  # 2 rows x 48 entries
     assert objective.head_sizes(256) == list(range(32, 257, 32)) and objective.head_sizes(768) == list(range(96, 769, 96))
     assert [objective.head_size(96, k) for k in (0, 1, 16, 17, 96)] == [16, 16, 16, 32, 96]
