@@ -13,7 +13,6 @@ each compiled step shape allocates while it runs, and what glibc hands back to t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def main() -> int:
     record("JAX, Keras, keras-hub (+TensorFlow)", tensorflow_loaded="tensorflow" in sys.modules)
     import keras
 
-    from nbutils import batches, devices, models, sequences, training
+    from nbutils import batches, devices, memory, models, sequences, training
 
     rows, _ = prepare_rows(args.rows, 1)
     record("tokenizer + training rows")
@@ -76,7 +75,7 @@ def main() -> int:
         if new:
             record(f"first update of batch {batch.shape}", xla_temp_gb=temps)
     record("one pass trained")
-    trimmed = ctypes.CDLL("libc.so.6").malloc_trim(0) if sys.platform == "linux" else 0
+    trimmed = memory.release_free_heap()
     record("after malloc_trim (freed heap returned)", trimmed=bool(trimmed))
     peak = max(s["peak_rss_gb"] for s in stages)
     files.write_json(Path(args.out), {"rows": args.rows, "max_batch_tokens": args.max_batch_tokens, "stages": stages, "peak_rss_gb": peak})

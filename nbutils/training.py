@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, devices, files, objective, progress, prompts, sequences
+from nbutils import batches, compat, devices, files, memory, objective, progress, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
@@ -284,6 +284,7 @@ class Trainer:
 
         trainable, non_trainable, opt_vars = state
         denominator = float(sum(b.useful_tokens for b in micro_batches))
+        memory.release_free_heap()  # the last step's freed scratch, so this step's peak is what it uses
         total, grads = 0.0, None
         for b in self.steps(micro_batches):
             self._mark("train", b)
@@ -299,6 +300,7 @@ class Trainer:
         trainable, non_trainable, _ = state
         denominator = float(sum(b.useful_tokens for b in batch_list))
         pieces = self.steps(batch_list)
+        memory.release_free_heap()
         for b in pieces:
             self._mark("eval", b)
         return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in pieces))
