@@ -21,8 +21,11 @@ HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "respo
                     "stop_rate": True, "mean_tokens": None}  # fmt: skip
 
 
-def make_sampler(spec: str = "greedy", seed: int = 0):
-    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded)."""
+def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
+    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded).
+
+    With ``max_new_tokens``, each row of a batch ends after that many new tokens (see :func:`row_budget`).
+    """
     import keras_hub
 
     kind, _, value = spec.partition(":")
@@ -31,12 +34,41 @@ def make_sampler(spec: str = "greedy", seed: int = 0):
     except ValueError:
         k = p = None
     if kind == "greedy" and not value:
-        return keras_hub.samplers.GreedySampler()
-    if kind == "top_k" and k is not None and k >= 1:
-        return keras_hub.samplers.TopKSampler(k=k, seed=seed)
-    if kind == "top_p" and p is not None and 0 < p <= 1:
-        return keras_hub.samplers.TopPSampler(p=p, seed=seed)
-    raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
+        cls, kwargs = keras_hub.samplers.GreedySampler, {}
+    elif kind == "top_k" and k is not None and k >= 1:
+        cls, kwargs = keras_hub.samplers.TopKSampler, {"k": k, "seed": seed}
+    elif kind == "top_p" and p is not None and 0 < p <= 1:
+        cls, kwargs = keras_hub.samplers.TopPSampler, {"p": p, "seed": seed}
+    else:
+        raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
+    return row_budget(cls, max_new_tokens)(**kwargs) if max_new_tokens else cls(**kwargs)
+
+
+def row_budget(sampler_class, max_new_tokens: int):
+    """``sampler_class`` whose rows each end after ``max_new_tokens`` new tokens.
+
+    keras-hub's loop runs until every row of the batch has produced a stop token (or the batch's
+    length is used up), so a row that never stops keeps the whole batch decoding. Here a row past its
+    budget gets logits that make it emit the stop token; tokens within the budget are unchanged.
+    """
+    from keras import ops
+
+    class RowBudget(sampler_class):
+        def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None, **kwargs):
+            if mask is None or not stop_token_ids:
+                return super().__call__(next, prompt, cache, index, mask, stop_token_ids, **kwargs)
+            limit = ops.sum(ops.cast(mask, "int32"), axis=-1) + max_new_tokens  # prompts are left-aligned
+
+            def capped(prompt, cache, index):
+                logits, hidden_states, cache = next(prompt, cache, index)
+                stop_only = ops.where(ops.arange(ops.shape(logits)[-1]) == stop_token_ids[0], 0.0, -1e4)
+                done = ops.expand_dims(index >= limit, -1)
+                return ops.where(done, ops.cast(stop_only, logits.dtype), logits), hidden_states, cache
+
+            return super().__call__(capped, prompt, cache, index, mask, stop_token_ids, **kwargs)
+
+    RowBudget.__name__ = RowBudget.__qualname__ = f"RowBudget{sampler_class.__name__}"
+    return RowBudget
 
 
 def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop: int, max_new_tokens: int) -> tuple[list[int], bool]:
@@ -57,7 +89,7 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
     prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
-    lm.compile(sampler=make_sampler(sampler, seed))
+    lm.compile(sampler=make_sampler(sampler, seed, max_new_tokens))
     generate_fn = lm.make_generate_function()
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
     results: dict[int, dict] = {}

@@ -90,6 +90,25 @@ def test_answer_tokens_stop_and_cap():
     assert evaluation.answer_tokens(ids, mask, 3, 1, 10) == ([50, 51, 106], False)
 
 
+@pytest.mark.parametrize("spec", ["greedy", "top_k:3"])
+def test_each_row_ends_after_its_budget_and_keeps_its_tokens(tiny_lm, spec):
+    """A row past its max_new_tokens emits the stop token, so a batch stops when its last row is done."""
+    stop, budget, length = 106, 6, 40
+    token_ids = np.zeros((2, length), np.int32)
+    token_ids[0, :5], token_ids[1, :12] = 9, 11  # prompts of 5 and 12 tokens
+    runs = {}
+    for name, n in (("plain", 0), ("budget", budget)):
+        tiny_lm.compile(sampler=evaluation.make_sampler(spec, 0, max_new_tokens=n))
+        out = tiny_lm.make_generate_function()({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=[stop])
+        runs[name] = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
+    (plain, _), (capped, mask) = runs["plain"], runs["budget"]
+    for row, prompt_len in enumerate((5, 12)):
+        end = prompt_len + budget
+        assert stop not in plain[row, prompt_len:]  # the random model never stops by itself
+        np.testing.assert_array_equal(capped[row, :end], plain[row, :end])  # the budget's tokens unchanged
+        assert capped[row, end] == stop and mask[row, end] and not mask[row, end + 1 :].any()
+
+
 def test_sampler_spec():
     import keras_hub
 
