@@ -54,7 +54,7 @@ def main() -> int:
     record("JAX, Keras, keras-hub (+TensorFlow)", tensorflow_loaded="tensorflow" in sys.modules)
     import keras
 
-    from nbutils import batches, devices, memory, models, sequences, training
+    from nbutils import batches, devices, heap, models, sequences, training
 
     rows, _ = prepare_rows(args.rows, 1)
     record("tokenizer + training rows")
@@ -75,7 +75,7 @@ def main() -> int:
         if new:
             record(f"first update of batch {batch.shape}", xla_temp_gb=temps)
     record("one pass trained")
-    trimmed = memory.release_free_heap()
+    trimmed = heap.release_free_heap()
     record("after malloc_trim (freed heap returned)", trimmed=bool(trimmed))
     peak = max(s["peak_rss_gb"] for s in stages)
     files.write_json(Path(args.out), {"rows": args.rows, "max_batch_tokens": args.max_batch_tokens, "stages": stages, "peak_rss_gb": peak})

@@ -181,7 +181,9 @@ def run_generation(rows: list[dict], max_new_tokens: int = 40, batch_size: int =
     """Batched greedy generation (``evaluation.generate``) vs one ``lm.generate`` call per prompt.
 
     Both give each prompt room for ``max_new_tokens`` in a length rounded up to a multiple of 32 (so
-    both compile a few shapes); answers are compared on their first ``max_new_tokens`` tokens.
+    both compile a few shapes) and both end a row after ``max_new_tokens`` (the same sampler,
+    ``evaluation.make_sampler``), so the ratio measures batching alone; answers are compared on their
+    first ``max_new_tokens`` tokens.
     """
     from nbutils import batches, evaluation, models, prompts, sequences
 
@@ -190,7 +192,7 @@ def run_generation(rows: list[dict], max_new_tokens: int = 40, batch_size: int =
     start = time.perf_counter()
     batched = evaluation.generate(lm, rows, "gemma", max_new_tokens, batch_size, progress=False)
     batched_s = time.perf_counter() - start
-    lm.compile(sampler="greedy")
+    lm.compile(sampler=evaluation.make_sampler("greedy", 0, max_new_tokens))
     stop = sequences.stop_token_id(tok, "gemma")
     start, single = time.perf_counter(), []
     for r, ids in zip(rows, sequences.prompt_ids(tok, rows, "gemma")):

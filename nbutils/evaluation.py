@@ -44,17 +44,21 @@ def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
     return row_budget(cls, max_new_tokens)(**kwargs) if max_new_tokens else cls(**kwargs)
 
 
-def row_budget(sampler_class, max_new_tokens: int):
+def row_budget(sampler_class: type, max_new_tokens: int) -> type:
     """``sampler_class`` whose rows each end after ``max_new_tokens`` new tokens.
 
     keras-hub's loop runs until every row of the batch has produced a stop token (or the batch's
     length is used up), so a row that never stops keeps the whole batch decoding. Here a row past its
     budget gets logits that make it emit the stop token; tokens within the budget are unchanged.
+    Relies on keras-hub's loop calling ``next(prompt, cache, index)`` for the token at ``index`` with
+    ``mask`` the left-aligned prompt mask; ``test_each_row_ends_after_its_budget_and_keeps_its_tokens``
+    guards that.
     """
     from keras import ops
 
     class RowBudget(sampler_class):
         def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None, **kwargs):
+            """keras-hub's sampling loop, with ``next`` wrapped so that rows past their budget stop."""
             if mask is None or not stop_token_ids:
                 return super().__call__(next, prompt, cache, index, mask, stop_token_ids, **kwargs)
             limit = ops.sum(ops.cast(mask, "int32"), axis=-1) + max_new_tokens  # prompts are left-aligned
@@ -89,6 +93,7 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
     prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
+    previous = lm.sampler
     lm.compile(sampler=make_sampler(sampler, seed, max_new_tokens))
     generate_fn = lm.make_generate_function()
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
@@ -110,6 +115,7 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
                           "n_tokens": len(new)}  # fmt: skip
         bar.update(len(idx))
     bar.close()
+    lm.compile(sampler=previous)  # the budget was for these rows: a later lm.generate is not capped
     return [results[i] for i in range(len(rows))]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, devices, files, memory, objective, progress, prompts, sequences
+from nbutils import batches, compat, devices, files, heap, objective, progress, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
@@ -284,7 +284,7 @@ class Trainer:
 
         trainable, non_trainable, opt_vars = state
         denominator = float(sum(b.useful_tokens for b in micro_batches))
-        memory.release_free_heap()  # the last step's freed scratch, so this step's peak is what it uses
+        self._release_free_heap()
         total, grads = 0.0, None
         for b in self.steps(micro_batches):
             self._mark("train", b)
@@ -299,11 +299,16 @@ class Trainer:
         """Loss per response token over all batches (token-weighted, not a mean of batch means)."""
         trainable, non_trainable, _ = state
         denominator = float(sum(b.useful_tokens for b in batch_list))
+        self._release_free_heap()
         pieces = self.steps(batch_list)
-        memory.release_free_heap()
         for b in pieces:
             self._mark("eval", b)
         return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in pieces))
+
+    def _release_free_heap(self) -> None:
+        """On the CPU, hand the last step's freed XLA scratch back to the OS, so this step's peak is what it uses."""
+        if devices.backend() == "cpu":
+            heap.release_free_heap()
 
     def learning_rate(self, state: tuple) -> float:
         """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""

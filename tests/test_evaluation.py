@@ -107,6 +107,7 @@ def test_each_row_ends_after_its_budget_and_keeps_its_tokens(tiny_lm, spec):
         assert stop not in plain[row, prompt_len:]  # the random model never stops by itself
         np.testing.assert_array_equal(capped[row, :end], plain[row, :end])  # the budget's tokens unchanged
         assert capped[row, end] == stop and mask[row, end] and not mask[row, end + 1 :].any()
+    assert capped[:, 12 + budget + 1 :].max() == 0  # the loop ended after the last row's forced stop: nothing decoded past it
 
 
 def test_sampler_spec():
@@ -119,7 +120,9 @@ def test_sampler_spec():
 
 
 def test_generation_records_tokens_and_stop(tiny_lm):
+    before = tiny_lm.sampler
     preds = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=2, progress=False)
+    assert tiny_lm.sampler is before  # the per-row budget does not stay on the model for later lm.generate calls
     assert [p["id"] for p in preds] == ["a", "b", "c"]
     for p in preds:
         assert 0 <= p["n_tokens"] <= 5 and p["prompt"] == prompts.render_prompt(ROWS[["a", "b", "c"].index(p["id"])])

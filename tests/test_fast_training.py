@@ -1,11 +1,11 @@
 """The fast training path: bucketed batches, response-only logits, whole-update loss, global clipping."""
 
-import sys
+import platform
 
 import numpy as np
 import pytest
 
-from nbutils import batches, compat, memory, models, objective, sequences, training
+from nbutils import batches, compat, heap, models, objective, sequences, training
 
 # Rows of very different lengths, so batches fall into several width buckets.
 ROWS = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + 4 * (i % 6)),
@@ -357,7 +357,7 @@ def test_token_budget_changes_memory_per_step_not_the_update(arrays):
 def test_each_update_and_validation_gives_freed_heap_back(tiny, arrays, monkeypatch):
     """Freed XLA scratch stays resident in glibc's thread arenas unless trimmed (bench: 3.96 -> 3.72 GB peak)."""
     calls = []
-    monkeypatch.setattr(memory, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
     trainer = training.Trainer(tiny, training_optimizer())
     batch = batches.make_batch(arrays, np.arange(4))
     _, state = trainer.update([batch], trainer.state())
@@ -366,8 +366,10 @@ def test_each_update_and_validation_gives_freed_heap_back(tiny, arrays, monkeypa
     assert len(calls) == 3
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
-def test_release_free_heap_returns_freed_pages():
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_release_free_heap_reaches_glibc():
+    """The binding loads and trims (where it can't, training still runs, without the trim)."""
+    assert heap._malloc_trim() is not None
     blocks = [bytes(2000) for _ in range(50_000)]  # ~100 MB of malloc'd (not pymalloc) blocks on the C heap
     del blocks
-    assert memory.release_free_heap()
+    assert heap.release_free_heap() is True

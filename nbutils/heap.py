@@ -8,16 +8,16 @@ each step keeps the peak at what is in use plus one step's scratch (see ``bench/
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+from collections.abc import Callable
 
 
 @functools.cache
-def _malloc_trim():
+def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # the C library's symbols, seen from the running program
+    except (OSError, AttributeError, TypeError):
         return None
 
 
