@@ -19,6 +19,8 @@ NATIVE_NOISE = re.compile(  # each alternative matches a whole line's start; the
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IW]\d{4} .*(port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|dso_loader\.cc|cuda_\w+\.cc):\d+\]"
     r"|E\d{4} .*cuda_(platform|executor|diagnostics)\.cc:\d+\] .*(cuInit|CUDA|kernel driver)"
+    r"|E\d{4} .*cuda_(dnn|blas|fft)\.cc:\d+\] Unable to register cu\w+ factory"  # TensorFlow and JAX both loaded
+    r"|W\d{4} .*computation_placer\.cc:\d+\] computation placer already registered"
     r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty"
     r"|To enable the following instructions: .*rebuild TensorFlow"
     r"|\s*$"

@@ -15,18 +15,6 @@ from test_kaggle import FAKE_KAGGLE_KEY, secret_leaks
 FORBIDDEN_CHARS = {"\x1b": "an ANSI escape code", "\x08": "a backspace", "\r": "a carriage return (a redrawn bar)"}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The smoke pipeline (01 -> 04 -> 06) run as a user runs it, with Kaggle credentials in the environment."""
-    root = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(root / "processed"), "NBUTILS_RUNS_DIR": str(root / "runs"),
-           "KAGGLE_USERNAME": "fake-user-5be1", "KAGGLE_KEY": FAKE_KAGGLE_KEY}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "clean"],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=1200)  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return root
-
-
 def output_problems(nb_path) -> list[str]:
     """Every saved output line with an escape code, a redraw, a known noise line or a warning."""
     problems = []
@@ -42,15 +30,16 @@ def output_problems(nb_path) -> list[str]:
     return problems
 
 
-def test_executed_notebooks_have_clean_outputs_and_no_secrets(smoke_run):
-    run = smoke_run / "runs" / "clean"
+def test_executed_notebooks_have_clean_outputs_and_no_secrets(image_smoke_run):
+    """What a Kaggle user sees: the smoke run on the Kaggle image's stack (TensorFlow and JAX both loaded)."""
+    run = image_smoke_run / "runs" / "image"
     notebooks = sorted(run.glob("*.ipynb"))
     assert [p.stem for p in notebooks] == list(pipeline.SERIES)
     problems = [p for nb in notebooks for p in output_problems(nb)]
     assert not problems, "\n".join(problems[:20])
     printed = "".join(o.get("text", "") for nb in notebooks for c in nbformat.read(nb, as_version=4).cells for o in c.get("outputs", []))
     assert "generating: 8/8 rows (100%)" in printed  # progress as plain lines
-    assert not secret_leaks(smoke_run, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
+    assert not secret_leaks(image_smoke_run, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
 
 
 def test_the_output_check_finds_noise(tmp_path):
@@ -67,17 +56,38 @@ def notebook_code(name: str) -> list[str]:
     return [c.source.strip() for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells if c.cell_type == "code"]
 
 
-def test_rendered_pages_hold_the_code_outputs_and_images(smoke_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(paths, "RUNS_DIR", smoke_run / "runs")
-    pages = docs.render("clean", tmp_path)
+def test_rendered_pages_hold_the_code_outputs_and_images(image_smoke_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RUNS_DIR", image_smoke_run / "runs")
+    pages = docs.render("image", tmp_path)
     assert [p.stem for p in pages] == list(pipeline.SERIES)
     for page in pages:
         text = page.read_text()
-        assert text.startswith("> Rendered from run `clean` (profile `smoke`") and "accelerator" in text
+        assert text.startswith("> Rendered from run `image` (profile `smoke`") and "accelerator" in text
         assert docs.code_cells(text) == notebook_code(page.stem), page.name
     assert list((tmp_path / "03_lora_finetune_files").glob("*.png"))  # the loss curve, as an image file
     edited = pages[2].read_text().replace("training.train_lora(", "training.train_lora_v2(")
     assert docs.code_cells(edited) != notebook_code(pages[2].stem)  # a changed line is seen
+
+
+def page_output_problems(markdown: str) -> list[str]:
+    """Output lines of a rendered page (indented, outside code fences) that are noise, warnings or redraws."""
+    problems, fenced = [], False
+    for line in markdown.splitlines():
+        fenced = fenced != line.startswith("```")
+        if not fenced and line.startswith("    ") and line.strip():
+            out = line[4:]
+            if quiet.is_noise(out) or "Warning:" in out or any(c in out for c in FORBIDDEN_CHARS):
+                problems.append(out[:120])
+    return problems
+
+
+@pytest.mark.parametrize("name", pipeline.SERIES)
+def test_committed_pages_show_clean_outputs(name):
+    """What a reader of docs/ sees: the outputs of the `make run` they were rendered from (the pinned stack)."""
+    problems = page_output_problems((docs.DOCS_DIR / f"{name}.md").read_text())
+    assert not problems, problems[:10]
+    noisy = "```python\nx = 1\n```\n\n    W0000 00:00:1.2 7 computation_placer.cc:177] computation placer already registered\n"
+    assert page_output_problems(noisy)  # the check sees an output line
 
 
 @pytest.mark.parametrize("name", pipeline.SERIES)
@@ -97,6 +107,7 @@ def test_readme_links_the_pages_in_order():
 def test_native_stderr_filter_drops_known_noise_and_passes_the_rest():
     code = ("import os, sys\nfrom nbutils import quiet\nwith quiet.native_stderr_filtered():\n"
             "    os.write(2, b'I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\\n')\n"
+            "    os.write(2, b'E0000 00:00:1.6 51 cuda_dnn.cc:8579] Unable to register cuDNN factory: Attempting to register factory\\n')\n"
             "    os.write(2, b'a real problem\\n')\n"
             "    os.write(2, b'normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\\n')\n"
             "print('after', file=sys.stderr)\n")  # fmt: skip

@@ -10,6 +10,7 @@ import zipfile
 import jupytext
 import nbformat
 import pytest
+from conftest import FAKE_KAGGLE, IMAGE_PYTHON
 
 from nbutils import devices, kaggle, models, paths, pipeline
 
@@ -181,29 +182,22 @@ def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
         devices.require_accelerator(True)
 
 
-IMAGE_PYTHON = paths.REPO_ROOT / ".venv-kaggle-image" / "bin" / "python"
-
-
 @pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
-def test_smoke_pipeline_on_the_kaggle_image_stack(tmp_path):
+def test_smoke_pipeline_on_the_kaggle_image_stack(image_smoke_run):
     """01 -> 04 -> 06 (smoke) with jax/keras/keras-hub/TensorFlow at the Kaggle image's versions; with Kaggle
     credentials in the environment, none of them reaches any file the run writes."""
     probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
     versions = subprocess.run([str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True).stdout.split()
     assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
-    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(tmp_path / "processed"), "NBUTILS_RUNS_DIR": str(tmp_path / "runs"),
-           "KAGGLE_USERNAME": "fake-user-5be1", "KAGGLE_KEY": FAKE_KAGGLE_KEY}  # fmt: skip
-    done = subprocess.run([str(IMAGE_PYTHON), "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "image"],
-                          env=env, capture_output=True, text=True, cwd=tmp_path, timeout=1200)  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    comparison = json.loads((tmp_path / "runs" / "image" / "metrics.json").read_text())["comparison"]
+    run = image_smoke_run / "runs" / "image"
+    comparison = json.loads((run / "metrics.json").read_text())["comparison"]
     assert 0 <= comparison["rougeL_f1"]["tuned"] <= 1 and comparison["response_loss"]["tuned"] > 0
-    assert json.loads((tmp_path / "runs" / "image" / "export" / "export_verification.json").read_text())["checks"]
-    leaks = secret_leaks(tmp_path, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
-    assert len(list(tmp_path.rglob("*.ipynb"))) == 5 and not leaks, leaks  # scanned: executed notebooks, logs, config, data
+    assert json.loads((run / "export" / "export_verification.json").read_text())["checks"]
+    leaks = secret_leaks(image_smoke_run, list(FAKE_KAGGLE.values()))
+    assert len(list(image_smoke_run.rglob("*.ipynb"))) == 5 and not leaks, leaks  # scanned: executed notebooks, logs, config, data
 
 
-FAKE_KAGGLE_KEY = "3f9c1e2ad7b64c0e9a5f8d2b1c7e4a60"
+FAKE_KAGGLE_KEY = FAKE_KAGGLE["KAGGLE_KEY"]
 
 
 def secret_leaks(folder, secrets: list[str]) -> list[str]:
