@@ -1,6 +1,5 @@
 """What a reader sees: clean executed notebooks, and docs/ pages that cannot drift from the sources."""
 
-import os
 import subprocess
 import sys
 

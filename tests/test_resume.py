@@ -40,9 +40,8 @@ def adapter(out: Path) -> list[np.ndarray]:
 
 def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    proc = start(straight)
-    assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
-    assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
+    with open(tmp_path / "straight.err", "w") as err:  # runs beside the interrupted one (deterministic: order is free)
+        uninterrupted = subprocess.Popen([sys.executable, str(SCRIPT), str(straight)], stdout=subprocess.DEVNULL, stderr=err)
 
     proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
     wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
@@ -63,6 +62,8 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc = start(broken, "--resume")  # 3. resumed to the end
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
+    assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
     assert f"RESUME: continuing after update {int(stopped.name[-6:])}" in out
     for a, b in zip(adapter(straight), adapter(broken), strict=True):
         np.testing.assert_array_equal(a, b)  # exact: same XLA programs on the same CPU, same data order
