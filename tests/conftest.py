@@ -21,6 +21,9 @@ def image_smoke_run(tmp_path_factory):
     TensorFlow at the Kaggle image's versions, Kaggle credentials in the environment. Returns its folder."""
     if not IMAGE_PYTHON.exists():
         pytest.skip("`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
+    probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
+    versions = subprocess.run([str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True).stdout.split()
+    assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
     root = tmp_path_factory.mktemp("image-smoke")
     env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(root / "processed"), "NBUTILS_RUNS_DIR": str(root / "runs"), **FAKE_KAGGLE}
     done = subprocess.run([str(IMAGE_PYTHON), "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "image"],

@@ -71,7 +71,7 @@ def test_rendered_pages_hold_the_code_outputs_and_images(image_smoke_run, tmp_pa
 def page_output_problems(markdown: str) -> list[str]:
     """Output lines of a rendered page (indented, outside code fences) that are noise, warnings or redraws."""
     problems, fenced = [], False
-    for line in markdown.splitlines():
+    for line in markdown.split("\n"):  # not splitlines(): a carriage return inside a line is a problem
         fenced = fenced != line.startswith("```")
         if not fenced and line.startswith("    ") and line.strip():
             out = line[4:]
@@ -83,10 +83,15 @@ def page_output_problems(markdown: str) -> list[str]:
 @pytest.mark.parametrize("name", pipeline.SERIES)
 def test_committed_pages_show_clean_outputs(name):
     """What a reader of docs/ sees: the outputs of the `make run` they were rendered from (the pinned stack)."""
-    problems = page_output_problems((docs.DOCS_DIR / f"{name}.md").read_text())
+    problems = page_output_problems((docs.DOCS_DIR / f"{name}.md").read_bytes().decode())  # keeps any \r
     assert not problems, problems[:10]
-    noisy = "```python\nx = 1\n```\n\n    W0000 00:00:1.2 7 computation_placer.cc:177] computation placer already registered\n"
-    assert page_output_problems(noisy)  # the check sees an output line
+
+
+def test_the_page_check_sees_output_lines():
+    code = "```python\nx = 1\n    y = 2  # indented code is not output\n```\n\n"
+    assert page_output_problems(code + "    fine\n") == []
+    assert page_output_problems(code + "    W0000 00:00:1.2 7 computation_placer.cc:177] computation placer already registered\n")
+    assert page_output_problems(code + "    generating: 50%\r100%\n")
 
 
 @pytest.mark.parametrize("name", pipeline.SERIES)

@@ -42,28 +42,30 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     with open(tmp_path / "straight.err", "w") as err:  # runs beside the interrupted one (deterministic: order is free)
         uninterrupted = subprocess.Popen([sys.executable, str(SCRIPT), str(straight)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
+        wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert not (broken / "final_adapter.npz").exists()
+        assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
 
-    proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
-    wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert not (broken / "final_adapter.npz").exists()
-    assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
+        proc = start(broken, "--resume", "--slow")  # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
+        wait_for(broken / "checkpoints" / "update-000008" / "progress.json", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and not (broken / "final_adapter.npz").exists()
+        stopped = training.latest_checkpoint(broken / "checkpoints")
+        assert f"SIGTERM received: stopped after update {int(stopped.name[-6:])}/12, checkpoint {stopped}" in err.splitlines()[-1]
+        assert "RESUME: continuing after update 4" in out
 
-    proc = start(broken, "--resume", "--slow")  # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
-    wait_for(broken / "checkpoints" / "update-000008" / "progress.json", proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not (broken / "final_adapter.npz").exists()
-    stopped = training.latest_checkpoint(broken / "checkpoints")
-    assert f"SIGTERM received: stopped after update {int(stopped.name[-6:])}/12, checkpoint {stopped}" in err.splitlines()[-1]
-    assert "RESUME: continuing after update 4" in out
-
-    proc = start(broken, "--resume")  # 3. resumed to the end
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
-    assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
+        proc = start(broken, "--resume")  # 3. resumed to the end
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
+        assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
+    finally:
+        uninterrupted.kill()  # a no-op once it has ended
     assert f"RESUME: continuing after update {int(stopped.name[-6:])}" in out
     for a, b in zip(adapter(straight), adapter(broken), strict=True):
         np.testing.assert_array_equal(a, b)  # exact: same XLA programs on the same CPU, same data order
