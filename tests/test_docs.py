@@ -9,9 +9,15 @@ import pytest
 
 from nbutils import docs, paths, pipeline, quiet
 
-from test_kaggle import FAKE_KAGGLE_KEY, secret_leaks
+from conftest import FAKE_KAGGLE
+from test_kaggle import secret_leaks
 
 FORBIDDEN_CHARS = {"\x1b": "an ANSI escape code", "\x08": "a backspace", "\r": "a carriage return (a redrawn bar)"}
+
+
+def noisy(line: str) -> bool:
+    """A known noise line or a warning (an output line a reader should not see)."""
+    return bool(line.strip()) and (quiet.is_noise(line) or "Warning:" in line)
 
 
 def output_problems(nb_path) -> list[str]:
@@ -24,7 +30,7 @@ def output_problems(nb_path) -> list[str]:
                 if char in text:
                     problems.append(f"{nb_path.name} cell {i}: {what}")
             for line in text.splitlines():
-                if (line.strip() and quiet.is_noise(line)) or "Warning:" in line or out.get("name") == "stderr":
+                if noisy(line) or out.get("name") == "stderr":
                     problems.append(f"{nb_path.name} cell {i}: {line[:120]!r}")
     return problems
 
@@ -38,7 +44,7 @@ def test_executed_notebooks_have_clean_outputs_and_no_secrets(image_smoke_run):
     assert not problems, "\n".join(problems[:20])
     printed = "".join(o.get("text", "") for nb in notebooks for c in nbformat.read(nb, as_version=4).cells for o in c.get("outputs", []))
     assert "generating: 8/8 rows (100%)" in printed  # progress as plain lines
-    assert not secret_leaks(image_smoke_run, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
+    assert not secret_leaks(image_smoke_run, list(FAKE_KAGGLE.values()))
 
 
 def test_the_output_check_finds_noise(tmp_path):
@@ -75,7 +81,7 @@ def page_output_problems(markdown: str) -> list[str]:
         fenced = fenced != line.startswith("```")
         if not fenced and line.startswith("    ") and line.strip():
             out = line[4:]
-            if quiet.is_noise(out) or "Warning:" in out or any(c in out for c in FORBIDDEN_CHARS):
+            if noisy(out) or any(c in out for c in FORBIDDEN_CHARS):
                 problems.append(out[:120])
     return problems
 

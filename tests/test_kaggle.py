@@ -182,7 +182,6 @@ def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
         devices.require_accelerator(True)
 
 
-@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
 def test_smoke_pipeline_on_the_kaggle_image_stack(image_smoke_run):
     """01 -> 04 -> 06 (smoke) with jax/keras/keras-hub/TensorFlow at the Kaggle image's versions; with Kaggle
     credentials in the environment, none of them reaches any file the run writes."""

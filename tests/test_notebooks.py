@@ -50,16 +50,17 @@ def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
 def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
     """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in the
     environment reach none of the files written."""
-    from test_kaggle import FAKE_KAGGLE_KEY, secret_leaks
+    from conftest import FAKE_KAGGLE
+    from test_kaggle import secret_leaks
 
-    monkeypatch.setenv("KAGGLE_KEY", FAKE_KAGGLE_KEY)
-    monkeypatch.setenv("KAGGLE_USERNAME", "fake-user-5be1")
+    for name, value in FAKE_KAGGLE.items():
+        monkeypatch.setenv(name, value)
     proc = nbval(tmp_path, prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
     assert "| ROUGE-L F1 |" in report
     assert (tmp_path / "runs" / "nbval" / "export" / "export_verification.json").exists()
-    assert not secret_leaks(tmp_path, [FAKE_KAGGLE_KEY, "fake-user-5be1"])
+    assert not secret_leaks(tmp_path, list(FAKE_KAGGLE.values()))
 
 
 def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
