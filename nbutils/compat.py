@@ -24,6 +24,9 @@ def unmerge_lora(layer) -> None:
 
     Same result; but with the merged kernel, backpropagation forms the full gradient of ``W`` (as many
     FLOPs as the forward pass) only to project it onto ``A`` and ``B``. Unmerged, it never does.
+    ``(x·A)·B`` runs as one 2-D matmul over all token rows: as a batched ``(batch, tokens, r)`` product, the
+    gradient of ``B`` contracts two axes and XLA's CPU backend transposes the incoming gradient for it
+    (fused into the MLP's gelu backward: over a quarter of a LoRA step of Gemma 3 270M on 2 CPU cores).
     """
     import keras
 
@@ -32,13 +35,23 @@ def unmerge_lora(layer) -> None:
 
     def call(inputs, training=None):
         x = keras.ops.einsum(layer.equation, inputs, layer._kernel)
-        low = keras.ops.matmul(keras.ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b)
+        low = low_rank_product(keras.ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b)
         x = keras.ops.add(x, keras.ops.multiply(low, layer.lora_alpha / layer.lora_rank))
         if layer.bias is not None:
             x = keras.ops.add(x, layer.bias)
         return layer.activation(x) if layer.activation is not None else x
 
     layer.call = call
+
+
+def low_rank_product(xa, b):
+    """``xa · b`` for ``xa`` of shape ``(..., r)`` and ``b`` of ``(r, out)``, as one 2-D matmul when the shape is known."""
+    import keras
+
+    lead = tuple(xa.shape[:-1])
+    if any(d is None for d in lead):  # symbolic shape inference only
+        return keras.ops.matmul(xa, b)
+    return keras.ops.reshape(keras.ops.matmul(keras.ops.reshape(xa, (-1, b.shape[0])), b), (*lead, b.shape[-1]))
 
 
 def kaggle_preset_cached(kaggle_handle: str) -> bool:
