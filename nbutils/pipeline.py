@@ -31,8 +31,8 @@ PROFILES: dict[str, dict] = {
                   MAX_STEPS=4, EVAL_EVERY=2, BATCH_SIZE=4, MAX_BATCH_TOKENS=256, MAX_NEW_TOKENS=8, GEN_BATCH_SIZE=4,
                   N_BOOTSTRAP=200),
     # The real embedded Gemma 3 270M on the built-in task, capped to fit a 2-core CPU in under 25 minutes.
-    "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=1200, MAX_VAL=48,
-                MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=300, BATCH_SIZE=4,
+    "cpu": dict(MODEL="gemma3_270m_local", SEQUENCE_LENGTH=160, MAX_SOURCE_TOKENS=112, MAX_TRAIN=1600, MAX_VAL=48,
+                MAX_TEST=200, RANK=8, LORA_TARGETS="all", LEARNING_RATE=5e-4, MAX_STEPS=400, BATCH_SIZE=4,
                 MAX_BATCH_TOKENS=192, EVAL_EVERY=75, WARMUP_STEPS=20, MAX_NEW_TOKENS=40, GEN_BATCH_SIZE=20),
     # Alpaca instruction data from the Hugging Face hub (online), or your own file: -p DATA_PATH my.json.
     "alpaca": dict(MODEL="gemma3_270m_local", DATASET="hf:yahma/alpaca-cleaned",
@@ -51,7 +51,7 @@ PROFILES["kaggle-cpu"] = {**PROFILES["cpu"], "MODEL": "gemma3_270m"}
 # Notebook 05: two configurations of the tiny model (tests, nbval); and the real model on a 2-core CPU budget.
 PROFILES["sweep-smoke"] = {**PROFILES["smoke"], "SWEEP": {"rank": [2, 4]}, "DEFAULT_CONFIG": {"rank": 2, "quantize": "int8"}, "MAX_STEPS": 3,
                            "EVAL_EVERY": 2, "N_BOOTSTRAP": 100}  # fmt: skip
-PROFILES["sweep-cpu"] = {**PROFILES["cpu"], "MAX_VAL": 32, "MAX_TEST": 100, "SWEEP": {"rank": [2, 8, 32], "targets": ["query,value", "all"]},
+PROFILES["sweep-cpu"] = {**PROFILES["cpu"], "MAX_TRAIN": 1200, "MAX_VAL": 32, "MAX_TEST": 100, "SWEEP": {"rank": [2, 8, 32], "targets": ["query,value", "all"]},
                          "DEFAULT_CONFIG": {"rank": 8, "targets": "query,value"}, "MAX_STEPS": 80, "EVAL_EVERY": 40,
                          "WARMUP_STEPS": 10, "GEN_BATCH_SIZE": 16}  # fmt: skip
 PROFILE_SERIES = {"sweep-smoke": SWEEP_SERIES, "sweep-cpu": SWEEP_SERIES}
