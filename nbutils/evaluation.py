@@ -34,7 +34,7 @@ def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
     except ValueError:
         k = p = None
     if kind == "greedy" and not value:
-        cls, kwargs = keras_hub.samplers.GreedySampler, {}
+        cls, kwargs = greedy_sampler_class(), {}
     elif kind == "top_k" and k is not None and k >= 1:
         cls, kwargs = keras_hub.samplers.TopKSampler, {"k": k, "seed": seed}
     elif kind == "top_p" and p is not None and 0 < p <= 1:
@@ -42,6 +42,36 @@ def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
     else:
         raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
     return row_budget(cls, max_new_tokens)(**kwargs) if max_new_tokens else cls(**kwargs)
+
+
+def first_argmax(x, block: int = 512):
+    """``ops.argmax(x, axis=-1)`` of a 2-D ``x`` (the same index, ties and NaN included), as two short reductions.
+
+    XLA's CPU backend runs one argmax over a 262k-word vocabulary as a slow serial reduction (~9 ms for
+    1 or 16 rows on 2 cores, ~9% of a 16-row decode step of Gemma 3 270M); the maximum of each block of
+    ``block`` entries, then the argmax inside the first block holding the overall maximum, take ~0.3 ms.
+    """
+    from keras import ops
+
+    rows, vocab = x.shape
+    if vocab % block:
+        x = ops.pad(x, ((0, 0), (0, block - vocab % block)), constant_values=float("-inf"))
+    blocks = ops.reshape(x, (rows, -1, block))
+    best = ops.argmax(ops.max(blocks, axis=-1), axis=-1)
+    inside = ops.take_along_axis(blocks, ops.reshape(best, (-1, 1, 1)), axis=1)[:, 0]
+    return ops.cast(best, "int32") * block + ops.cast(ops.argmax(inside, axis=-1), "int32")
+
+
+def greedy_sampler_class() -> type:
+    """keras-hub's ``GreedySampler`` picking its token with :func:`first_argmax` (the same tokens, faster on a CPU)."""
+    import keras_hub
+
+    class BlockArgmaxGreedySampler(keras_hub.samplers.GreedySampler):
+        def get_next_token(self, probabilities):
+            """The most probable token of each row."""
+            return first_argmax(probabilities)
+
+    return BlockArgmaxGreedySampler
 
 
 def row_budget(sampler_class: type, max_new_tokens: int) -> type:

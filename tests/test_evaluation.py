@@ -110,6 +110,33 @@ def test_each_row_ends_after_its_budget_and_keeps_its_tokens(tiny_lm, spec):
     assert capped[:, 12 + budget + 1 :].max() == 0  # the loop ended after the last row's forced stop: nothing decoded past it
 
 
+@pytest.mark.parametrize("vocab,block", [(1000, 512), (1024, 512), (37, 8), (5, 8)])
+def test_first_argmax_is_argmax_with_its_tie_rule(vocab, block):
+    """The blockwise argmax picks numpy's index everywhere: ties (first wins), -inf rows, NaN, padded vocabularies."""
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(0, 4, (6, vocab)).astype(np.float32)  # many exact ties
+    x[1] = -np.inf
+    x[2, [vocab - 1, vocab // 2]] = 7.0  # two maxima in different blocks
+    x[3, vocab // 3] = np.nan
+    x[4] = rng.standard_normal(vocab).astype(np.float32)
+    got = np.asarray(evaluation.first_argmax(x, block))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+
+
+def test_greedy_sampler_matches_keras_hubs(tiny_lm):
+    """The default greedy sampler decodes exactly what keras-hub's own GreedySampler decodes."""
+    import keras_hub
+
+    token_ids = np.zeros((3, 24), np.int32)
+    token_ids[0, :5], token_ids[1, :9], token_ids[2, :2] = 9, 11, 13
+    outs = []
+    for sampler in (keras_hub.samplers.GreedySampler(), evaluation.make_sampler("greedy")):
+        tiny_lm.compile(sampler=sampler)
+        outs.append(np.asarray(tiny_lm.make_generate_function()({"token_ids": token_ids, "padding_mask": token_ids != 0})["token_ids"]))
+    assert isinstance(evaluation.make_sampler("greedy"), keras_hub.samplers.GreedySampler)
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_sampler_spec():
     import keras_hub
 
