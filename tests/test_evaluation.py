@@ -116,7 +116,7 @@ def test_first_argmax_is_argmax_with_its_tie_rule(vocab, block):
     rng = np.random.default_rng(vocab)
     x = rng.integers(0, 4, (6, vocab)).astype(np.float32)  # many exact ties
     x[1] = -np.inf
-    x[2, [vocab - 1, vocab // 2]] = 7.0  # two maxima in different blocks
+    x[2, [vocab - 1, vocab // 2]] = 7.0  # two planted maxima (in different blocks for 1000 and 37)
     x[3, vocab // 3] = np.nan
     x[4] = rng.standard_normal(vocab).astype(np.float32)
     got = np.asarray(evaluation.first_argmax(x, block))
