@@ -177,13 +177,41 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, m
             "peak_rss_gb": training_peak, "peak_rss_with_eval_gb": peak_rss_gb()}  # fmt: skip
 
 
-def run_generation(rows: list[dict], max_new_tokens: int = 40, batch_size: int = 16) -> dict:
-    """Batched greedy generation (``evaluation.generate``) vs one ``lm.generate`` call per prompt.
+def budget_sampler(max_new_tokens: int):
+    """The project's greedy sampler, its rows each ending after ``max_new_tokens`` new tokens in ``lm.generate``.
 
-    Both give each prompt room for ``max_new_tokens`` in a length rounded up to a multiple of 32 (so
-    both compile a few shapes) and both end a row after ``max_new_tokens`` (the same sampler,
-    ``evaluation.make_sampler``), so the ratio measures batching alone; answers are compared on their
-    first ``max_new_tokens`` tokens.
+    keras-hub's loop runs until every row has produced a stop token (or the length is used up); here a
+    row past its budget gets logits that make it emit the stop token; tokens within the budget are
+    unchanged. Relies on keras-hub's loop calling ``next(prompt, cache, index)`` for the token at ``index``
+    with ``mask`` the left-aligned prompt mask (``tests/test_evaluation.py`` checks it).
+    """
+    from keras import ops
+
+    from nbutils import evaluation
+
+    class RowBudget(evaluation.greedy_sampler_class()):
+        def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None, **kwargs):
+            """keras-hub's sampling loop, with ``next`` wrapped so that rows past their budget stop."""
+            limit = ops.sum(ops.cast(mask, "int32"), axis=-1) + max_new_tokens  # prompts are left-aligned
+
+            def capped(prompt, cache, index):
+                logits, hidden_states, cache = next(prompt, cache, index)
+                stop_only = ops.where(ops.arange(ops.shape(logits)[-1]) == stop_token_ids[0], 0.0, -1e4)
+                done = ops.expand_dims(index >= limit, -1)
+                return ops.where(done, ops.cast(stop_only, logits.dtype), logits), hidden_states, cache
+
+            return super().__call__(capped, prompt, cache, index, mask, stop_token_ids, **kwargs)
+
+    return RowBudget()
+
+
+def run_generation(rows: list[dict], max_new_tokens: int = 40, batch_size: int = 16) -> dict:
+    """Batched greedy generation (``evaluation.generate``) vs one stock ``lm.generate`` call per prompt.
+
+    The one-by-one arm gives each prompt room for ``max_new_tokens`` in a length rounded up to a multiple
+    of 32 (so it compiles a few shapes, not one per prompt) and ends each answer after ``max_new_tokens``
+    (:func:`budget_sampler`), as ``evaluation.generate`` does; answers are compared on their first
+    ``max_new_tokens`` tokens. Both arms' times include their compilations.
     """
     from nbutils import batches, evaluation, models, prompts, sequences
 
@@ -192,7 +220,7 @@ def run_generation(rows: list[dict], max_new_tokens: int = 40, batch_size: int =
     start = time.perf_counter()
     batched = evaluation.generate(lm, rows, "gemma", max_new_tokens, batch_size, progress=False)
     batched_s = time.perf_counter() - start
-    lm.compile(sampler=evaluation.make_sampler("greedy", 0, max_new_tokens))
+    lm.compile(sampler=budget_sampler(max_new_tokens))
     stop = sequences.stop_token_id(tok, "gemma")
     start, single = time.perf_counter(), []
     for r, ids in zip(rows, sequences.prompt_ids(tok, rows, "gemma")):

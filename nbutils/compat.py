@@ -54,6 +54,52 @@ def low_rank_product(xa, b):
     return keras.ops.reshape(keras.ops.matmul(keras.ops.reshape(xa, (-1, b.shape[0])), b), (*lead, b.shape[-1]))
 
 
+def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
+    """Hidden states (before the output layer) of ``token_ids`` at positions ``index…``, and the updated per-layer caches.
+
+    What keras-hub's ``call_with_cache`` computes, minus the output layer (a prefill needs none) and plus
+    ``key_mask`` ``(rows, cache length)``, which masks padding as attention keys; the decoder blocks take it
+    as their ``padding_mask`` (keras-hub's own decode steps pass none: it pads prompts on the right only).
+    """
+    from keras import ops
+
+    x = backbone.token_embedding(token_ids)
+    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+    updated = []
+    for layer, cache in zip(backbone.transformer_layers, caches):
+        x, cache = layer(x, padding_mask=key_mask, cache=cache, cache_update_index=index)
+        updated.append(cache)
+    return backbone.layer_norm(x), tuple(updated)
+
+
+def empty_caches(lm, rows: int, length: int) -> tuple:
+    """Zero key/value caches, one per decoder layer, in the layout its attention layer takes.
+
+    keras-hub 0.32's Gemma 3 takes a ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays; its
+    Gemma and Gemma 2 (and Gemma 3 up to at least 0.26, the Kaggle image's) take one ``(rows, 2, length,
+    heads, dim)`` array. A call of the first layer on abstract values tells which.
+    """
+    from keras import ops
+
+    b = lm.backbone
+    shape = (rows, length, b.num_key_value_heads, b.head_dim)
+    if _takes_cache_pairs(b.transformer_layers[0], b.hidden_dim, shape[2:], lm.compute_dtype):
+        return tuple((ops.zeros(shape, lm.compute_dtype), ops.zeros(shape, lm.compute_dtype)) for _ in range(b.num_layers))
+    return tuple(ops.zeros((rows, 2, *shape[1:]), lm.compute_dtype) for _ in range(b.num_layers))
+
+
+def _takes_cache_pairs(layer, hidden_dim: int, head_shape: tuple, dtype: str) -> bool:
+    """Whether the decoder block ``layer`` takes its cache as a ``(key, value)`` pair (else one stacked array)."""
+    import jax
+
+    x, pair = jax.ShapeDtypeStruct((1, 1, hidden_dim), dtype), jax.ShapeDtypeStruct((1, 2, *head_shape), dtype)
+    try:
+        jax.eval_shape(lambda x, c: layer(x, cache=c, cache_update_index=0), x, (pair, pair))
+        return True
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return False
+
+
 def kaggle_preset_cached(kaggle_handle: str) -> bool:
     """Whether a Kaggle model handle ``owner/model/framework/variation/version`` is in kagglehub's local cache."""
     from kagglehub import cache, handle

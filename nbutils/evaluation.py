@@ -1,8 +1,8 @@
 """Generation, metrics and paired comparison (notebooks 02 and 04).
 
-Generation calls keras-hub's compiled generate function on token ids we build with the shared
-template, so we know exactly how many tokens each answer used and whether it ended on the stop
-token. Metrics come from established packages (``rouge-score``, ``sacrebleu``).
+Generation (:mod:`nbutils.decoding`) decodes token ids we build with the shared template with
+keras-hub's samplers, so we know exactly how many tokens each answer used and whether it ended on
+the stop token. Metrics come from established packages (``rouge-score``, ``sacrebleu``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from nbutils import batches, compat, objective, prompts, sequences
+from nbutils import batches, compat, decoding, objective, prompts, sequences
 from nbutils import progress as progress_bar
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
@@ -21,11 +21,8 @@ HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "respo
                     "stop_rate": True, "mean_tokens": None}  # fmt: skip
 
 
-def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
-    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded).
-
-    With ``max_new_tokens``, each row of a batch ends after that many new tokens (see :func:`row_budget`).
-    """
+def make_sampler(spec: str = "greedy", seed: int = 0):
+    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded)."""
     import keras_hub
 
     kind, _, value = spec.partition(":")
@@ -41,7 +38,7 @@ def make_sampler(spec: str = "greedy", seed: int = 0, max_new_tokens: int = 0):
         cls, kwargs = keras_hub.samplers.TopPSampler, {"p": p, "seed": seed}
     else:
         raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
-    return row_budget(cls, max_new_tokens)(**kwargs) if max_new_tokens else cls(**kwargs)
+    return cls(**kwargs)
 
 
 def first_argmax(x, block: int = 512):
@@ -74,43 +71,9 @@ def greedy_sampler_class() -> type:
     return BlockArgmaxGreedySampler
 
 
-def row_budget(sampler_class: type, max_new_tokens: int) -> type:
-    """``sampler_class`` whose rows each end after ``max_new_tokens`` new tokens.
-
-    keras-hub's loop runs until every row of the batch has produced a stop token (or the batch's
-    length is used up), so a row that never stops keeps the whole batch decoding. Here a row past its
-    budget gets logits that make it emit the stop token; tokens within the budget are unchanged.
-    Relies on keras-hub's loop calling ``next(prompt, cache, index)`` for the token at ``index`` with
-    ``mask`` the left-aligned prompt mask; ``test_each_row_ends_after_its_budget_and_keeps_its_tokens``
-    guards that.
-    """
-    from keras import ops
-
-    class RowBudget(sampler_class):
-        def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None, **kwargs):
-            """keras-hub's sampling loop, with ``next`` wrapped so that rows past their budget stop."""
-            if mask is None or not stop_token_ids:
-                return super().__call__(next, prompt, cache, index, mask, stop_token_ids, **kwargs)
-            limit = ops.sum(ops.cast(mask, "int32"), axis=-1) + max_new_tokens  # prompts are left-aligned
-
-            def capped(prompt, cache, index):
-                logits, hidden_states, cache = next(prompt, cache, index)
-                stop_only = ops.where(ops.arange(ops.shape(logits)[-1]) == stop_token_ids[0], 0.0, -1e4)
-                done = ops.expand_dims(index >= limit, -1)
-                return ops.where(done, ops.cast(stop_only, logits.dtype), logits), hidden_states, cache
-
-            return super().__call__(capped, prompt, cache, index, mask, stop_token_ids, **kwargs)
-
-    RowBudget.__name__ = RowBudget.__qualname__ = f"RowBudget{sampler_class.__name__}"
-    return RowBudget
-
-
-def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop: int, max_new_tokens: int) -> tuple[list[int], bool]:
-    """The generated ids of one row (without the stop token) and whether it ended on the stop token.
-
-    The stop token counts towards ``max_new_tokens``; tokens after it (or past the cap) are ignored.
-    """
-    new = token_ids[prompt_len:][mask[prompt_len:]][:max_new_tokens].tolist()
+def answer_tokens(new: np.ndarray, stop: int) -> tuple[list[int], bool]:
+    """The generated ids of one row up to its stop token (excluded) and whether it produced one."""
+    new = np.asarray(new).tolist()
     if stop in new:
         return new[: new.index(stop)], True
     return new, False
@@ -118,34 +81,28 @@ def answer_tokens(token_ids: np.ndarray, mask: np.ndarray, prompt_len: int, stop
 
 def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_size: int = 16,
              sampler: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
-    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens."""
+    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens.
+
+    Each answer has at most ``max_new_tokens`` tokens, its stop token included (see :mod:`nbutils.decoding`).
+    """
     tokenizer = lm.preprocessor.tokenizer
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
     prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
-    previous = lm.sampler
-    lm.compile(sampler=make_sampler(sampler, seed, max_new_tokens))
-    generate_fn = lm.make_generate_function()
-    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    batch_size = min(batch_size, len(rows))  # no empty rows decoded alongside a short list
+    decode = decoding.make_decoder(lm, make_sampler(sampler, seed), batch_size, decoding.prompt_end(prompt_ids), max_new_tokens, [stop])
+    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths: fewer prefill chunks
     results: dict[int, dict] = {}
     bar = progress_bar.bar(len(rows), "generating", "row", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        padded = idx + [idx[-1]] * (batch_size - len(idx))  # fixed batch shape: one compile
-        length = batches.round_up(max(len(prompt_ids[i]) for i in idx) + max_new_tokens, batches.WIDTH_STEP)
-        token_ids = np.zeros((batch_size, length), np.int32)
-        for row, i in enumerate(padded):
-            token_ids[row, : len(prompt_ids[i])] = prompt_ids[i]
-        out = generate_fn({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=[stop])
-        out_ids, out_mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
-        for row, i in enumerate(idx):
-            new, stopped = answer_tokens(out_ids[row], out_mask[row], len(prompt_ids[i]), stop, max_new_tokens)
+        for i, new in zip(idx, decode([prompt_ids[i] for i in idx])):
+            ids, stopped = answer_tokens(new, stop)
             results[i] = {"id": rows[i].get("id", str(i)), "prompt": texts[i], "reference": rows[i]["output"],
-                          "prediction": tokenizer.detokenize(new) if new else "", "stopped": stopped,
-                          "n_tokens": len(new)}  # fmt: skip
+                          "prediction": tokenizer.detokenize(ids) if ids else "", "stopped": stopped,
+                          "n_tokens": len(ids)}  # fmt: skip
         bar.update(len(idx))
     bar.close()
-    lm.compile(sampler=previous)  # the budget was for these rows: a later lm.generate is not capped
     return [results[i] for i in range(len(rows))]
 
 

@@ -82,23 +82,21 @@ def test_bootstrap_refuses_unpaired_rows():
         evaluation.paired_bootstrap(a, b, 10)
 
 
-def test_answer_tokens_stop_and_cap():
-    ids = np.array([2, 10, 11, 50, 51, 106, 0, 0])
-    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
-    assert evaluation.answer_tokens(ids, mask, 3, 106, 10) == ([50, 51], True)
-    assert evaluation.answer_tokens(ids, mask, 3, 106, 2) == ([50, 51], False)  # cap reached before the stop
-    assert evaluation.answer_tokens(ids, mask, 3, 1, 10) == ([50, 51, 106], False)
+def test_bench_budget_sampler_ends_each_row_after_its_budget_and_keeps_its_tokens(tiny_lm):
+    """The benchmark's one-by-one arm: a row past its budget emits the stop token, so a batch stops when its last row is done."""
+    import importlib.util
 
+    from nbutils import paths
 
-@pytest.mark.parametrize("spec", ["greedy", "top_k:3"])
-def test_each_row_ends_after_its_budget_and_keeps_its_tokens(tiny_lm, spec):
-    """A row past its max_new_tokens emits the stop token, so a batch stops when its last row is done."""
+    spec = importlib.util.spec_from_file_location("train_throughput", paths.REPO_ROOT / "bench" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     stop, budget, length = 106, 6, 40
     token_ids = np.zeros((2, length), np.int32)
     token_ids[0, :5], token_ids[1, :12] = 9, 11  # prompts of 5 and 12 tokens
     runs = {}
-    for name, n in (("plain", 0), ("budget", budget)):
-        tiny_lm.compile(sampler=evaluation.make_sampler(spec, 0, max_new_tokens=n))
+    for name, sampler in (("plain", evaluation.make_sampler("greedy")), ("budget", bench.budget_sampler(budget))):
+        tiny_lm.compile(sampler=sampler)
         out = tiny_lm.make_generate_function()({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=[stop])
         runs[name] = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
     (plain, _), (capped, mask) = runs["plain"], runs["budget"]
@@ -149,7 +147,7 @@ def test_sampler_spec():
 def test_generation_records_tokens_and_stop(tiny_lm):
     before = tiny_lm.sampler
     preds = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=2, progress=False)
-    assert tiny_lm.sampler is before  # the per-row budget does not stay on the model for later lm.generate calls
+    assert tiny_lm.sampler is before  # generation does not change the model's own sampler
     assert [p["id"] for p in preds] == ["a", "b", "c"]
     for p in preds:
         assert 0 <= p["n_tokens"] <= 5 and p["prompt"] == prompts.render_prompt(ROWS[["a", "b", "c"].index(p["id"])])

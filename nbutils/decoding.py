@@ -1,0 +1,86 @@
+"""Batched decoding with every prompt ending at one position, so all batches share two compiled functions.
+
+keras-hub's generate function seeds its cache over the whole padded length with the 262k-word output
+layer at every position, starts each batch at its shortest prompt (longer prompts are fed one token a
+step) and compiles once per length. Here the prompts of a call are left-padded to end at one position
+``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding prompt tokens and
+without the output layer, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every
+row. Padding is masked as keys; a row's positions shift with its padding, which rotary position
+embeddings do not see (attention scores depend on relative positions only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from nbutils import batches, compat
+
+CHUNK = 32  # prompt tokens seeded into the cache per call of the compiled prefill
+
+
+def prompt_end(prompt_ids: list[list[int]]) -> int:
+    """The position every prompt of a call ends at: the longest prompt, rounded up to :data:`CHUNK`."""
+    return batches.round_up(max(len(p) for p in prompt_ids), CHUNK)
+
+
+def left_padded(prompt_ids: list[list[int]], rows: int, end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``(rows, length)`` with each prompt's last token at ``end - 1`` and the key mask (prompts and ``end`` on)."""
+    token_ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    mask[:, end:] = True  # generated tokens
+    for row, ids in enumerate(prompt_ids):
+        token_ids[row, end - len(ids) : end], mask[row, end - len(ids) : end] = ids, True
+    return token_ids, mask
+
+
+def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]) -> Callable:
+    """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks after each of up to ``batch_size`` prompts.
+
+    Decoding ends early once every row has produced one of ``stop_token_ids``; positions after that hold 0.
+    """
+    import jax
+    import keras
+    from keras import ops
+
+    backbone, length = lm.backbone, end + max_new_tokens
+
+    def scope(state):
+        sampler_values, trainable, non_trainable = state
+        mapping = [*zip(sampler.variables, sampler_values), *zip(lm.trainable_variables, trainable),
+                   *zip(lm.non_trainable_variables, non_trainable)]  # fmt: skip
+        return keras.StatelessScope(state_mapping=mapping)
+
+    def prefill(state, caches, token_ids, key_mask, start):
+        with scope(state):
+            return compat.cached_forward(backbone, token_ids, caches, start, key_mask)[1]
+
+    def decode(state, caches, token_ids, key_mask):
+        def next(prompt, cache, index):
+            hidden, cache = compat.cached_forward(backbone, ops.slice(prompt, [0, index - 1], [batch_size, 1]), cache, index - 1, key_mask)
+            return backbone.token_embedding(hidden[:, 0], reverse=True), hidden[:, 0], cache
+
+        with scope(state) as s:
+            out = sampler(next=next, prompt=token_ids, cache=caches, index=end, mask=ops.broadcast_to(ops.arange(length) < end, (batch_size, length)),
+                          stop_token_ids=tuple(stop_token_ids), model=lm)  # fmt: skip
+            values = [s.get_current_value(v) for v in sampler.variables]
+        return out[:, end:], [v if v is not None else w for v, w in zip(values, state[0])]
+
+    prefill_fn, decode_fn = jax.jit(prefill, donate_argnums=1), jax.jit(decode)
+
+    def run(prompt_ids: list[list[int]]) -> np.ndarray:
+        """The new tokens of each prompt (at most ``batch_size`` prompts)."""
+        token_ids, key_mask = left_padded(prompt_ids, batch_size, end, length)
+        state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],
+                 [v.value for v in lm.non_trainable_variables])  # fmt: skip
+        caches = compat.empty_caches(lm, batch_size, length)
+        first = (end - max(len(p) for p in prompt_ids)) // CHUNK * CHUNK  # chunks before it hold padding only
+        for start in range(first, end, CHUNK):
+            caches = prefill_fn(state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start))
+        new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
+        for variable, value in zip(sampler.variables, sampler_values):
+            variable.assign(value)  # seeded samplers move on, as with keras-hub's generate
+        return np.asarray(new)[: len(prompt_ids)]
+
+    return run
