@@ -28,11 +28,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
 from nbutils import files, objective, paths, pipeline
+
+if TYPE_CHECKING:
+    import keras_hub
 
 MODEL, SEQUENCE_LENGTH, RANK, LR, SEED = "gemma3_270m_local", 160, 8, 5e-4, 0
 MAX_BATCH_TOKENS = pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"]  # the project arm steps as the cpu profile does
@@ -177,7 +181,7 @@ def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, m
             "peak_rss_gb": training_peak, "peak_rss_with_eval_gb": peak_rss_gb()}  # fmt: skip
 
 
-def budget_sampler(max_new_tokens: int):
+def budget_sampler(max_new_tokens: int) -> "keras_hub.samplers.GreedySampler":
     """The project's greedy sampler, its rows each ending after ``max_new_tokens`` new tokens in ``lm.generate``.
 
     keras-hub's loop runs until every row has produced a stop token (or the length is used up); here a
@@ -192,6 +196,8 @@ def budget_sampler(max_new_tokens: int):
     class RowBudget(evaluation.greedy_sampler_class()):
         def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None, **kwargs):
             """keras-hub's sampling loop, with ``next`` wrapped so that rows past their budget stop."""
+            if mask is None or not stop_token_ids:
+                raise ValueError("budget_sampler needs the prompt mask and stop_token_ids (as lm.generate passes them)")
             limit = ops.sum(ops.cast(mask, "int32"), axis=-1) + max_new_tokens  # prompts are left-aligned
 
             def capped(prompt, cache, index):

@@ -1,7 +1,7 @@
 """The few non-public APIs of Keras, keras-hub, kagglehub and sacrebleu the project relies on, in one place.
 
-Each has a test in ``tests/test_compat.py`` that fails loudly, naming the function, when an upstream
-release changes it. Everything else in ``nbutils`` uses public APIs only.
+Each has a test in ``tests/test_compat.py`` (the decoding ones in ``tests/test_decoding.py``) that
+fails loudly, naming the function, when an upstream release changes it. Everything else in ``nbutils`` uses public APIs only.
 """
 
 from __future__ import annotations
@@ -72,32 +72,47 @@ def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
     return backbone.layer_norm(x), tuple(updated)
 
 
-def empty_caches(lm, rows: int, length: int) -> tuple:
-    """Zero key/value caches, one per decoder layer, in the layout its attention layer takes.
+def cache_layout(lm) -> str:
+    """``"pairs"`` or ``"stacked"``: how ``lm``'s decoder blocks take their key/value cache.
 
     keras-hub 0.32's Gemma 3 takes a ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays; its
-    Gemma and Gemma 2 (and Gemma 3 up to at least 0.26, the Kaggle image's) take one ``(rows, 2, length,
-    heads, dim)`` array. A call of the first layer on abstract values tells which.
+    Gemma and Gemma 2 (and Gemma 3 in 0.26, the Kaggle image's) one ``(rows, 2, length, heads, dim)``
+    array. One call of the first block per layout, on abstract one-row values, tells which: exactly one
+    must work (one row, so a stacked array cannot pass for a pair).
     """
+    import jax
+
+    b = lm.backbone
+    x = jax.ShapeDtypeStruct((1, 1, b.hidden_dim), lm.compute_dtype)
+    half = jax.ShapeDtypeStruct((1, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype)
+    layouts = {"pairs": (half, half), "stacked": jax.ShapeDtypeStruct((1, 2, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype)}
+    works = [name for name, cache in layouts.items() if _runs(b.transformer_layers[0], x, cache)]
+    if len(works) != 1:
+        raise RuntimeError(f"compat.cache_layout: {type(b.transformer_layers[0]).__name__} takes {works or 'neither'} of "
+                           "keras-hub's known cache layouts; this keras-hub release changed it.")  # fmt: skip
+    return works[0]
+
+
+def _runs(layer, x, cache) -> bool:
+    """Whether the decoder block ``layer`` accepts ``cache`` (abstract shapes only, nothing computed)."""
+    import jax
+
+    try:
+        jax.eval_shape(lambda x, c: layer(x, cache=c, cache_update_index=0), x, cache)
+        return True
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return False
+
+
+def empty_caches(lm, rows: int, length: int, layout: str) -> tuple:
+    """Zero key/value caches, one per decoder layer, in ``layout`` (see :func:`cache_layout`)."""
     from keras import ops
 
     b = lm.backbone
     shape = (rows, length, b.num_key_value_heads, b.head_dim)
-    if _takes_cache_pairs(b.transformer_layers[0], b.hidden_dim, shape[2:], lm.compute_dtype):
+    if layout == "pairs":
         return tuple((ops.zeros(shape, lm.compute_dtype), ops.zeros(shape, lm.compute_dtype)) for _ in range(b.num_layers))
     return tuple(ops.zeros((rows, 2, *shape[1:]), lm.compute_dtype) for _ in range(b.num_layers))
-
-
-def _takes_cache_pairs(layer, hidden_dim: int, head_shape: tuple, dtype: str) -> bool:
-    """Whether the decoder block ``layer`` takes its cache as a ``(key, value)`` pair (else one stacked array)."""
-    import jax
-
-    x, pair = jax.ShapeDtypeStruct((1, 1, hidden_dim), dtype), jax.ShapeDtypeStruct((1, 2, *head_shape), dtype)
-    try:
-        jax.eval_shape(lambda x, c: layer(x, cache=c, cache_update_index=0), x, (pair, pair))
-        return True
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return False
 
 
 def kaggle_preset_cached(kaggle_handle: str) -> bool:

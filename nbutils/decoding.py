@@ -1,12 +1,12 @@
 """Batched decoding with every prompt ending at one position, so all batches share two compiled functions.
 
-keras-hub's generate function seeds its cache over the whole padded length with the 262k-word output
-layer at every position, starts each batch at its shortest prompt (longer prompts are fed one token a
-step) and compiles once per length. Here the prompts of a call are left-padded to end at one position
-``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding prompt tokens and
-without the output layer, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every
+keras-hub's generate function pads prompts on the right, seeds its cache over the whole padded length
+(prompt and answer positions), starts each batch at its shortest prompt (longer prompts are then fed
+one token a step) and compiles once per length. Here the prompts of a call are left-padded to end at one position
+``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every
 row. Padding is masked as keys; a row's positions shift with its padding, which rotary position
-embeddings do not see (attention scores depend on relative positions only).
+embeddings do not see (attention scores depend on relative positions only), so the tokens are
+keras-hub's up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def left_padded(prompt_ids: list[list[int]], rows: int, end: int, length: int) -
     return token_ids, mask
 
 
-def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]) -> Callable:
+def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]) -> Callable[[list[list[int]]], np.ndarray]:
     """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks after each of up to ``batch_size`` prompts.
 
     Decoding ends early once every row has produced one of ``stop_token_ids``; positions after that hold 0.
@@ -44,7 +44,7 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
     import keras
     from keras import ops
 
-    backbone, length = lm.backbone, end + max_new_tokens
+    backbone, length, layout = lm.backbone, end + max_new_tokens, compat.cache_layout(lm)
 
     def scope(state):
         sampler_values, trainable, non_trainable = state
@@ -71,10 +71,13 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
 
     def run(prompt_ids: list[list[int]]) -> np.ndarray:
         """The new tokens of each prompt (at most ``batch_size`` prompts)."""
-        token_ids, key_mask = left_padded(prompt_ids, batch_size, end, length)
+        if not 0 < len(prompt_ids) <= batch_size:
+            raise ValueError(f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}.")
+        # unused rows repeat the last prompt: they stop when it does, so they never keep the batch decoding
+        token_ids, key_mask = left_padded(prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length)
         state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],
                  [v.value for v in lm.non_trainable_variables])  # fmt: skip
-        caches = compat.empty_caches(lm, batch_size, length)
+        caches = compat.empty_caches(lm, batch_size, length, layout)
         first = (end - max(len(p) for p in prompt_ids)) // CHUNK * CHUNK  # chunks before it hold padding only
         for start in range(first, end, CHUNK):
             caches = prefill_fn(state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start))

@@ -85,6 +85,8 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
 
     Each answer has at most ``max_new_tokens`` tokens, its stop token included (see :mod:`nbutils.decoding`).
     """
+    if not rows:
+        return []
     tokenizer = lm.preprocessor.tokenizer
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
