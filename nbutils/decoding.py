@@ -44,6 +44,8 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
     import keras
     from keras import ops
 
+    if end <= 0 or end % CHUNK:
+        raise ValueError(f"end={end}: prompts must end at a positive multiple of {CHUNK} (see prompt_end).")
     backbone, length, layout = lm.backbone, end + max_new_tokens, compat.cache_layout(lm)
 
     def scope(state):
@@ -73,6 +75,8 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
         """The new tokens of each prompt (at most ``batch_size`` prompts)."""
         if not 0 < len(prompt_ids) <= batch_size:
             raise ValueError(f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}.")
+        if max(len(p) for p in prompt_ids) > end:
+            raise ValueError(f"a prompt of {max(len(p) for p in prompt_ids)} tokens does not end by position {end}; make the decoder with prompt_end(all prompts).")
         # unused rows repeat the last prompt: they stop when it does, so they never keep the batch decoding
         token_ids, key_mask = left_padded(prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length)
         state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],

@@ -11,7 +11,7 @@ import pytest
 
 import _decoding_checks as checks
 from conftest import IMAGE_PYTHON
-from nbutils import paths
+from nbutils import decoding, evaluation, paths
 
 
 @pytest.fixture(scope="module", params=["gemma3", "gemma2"])
@@ -41,3 +41,14 @@ def test_decoding_on_the_kaggle_image_stack():
     done = subprocess.run([str(IMAGE_PYTHON), str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"gemma3": "stacked", "gemma2": "stacked"}
+
+
+def test_decoder_refuses_what_it_cannot_decode(lm):
+    """Clear errors: an end off the chunk grid, too many prompts, a prompt longer than the end."""
+    with pytest.raises(ValueError, match="multiple of 32"):
+        decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 40, 4, [1])
+    decode = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1])
+    with pytest.raises(ValueError, match="1 to 2 prompts"):
+        decode([[2, 5]] * 3)
+    with pytest.raises(ValueError, match="33 tokens does not end by position 32"):
+        decode([[2] * 33])
