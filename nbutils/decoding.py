@@ -38,7 +38,8 @@ def left_padded(prompt_ids: list[list[int]], rows: int, end: int, length: int) -
 def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]) -> Callable[[list[list[int]]], np.ndarray]:
     """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks after each of up to ``batch_size`` prompts.
 
-    Decoding ends early once every row has produced one of ``stop_token_ids``; positions after that hold 0.
+    Decoding ends early once every row has produced one of ``stop_token_ids``; steps not run leave 0 (a row
+    that stopped earlier keeps decoding until then: callers cut each row at its first stop token).
     """
     import jax
     import keras
@@ -77,7 +78,7 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
             raise ValueError(f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}.")
         if max(len(p) for p in prompt_ids) > end:
             raise ValueError(f"a prompt of {max(len(p) for p in prompt_ids)} tokens does not end by position {end}; make the decoder with prompt_end(all prompts).")
-        # unused rows repeat the last prompt: they stop when it does, so they never keep the batch decoding
+        # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the batch decoding
         token_ids, key_mask = left_padded(prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length)
         state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],
                  [v.value for v in lm.non_trainable_variables])  # fmt: skip

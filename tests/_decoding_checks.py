@@ -54,16 +54,19 @@ def first_stop(tokens, stops) -> int:
 
 
 def check_batch_matches_keras_hub(lm) -> None:
-    """Prompts of 5, 40 and 70 tokens left-padded in one batch of 4 rows give keras-hub's greedy tokens per row."""
+    """Prompts of 5, 40 and 70 tokens left-padded in one batch of 4 rows give keras-hub's greedy tokens per row; so do later batches."""
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS, vocab)
     end = decoding.prompt_end(prompt_ids)
     assert end == 96, end
-    new = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, end, n, [vocab - 1])(prompt_ids)
-    assert new.shape == (3, n), new.shape
+    decode = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, end, n, [vocab - 1])
     lm.compile(sampler=evaluation.make_sampler("greedy"))
-    for row, prompt in enumerate(prompt_ids):
-        np.testing.assert_array_equal(new[row], keras_hub_tokens(lm, prompt, n), err_msg=f"row of {len(prompt)} tokens")
+    # then batches whose leading chunks hold padding only (skipped): 31 and 32 tokens of padding, and 76
+    for batch in (prompt_ids, prompts_of((65, 64), vocab), prompts_of((5, 20), vocab)):
+        new = decode(batch)
+        assert new.shape == (len(batch), n), new.shape
+        for row, prompt in enumerate(batch):
+            np.testing.assert_array_equal(new[row], keras_hub_tokens(lm, prompt, n), err_msg=f"row of {len(prompt)} tokens")
 
 
 def check_early_stop(lm) -> None:

@@ -119,9 +119,9 @@ def test_sampler_spec():
 
 
 def test_generation_records_tokens_and_stop(tiny_lm):
-    before = tiny_lm.sampler
     preds = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=2, progress=False)
-    assert tiny_lm.sampler is before  # generation does not change the model's own sampler
+    one_by_one = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=1, progress=False)
+    assert preds == one_by_one  # sorted into batches by length, each answer comes back to its own row
     assert [p["id"] for p in preds] == ["a", "b", "c"]
     for p in preds:
         assert 0 <= p["n_tokens"] <= 5 and p["prompt"] == prompts.render_prompt(ROWS[["a", "b", "c"].index(p["id"])])
