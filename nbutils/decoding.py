@@ -2,11 +2,12 @@
 
 keras-hub's generate function pads prompts on the right, seeds its cache over the whole padded length
 (prompt and answer positions), starts each batch at its shortest prompt (longer prompts are then fed
-one token a step) and compiles once per length. Here the prompts of a call are left-padded to end at one position
-``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every
-row. Padding is masked as keys; a row's positions shift with its padding, which rotary position
-embeddings do not see (attention scores depend on relative positions only), so the tokens are
-keras-hub's up to floating-point rounding.
+one token a step) and compiles once per length. Here the prompts of a call are left-padded to end at
+one position ``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding
+prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every row.
+Padding is masked as keys; a row's positions shift with its padding, which rotary position embeddings
+do not see (attention scores depend on relative positions only), so the tokens are keras-hub's up to
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -76,15 +77,15 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
         """The new tokens of each prompt (at most ``batch_size`` prompts)."""
         if not 0 < len(prompt_ids) <= batch_size:
             raise ValueError(f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}.")
-        if max(len(p) for p in prompt_ids) > end:
-            raise ValueError(f"a prompt of {max(len(p) for p in prompt_ids)} tokens does not end by position {end}; make the decoder with prompt_end(all prompts).")
+        longest = max(len(p) for p in prompt_ids)
+        if longest > end:
+            raise ValueError(f"a prompt of {longest} tokens does not end by position {end}; make the decoder with prompt_end(all prompts).")
         # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the batch decoding
         token_ids, key_mask = left_padded(prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length)
         state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],
                  [v.value for v in lm.non_trainable_variables])  # fmt: skip
         caches = compat.empty_caches(lm, batch_size, length, layout)
-        first = (end - max(len(p) for p in prompt_ids)) // CHUNK * CHUNK  # chunks before it hold padding only
-        for start in range(first, end, CHUNK):
+        for start in range((end - longest) // CHUNK * CHUNK, end, CHUNK):  # earlier chunks hold padding only
             caches = prefill_fn(state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start))
         new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
         for variable, value in zip(sampler.variables, sampler_values):
