@@ -69,7 +69,7 @@ def main() -> int:
         new = [piece for piece in trainer.steps([batch]) if ("train", piece.shape) not in trainer.compiled]
         temps = {}  # each new step shape's XLA scratch buffer (the jitted value-and-grad of Trainer)
         for piece in new:
-            compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(piece.inputs()), 1.0).compile()
+            compiled = trainer.grad_step.lower(state[0], state[1], devices.place_batch(piece.inputs()), 1.0).compile()
             temps[str(piece.shape)] = round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 2)
         _, state = trainer.update([batch], state)
         if new:

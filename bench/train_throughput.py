@@ -141,22 +141,29 @@ def run_stock(rows: list[dict], batch_size: int) -> dict:
             "final_loss": mean_response_loss(lm, rows), "peak_rss_gb": training_peak, "peak_rss_with_eval_gb": peak_rss_gb()}  # fmt: skip
 
 
-def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict:
-    """The fast path: bucketed batches, logits at response positions, one jitted stateless step.
-
-    ``same_batches``: the stock arm's batches (rows in file order), each only as wide as its longest
-    row, so the two loss trajectories can be compared update for update.
-    """
+def project_trainer(rows: list[dict], max_batch_tokens: int = MAX_BATCH_TOKENS) -> tuple:
+    """The fast path's model, ``Trainer`` and token arrays for ``rows`` (LoRA rank 8 on all projections, AdamW)."""
     import keras
 
-    from nbutils import batches, models, sequences, training
+    from nbutils import models, sequences, training
 
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
     training.enable_lora(lm, RANK, "all", seed=SEED)
     opt = keras.optimizers.AdamW(learning_rate=LR, weight_decay=0.01)
     opt.exclude_from_weight_decay(var_names=["bias", "scale"])
     trainer = training.Trainer(lm, opt, max_batch_tokens)
-    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
+    return lm, trainer, sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
+
+
+def run_project(rows: list[dict], batch_size: int, same_batches: bool = False, max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict:
+    """The fast path: bucketed batches, logits at response positions, one jitted stateless step.
+
+    ``same_batches``: the stock arm's batches (rows in file order), each only as wide as its longest
+    row, so the two loss trajectories can be compared update for update.
+    """
+    from nbutils import batches
+
+    lm, trainer, arrays = project_trainer(rows, max_batch_tokens)
     state, steady, compiles, flops = trainer.state(), [], [], []
     order = [np.arange(i, i + batch_size) for i in range(0, len(rows) - batch_size + 1, batch_size)]
     scored = batches.scored_entries(arrays)

@@ -236,6 +236,7 @@ class Trainer:
 
     ``max_batch_tokens`` bounds the tokens of each step (see :func:`nbutils.batches.split_rows`): a
     wider batch runs as several micro-batches of the same update, which only lowers the memory a step needs.
+    ``grad_step`` is the jitted loss-and-gradient of one step (the benchmarks and tests read its compiled HLO).
     """
 
     def __init__(self, lm, optimizer, max_batch_tokens: int = 0):
@@ -246,7 +247,7 @@ class Trainer:
         if not self.trainable:
             raise ValueError("the model has no trainable weights: enable LoRA first (notebook 03, step 1).")
         self.optimizer.build(self.trainable)
-        self._grad = jax.jit(jax.value_and_grad(self._loss_sum))
+        self.grad_step = jax.jit(jax.value_and_grad(self._loss_sum))
         self._loss = jax.jit(self._loss_sum)
         self._apply = jax.jit(self.optimizer.stateless_apply, donate_argnums=(0, 2))
         self.compiled: set = set()  # (step kind, batch shape): one XLA compilation each
@@ -288,7 +289,7 @@ class Trainer:
         total, grads = 0.0, None
         for b in self.steps(micro_batches):
             self._mark("train", b)
-            loss, g = self._grad(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
+            loss, g = self.grad_step(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
             total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
         if not math.isfinite(float(total)):
             return float(total), state

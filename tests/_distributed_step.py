@@ -40,7 +40,7 @@ def step(spec: str) -> dict:
     micro = [batches.make_batch(arrays, np.arange(0, 4)), batches.make_batch(arrays, np.arange(4, 8))]
     loss, state = trainer.update(micro, trainer.state())
     trainer.write_back(state)
-    compiled = trainer._grad.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0).compile().as_text()
+    compiled = trainer.grad_step.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0).compile().as_text()
     out_dims = [[int(d) for d in dims.split(",")] for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled)]
     head_rows = max((math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0)  # 0: vocabulary sharded
     specs = {v.path: axes(v.value.sharding) for v in lm.backbone.weights}

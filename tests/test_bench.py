@@ -1,14 +1,25 @@
-"""The benchmark's own helpers (bench/train_throughput.py), which its figures rely on."""
+"""The benchmark's own helpers (bench/train_throughput.py, bench/step_profile.py), which its figures rely on."""
 
 import importlib.util
+import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nbutils import evaluation, paths
 
-_spec = importlib.util.spec_from_file_location("train_throughput", paths.REPO_ROOT / "bench" / "train_throughput.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+
+def _bench_module(name: str):
+    """A script of bench/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, paths.REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench, step_profile = _bench_module("train_throughput"), _bench_module("step_profile")
 
 
 def test_bench_budget_sampler_ends_each_row_after_its_budget_and_keeps_its_tokens(tiny_lm):
@@ -28,3 +39,31 @@ def test_bench_budget_sampler_ends_each_row_after_its_budget_and_keeps_its_token
         np.testing.assert_array_equal(capped[row, :end], plain[row, :end])  # the budget's tokens unchanged
         assert capped[row, end] == stop and mask[row, end] and not mask[row, end + 1 :].any()
     assert capped[:, 12 + budget + 1 :].max() == 0  # the loop ended after the last row's forced stop: nothing decoded past it
+
+
+def test_step_profile_counts_each_matmul_of_a_traced_step():
+    """The profile's HLO reading: every dot's FLOPs (2·m·n·k), forward or backward, and each traced operation found by name."""
+    m, k, n = 24, 40, 56
+    step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2), argnums=(0, 1)))
+    w, x = jnp.ones((k, n)) / k, jnp.ones((m, k))
+    compiled = step.lower(w, x).compile()
+    ops = step_profile.hlo_operations(compiled.as_text())
+    flops = {kind: sum(o["flops"] for o in ops.values() if o["kind"] == kind) for kind in ("matmul, forward", "matmul, backward")}
+    assert flops == {"matmul, forward": 2 * m * k * n, "matmul, backward": 2 * 2 * m * k * n}  # x·w; then g·wᵀ and xᵀ·g
+    jax.block_until_ready(step(w, x))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            jax.block_until_ready(step(w, x))
+        traced = step_profile.traced_operations(tmp)
+    module = compiled.as_text().split()[1].rstrip(",")
+    assert {op for mod, op, _, _ in traced if mod == module} <= set(ops)
+    totals = step_profile.by_kind(traced, ops, module)
+    assert totals["matmul, forward"][1] == 2 * m * k * n and totals["matmul, forward"][0] > 0
+    with pytest.raises(RuntimeError, match="does not hold"):
+        step_profile.by_kind([(module, "no_such_op", 0, 1)], ops, module)
+
+
+def test_step_profile_counts_overlapping_operations_once():
+    """Busy time: the union of the operations' intervals (the matmul-busy time bounds the peak share)."""
+    assert step_profile.busy_seconds([(0, 10**9), (5 * 10**8, 2 * 10**9), (3 * 10**9, 4 * 10**9), (3 * 10**9, 35 * 10**8)]) == 3.0
+    assert step_profile.busy_seconds([]) == 0.0

@@ -181,7 +181,7 @@ def test_clipping_is_on_the_global_norm_of_all_adapter_gradients(tiny, arrays):
     state = trainer.state()
     before = [np.asarray(x) for x in state[0]]
     batch = batches.make_batch(arrays, np.arange(4))
-    _, grads = trainer._grad(state[0], state[1], batch.inputs(), float(batch.useful_tokens))
+    _, grads = trainer.grad_step(state[0], state[1], batch.inputs(), float(batch.useful_tokens))
     grads = [np.asarray(g, np.float64) for g in grads]
     norm = np.sqrt(sum((g**2).sum() for g in grads))
     assert norm > 10 * clip  # so clipping acts
@@ -307,7 +307,7 @@ def test_int8_base_trains_like_fp32(arrays):
         training.enable_lora(lm, 4, "all", 8, seed=0)
         trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2))
         state = trainer.state()
-        _, grads = trainer._grad(state[0], state[1], b.inputs(), float(b.useful_tokens))
+        _, grads = trainer.grad_step(state[0], state[1], b.inputs(), float(b.useful_tokens))
         norms[mode] = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in grads)))
         before = trainer.mean_loss([b], state)
         for _ in range(3):

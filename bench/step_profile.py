@@ -1,0 +1,242 @@
+"""Where a training update's time goes: a JAX profile of the fast path, summed by kind of operation.
+
+    .venv/bin/python bench/step_profile.py [--rows 64] [--updates 8] [--max-batch-tokens N] [--out FILE]
+
+Sets up the fast path as bench/train_throughput.py's project arm does (the real embedded Gemma 3 270M,
+LoRA rank 8 on all projections, batches of 4, steps of at most ``--max-batch-tokens`` tokens, by
+default the ``cpu`` profile's MAX_BATCH_TOKENS), runs one pass so that every step shape is compiled, then traces ``--updates``
+updates with ``jax.profiler`` and adds up the time of each XLA operation the CPU ran, by kind:
+matmuls of the forward and of the backward pass (their FLOPs read from the compiled HLO's dot
+shapes), layout copies (copies and transposes), and everything else (elementwise, reductions,
+gathers, the optimizer), plus the rate of the slowest matmul shapes. It also measures the time during
+which any matmul ran (overlaps counted once) and, from the machine's fp32 matmul peak, the bound that
+puts on the speed benchmark's ``peak_share``: the update's model FLOPs at the peak plus the rest of
+the update as measured. Prints Markdown tables; writes JSON (default ``runs/bench/step_profile.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbutils  # noqa: F401  (JAX backend before Keras loads)
+from nbutils import files, paths
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import (  # noqa: E402  (the same set-up as the speed bench)
+    MAX_BATCH_TOKENS,
+    head_entries,
+    matmul_peak_gflops,
+    prepare_rows,
+    project_trainer,
+    step_flops,
+)
+
+CONTAINERS = {"conditional", "while", "call"}  # thunks that run other thunks: their time is counted inside
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? ([\w-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
+
+
+def dims(shape: str) -> list[int]:
+    """The dimensions of an HLO array shape such as ``f32[4,96,640]`` (``[]`` for a scalar)."""
+    inside = shape[shape.index("[") + 1 : shape.index("]")]
+    return [int(d) for d in inside.split(",") if d]
+
+
+def dot_flops(out_shape: str, lhs_shape: str, attrs: str) -> int:
+    """2 × output elements × contracted size of one HLO ``dot``."""
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+    lhs = dims(lhs_shape)
+    return 2 * math.prod(dims(out_shape)) * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+
+
+def dot_cost(ins: dict, shapes: dict[str, str]) -> tuple[int, bool, str]:
+    """FLOPs of one HLO ``dot``, whether it belongs to the backward pass (JAX names those ``transpose(...)``), and its shapes."""
+    lhs, rhs = re.match(r"%([^,\s)]+), %([^,\s)]+)", ins["rest"]).groups()
+    op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
+    shape = f"{dims(shapes[lhs])}·{dims(shapes[rhs])} → {dims(ins['shape'])}"
+    return dot_flops(ins["shape"], shapes[lhs], ins["rest"]), bool(op_name and "transpose(" in op_name.group(1)), shape
+
+
+def hlo_operations(text: str) -> dict[str, dict]:
+    """Each operation an optimized HLO module (``compiled.as_text()``) runs (fusion bodies excluded): opcode, kind, matmul FLOPs."""
+    shapes, instructions, computation = {}, {}, ""
+    for line in text.splitlines():
+        if m := _COMPUTATION.match(line):
+            computation = m.group(1)
+        elif m := _INSTRUCTION.match(line):
+            name, shape, opcode, rest = m.groups()
+            shapes[name] = shape
+            instructions[name] = {"computation": computation, "opcode": opcode, "rest": rest, "shape": shape}
+    dots_in = collections.defaultdict(list)  # computation -> its dots' (FLOPs, backward, shapes)
+    for ins in instructions.values():
+        if ins["opcode"] == "dot":
+            dots_in[ins["computation"]].append(dot_cost(ins, shapes))
+    calls = {name: re.search(r"calls=%([^,\s]+)", ins["rest"]) for name, ins in instructions.items()}
+    fused = {c.group(1) for name, c in calls.items() if c and instructions[name]["opcode"] == "fusion"}
+    ops = {}
+    for name, ins in instructions.items():
+        if ins["computation"] in fused:
+            continue  # inside a fusion: runs as part of it, not as an operation of its own
+        called = calls[name]
+        if ins["opcode"] == "dot":
+            dots = [dot_cost(ins, shapes)]
+        else:
+            dots = dots_in[called.group(1)] if ins["opcode"] == "fusion" and called else []
+        if ins["opcode"] in CONTAINERS:
+            kind = "container"
+        elif dots:
+            kind = "matmul, backward" if any(b for _, b, _ in dots) else "matmul, forward"
+        elif ins["opcode"] in ("copy", "transpose") or name.startswith(("copy", "transpose")):
+            kind = "layout copies"
+        else:
+            kind = "other"
+        ops[name] = {"opcode": ins["opcode"], "kind": kind, "flops": sum(f for f, _, _ in dots),
+                     "dots": " + ".join(shape for _, _, shape in dots)}  # fmt: skip
+    return ops
+
+
+def traced_operations(trace_dir: str) -> list[tuple[str, str, int, int]]:
+    """The XLA operations a ``jax.profiler`` trace recorded on the CPU: (module, operation, start ns, end ns)."""
+    from jax.profiler import ProfileData
+
+    (path,) = Path(trace_dir).rglob("*.xplane.pb")
+    plane = ProfileData.from_file(str(path)).find_plane_with_name("/host:CPU")
+    out = []
+    for line in plane.lines:
+        for event in line.events:
+            stats = dict(event.stats)
+            if "hlo_op" in stats:
+                module, op = str(stats.get("hlo_module", "")), str(stats["hlo_op"])
+                out.append((module, op, int(event.start_ns), int(event.end_ns)))
+    return out
+
+
+def kind_of(module: str, op: str, ops: dict[str, dict], step_module: str) -> tuple[str, int]:
+    """The kind and FLOPs of one traced operation; those of other modules (the optimizer, the gradient sums) count as "optimizer"."""
+    if module != step_module:
+        return "optimizer and gradient sums", 0
+    if op not in ops:
+        raise RuntimeError(f"the trace names {op!r}, which the compiled step's HLO does not hold (trace and HLO disagree)")
+    return ops[op]["kind"], ops[op]["flops"]
+
+
+def busy_seconds(intervals: list[tuple[int, int]]) -> float:
+    """Seconds during which at least one of the ``(start ns, end ns)`` intervals runs (overlaps counted once)."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total / 1e9
+
+
+def by_kind(traced: list[tuple[str, str, int, int]], ops: dict[str, dict], step_module: str) -> dict[str, list[float]]:
+    """Seconds (summed over operations, so concurrent ones add up) and FLOPs per kind of operation."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for module, op, start, end in traced:
+        kind, flops = kind_of(module, op, ops, step_module)
+        if kind != "container":
+            totals[kind][0] += (end - start) / 1e9
+            totals[kind][1] += flops
+    return dict(totals)
+
+
+def profile(n_rows: int, updates: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict:
+    """One untraced pass (compiles every step shape), then ``updates`` traced updates of a second pass."""
+    import jax
+
+    from nbutils import batches, devices
+
+    rows, _ = prepare_rows(n_rows, 1)
+    lm, trainer, arrays = project_trainer(rows, max_batch_tokens)
+    state, untraced = trainer.state(), []
+    for b in batches.epoch_batches(arrays, 4, 0, 0):
+        compiles, start = trainer.will_compile([b]), time.perf_counter()
+        _, state = trainer.update([b], state)
+        if not compiles:
+            untraced.append(time.perf_counter() - start)
+    operations, walls, busy, matmul_busy, model_flops = {}, [], 0.0, 0.0, 0.0
+    kinds = collections.defaultdict(lambda: [0.0, 0.0])  # kind -> seconds, FLOPs
+    dots = collections.defaultdict(lambda: [0.0, 0.0, 0])  # matmul shapes -> seconds, FLOPs, count
+    for b in batches.epoch_batches(arrays, 4, 0, 1)[:updates]:
+        pieces = trainer.steps([b])
+        if trainer.will_compile([b]):
+            raise RuntimeError(f"step shape {pieces[0].shape} was not compiled by the first pass: use more --rows")
+        if pieces[0].shape not in operations:
+            inputs = devices.place_batch(pieces[0].inputs())
+            text = trainer.grad_step.lower(state[0], state[1], inputs, 1.0).compile().as_text()
+            operations[pieces[0].shape] = (re.match(r"HloModule (\S+?),", text).group(1), hlo_operations(text))
+        module, ops = operations[pieces[0].shape]
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp):
+                start = time.perf_counter()
+                _, state = trainer.update([b], state)
+                walls.append(time.perf_counter() - start)
+            traced = [t for t in traced_operations(tmp) if kind_of(t[0], t[1], ops, module)[0] != "container"]
+        for kind, (seconds, flops) in by_kind(traced, ops, module).items():
+            kinds[kind][0], kinds[kind][1] = kinds[kind][0] + seconds, kinds[kind][1] + flops
+        matmuls = [t for t in traced if kind_of(t[0], t[1], ops, module)[0].startswith("matmul")]
+        busy += busy_seconds([t[2:] for t in traced])
+        matmul_busy += busy_seconds([t[2:] for t in matmuls])
+        for _, op, start_ns, end_ns in matmuls:
+            d = dots[ops[op]["dots"]]
+            d[0], d[1], d[2] = d[0] + (end_ns - start_ns) / 1e9, d[1] + ops[op]["flops"], d[2] + 1
+        model_flops += sum(step_flops(lm.backbone, *p.shape[:2], head_entries(p), merged_lora=False) for p in pieces)
+    n, peak = len(walls), matmul_peak_gflops()
+    wall, at_peak = sum(walls) / n, model_flops / n / (peak * 1e9)
+    top = sorted(dots.items(), key=lambda kv: -kv[1][0])[:10]
+    return {"updates": n, "max_batch_tokens": max_batch_tokens, "step_shapes": sorted(operations), "matmul_peak_gflops": peak, "wall_s_per_update": wall,
+            "untraced_wall_s_per_update": sum(untraced) / max(len(untraced), 1), "model_gflop_per_update": model_flops / n / 1e9,
+            "busy_s_per_update": busy / n, "matmul_busy_s_per_update": matmul_busy / n, "peak_share": at_peak / wall,
+            "peak_share_bound": at_peak / (at_peak + wall - matmul_busy / n),
+            "kinds": {k: {"s_per_update": s / n, "gflop_per_update": f / n / 1e9, "gflops": f / s / 1e9 if f else None}
+                      for k, (s, f) in sorted(kinds.items())},
+            "top_matmuls": [{"shapes": k, "s_per_update": s / n, "count_per_update": c / n, "gflops": f / s / 1e9}
+                            for k, (s, f, c) in top]}  # fmt: skip
+
+
+def table(r: dict) -> str:
+    """The profile as Markdown: time by kind of operation, the slowest matmul shapes, the bound."""
+    op_s = sum(v["s_per_update"] for v in r["kinds"].values())
+    lines = ["| operations | s per update (summed; concurrent ones add up) | share | GFLOP per update | GFLOP/s |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for kind, v in r["kinds"].items():
+        rate = f"{v['gflops']:.0f}" if v["gflops"] else "—"
+        share = v["s_per_update"] / op_s
+        lines.append(f"| {kind} | {v['s_per_update']:.3f} | {share:.0%} | {v['gflop_per_update']:.1f} | {rate} |")
+    lines += ["", "| matmul operation (lhs · rhs → out) | per update | s per update | GFLOP/s |", "|---|---:|---:|---:|"]
+    for d in r["top_matmuls"]:
+        lines.append(f"| {d['shapes']} | {d['count_per_update']:g} | {d['s_per_update']:.3f} | {d['gflops']:.0f} |")
+    shapes = ", ".join(str(tuple(s)) for s in r["step_shapes"])
+    summary = (f"{r['updates']} traced updates (step shapes {shapes}): {r['wall_s_per_update']:.3f} s per update "
+               f"({r['untraced_wall_s_per_update']:.3f} s untraced); XLA operations ran during {r['busy_s_per_update']:.3f} s "
+               f"of it, a matmul during {r['matmul_busy_s_per_update']:.3f} s. {r['model_gflop_per_update']:.0f} model GFLOP "
+               f"per update = **{r['peak_share']:.0%}** of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak. Were every "
+               f"matmul at that peak and the rest of the update as measured, the share would be **{r['peak_share_bound']:.0%}**.")  # fmt: skip
+    return "\n".join([*lines, "", summary])
+
+
+def main() -> int:
+    """Profile, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=64, help="training rows (batches of 4)")
+    parser.add_argument("--updates", type=int, default=8, help="updates to trace (from a second pass)")
+    parser.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, help="tokens per step (0: whole batches)")
+    parser.add_argument("--out", default=str(paths.RUNS_DIR / "bench" / "step_profile.json"))
+    args = parser.parse_args()
+    result = profile(args.rows, args.updates, args.max_batch_tokens)
+    print(table(result))
+    files.write_json(Path(args.out), result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
