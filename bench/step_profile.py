@@ -2,16 +2,17 @@
 
     .venv/bin/python bench/step_profile.py [--rows 64] [--updates 8] [--max-batch-tokens N] [--out FILE]
 
-Sets up the fast path as bench/train_throughput.py's project arm does (the real embedded Gemma 3 270M,
-LoRA rank 8 on all projections, batches of 4, steps of at most ``--max-batch-tokens`` tokens, by
-default the ``cpu`` profile's MAX_BATCH_TOKENS), runs one pass so that every step shape is compiled, then traces ``--updates``
-updates with ``jax.profiler`` and adds up the time of each XLA operation the CPU ran, by kind:
-matmuls of the forward and of the backward pass (their FLOPs read from the compiled HLO's dot
-shapes), layout copies (copies and transposes), and everything else (elementwise, reductions,
-gathers, the optimizer), plus the rate of the slowest matmul shapes. It also measures the time during
-which any matmul ran (overlaps counted once) and, from the machine's fp32 matmul peak, the bound that
-puts on the speed benchmark's ``peak_share``: the update's model FLOPs at the peak plus the rest of
-the update as measured. Prints Markdown tables; writes JSON (default ``runs/bench/step_profile.json``).
+Sets up the fast path as bench/train_throughput.py's project arm does (the real embedded Gemma 3
+270M, LoRA rank 8 on all projections, batches of 4, steps of at most ``--max-batch-tokens`` tokens,
+by default the ``cpu`` profile's MAX_BATCH_TOKENS), runs one pass so that every step shape is
+compiled, then traces ``--updates`` updates with ``jax.profiler`` and adds up the time of each XLA
+operation the CPU ran, by kind: matmuls of the forward and of the backward pass (their FLOPs read
+from the compiled HLO's dot shapes), layout copies (copies and transposes), and everything else
+(elementwise, reductions, gathers, the optimizer); the slowest matmul shapes are also timed alone.
+It measures the time during which any matmul ran (overlaps counted once) and, from the machine's
+fp32 matmul peak, the bound that puts on the speed benchmark's ``peak_share``: the update's model
+FLOPs at the peak plus the rest of the update as measured. Prints Markdown tables; writes JSON
+(default ``runs/bench/step_profile.json``).
 """
 
 from __future__ import annotations
@@ -51,17 +52,43 @@ def dims(shape: str) -> list[int]:
 
 def dot_flops(out_shape: str, lhs_shape: str, attrs: str) -> int:
     """2 × output elements × contracted size of one HLO ``dot``."""
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
     lhs = dims(lhs_shape)
-    return 2 * math.prod(dims(out_shape)) * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+    return 2 * math.prod(dims(out_shape)) * math.prod(lhs[d] for d in axis_list(attrs, "lhs_contracting_dims"))
 
 
-def dot_cost(ins: dict, shapes: dict[str, str]) -> tuple[int, bool, str]:
-    """FLOPs of one HLO ``dot``, whether it belongs to the backward pass (JAX names those ``transpose(...)``), and its shapes."""
+def axis_list(attrs: str, key: str) -> tuple[int, ...]:
+    """The axes of an HLO dot attribute such as ``lhs_contracting_dims={1}`` (empty when absent)."""
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def dot_cost(ins: dict, shapes: dict[str, str]) -> tuple[int, bool, str, tuple]:
+    """FLOPs of one HLO ``dot``, whether it belongs to the backward pass (JAX names those ``transpose(...)``), its
+    shapes as text, and ``(lhs dims, rhs dims, dimension numbers)`` to run it alone with ``lax.dot_general``."""
     lhs, rhs = re.match(r"%([^,\s)]+), %([^,\s)]+)", ins["rest"]).groups()
     op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
     shape = f"{dims(shapes[lhs])}·{dims(shapes[rhs])} → {dims(ins['shape'])}"
-    return dot_flops(ins["shape"], shapes[lhs], ins["rest"]), bool(op_name and "transpose(" in op_name.group(1)), shape
+    axes = {k: axis_list(ins["rest"], k) for k in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")}
+    numbers = ((axes["lhs_contracting_dims"], axes["rhs_contracting_dims"]), (axes["lhs_batch_dims"], axes["rhs_batch_dims"]))
+    backward = bool(op_name and "transpose(" in op_name.group(1))
+    return dot_flops(ins["shape"], shapes[lhs], ins["rest"]), backward, shape, (dims(shapes[lhs]), dims(shapes[rhs]), numbers)
+
+
+def alone_gflops(lhs: list[int], rhs: list[int], numbers: tuple, seconds: float = 0.5) -> float:
+    """GFLOP/s of one fp32 ``lax.dot_general`` of these shapes run by itself, jitted, on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
+    f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers))
+    out = f(a, b).block_until_ready()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        out = f(a, b)
+        out.block_until_ready()
+        count += 1
+    contracted = math.prod(lhs[d] for d in numbers[0][0])
+    return 2 * out.size * contracted * count / (time.perf_counter() - start) / 1e9
 
 
 def hlo_operations(text: str) -> dict[str, dict]:
@@ -92,13 +119,13 @@ def hlo_operations(text: str) -> dict[str, dict]:
         if ins["opcode"] in CONTAINERS:
             kind = "container"
         elif dots:
-            kind = "matmul, backward" if any(b for _, b, _ in dots) else "matmul, forward"
+            kind = "matmul, backward" if any(d[1] for d in dots) else "matmul, forward"
         elif ins["opcode"] in ("copy", "transpose") or name.startswith(("copy", "transpose")):
             kind = "layout copies"
         else:
             kind = "other"
-        ops[name] = {"opcode": ins["opcode"], "kind": kind, "flops": sum(f for f, _, _ in dots),
-                     "dots": " + ".join(shape for _, _, shape in dots)}  # fmt: skip
+        ops[name] = {"opcode": ins["opcode"], "kind": kind, "flops": sum(d[0] for d in dots),
+                     "dots": " + ".join(d[2] for d in dots), "dot_args": [d[3] for d in dots]}  # fmt: skip
     return ops
 
 
@@ -163,9 +190,11 @@ def profile(n_rows: int, updates: int, max_batch_tokens: int = MAX_BATCH_TOKENS)
         _, state = trainer.update([b], state)
         if not compiles:
             untraced.append(time.perf_counter() - start)
-    operations, walls, busy, matmul_busy, model_flops = {}, [], 0.0, 0.0, 0.0
+    operations, walls, model_flops = {}, [], 0.0
+    busy = {"all": 0.0, "matmul": 0.0, "other": 0.0}  # seconds during which some operation (of that kind) ran
     kinds = collections.defaultdict(lambda: [0.0, 0.0])  # kind -> seconds, FLOPs
     dots = collections.defaultdict(lambda: [0.0, 0.0, 0])  # matmul shapes -> seconds, FLOPs, count
+    dot_args = {}  # matmul shapes -> what alone_gflops needs, per dot of the operation
     for b in batches.epoch_batches(arrays, 4, 0, 1)[:updates]:
         pieces = trainer.steps([b])
         if trainer.will_compile([b]):
@@ -184,22 +213,28 @@ def profile(n_rows: int, updates: int, max_batch_tokens: int = MAX_BATCH_TOKENS)
         for kind, (seconds, flops) in by_kind(traced, ops, module).items():
             kinds[kind][0], kinds[kind][1] = kinds[kind][0] + seconds, kinds[kind][1] + flops
         matmuls = [t for t in traced if kind_of(t[0], t[1], ops, module)[0].startswith("matmul")]
-        busy += busy_seconds([t[2:] for t in traced])
-        matmul_busy += busy_seconds([t[2:] for t in matmuls])
+        busy["all"] += busy_seconds([t[2:] for t in traced])
+        busy["matmul"] += busy_seconds([t[2:] for t in matmuls])
+        busy["other"] += busy_seconds([t[2:] for t in traced if t not in matmuls])
         for _, op, start_ns, end_ns in matmuls:
             d = dots[ops[op]["dots"]]
             d[0], d[1], d[2] = d[0] + (end_ns - start_ns) / 1e9, d[1] + ops[op]["flops"], d[2] + 1
+            dot_args[ops[op]["dots"]] = ops[op]["dot_args"]
         model_flops += sum(step_flops(lm.backbone, *p.shape[:2], head_entries(p), merged_lora=False) for p in pieces)
     n, peak = len(walls), matmul_peak_gflops()
     wall, at_peak = sum(walls) / n, model_flops / n / (peak * 1e9)
     top = sorted(dots.items(), key=lambda kv: -kv[1][0])[:10]
     return {"updates": n, "max_batch_tokens": max_batch_tokens, "step_shapes": sorted(operations), "matmul_peak_gflops": peak, "wall_s_per_update": wall,
             "untraced_wall_s_per_update": sum(untraced) / max(len(untraced), 1), "model_gflop_per_update": model_flops / n / 1e9,
-            "busy_s_per_update": busy / n, "matmul_busy_s_per_update": matmul_busy / n, "peak_share": at_peak / wall,
-            "peak_share_bound": at_peak / (at_peak + wall - matmul_busy / n),
+            "busy_s_per_update": busy["all"] / n, "matmul_busy_s_per_update": busy["matmul"] / n,
+            "matmul_alone_s_per_update": (busy["all"] - busy["other"]) / n,
+            "matmul_gflops_while_busy": sum(f for k, (_, f) in kinds.items() if k.startswith("matmul")) / busy["matmul"] / 1e9,
+            "other_alone_s_per_update": (busy["all"] - busy["matmul"]) / n, "peak_share": at_peak / wall,
+            "peak_share_bound": at_peak / (at_peak + wall - busy["matmul"] / n),
             "kinds": {k: {"s_per_update": s / n, "gflop_per_update": f / n / 1e9, "gflops": f / s / 1e9 if f else None}
                       for k, (s, f) in sorted(kinds.items())},
-            "top_matmuls": [{"shapes": k, "s_per_update": s / n, "count_per_update": c / n, "gflops": f / s / 1e9}
+            "top_matmuls": [{"shapes": k, "s_per_update": s / n, "count_per_update": c / n, "gflops": f / s / 1e9,
+                             "alone_gflops": alone_gflops(*dot_args[k][0]) if len(dot_args[k]) == 1 else None}
                             for k, (s, f, c) in top]}  # fmt: skip
 
 
@@ -212,13 +247,20 @@ def table(r: dict) -> str:
         rate = f"{v['gflops']:.0f}" if v["gflops"] else "—"
         share = v["s_per_update"] / op_s
         lines.append(f"| {kind} | {v['s_per_update']:.3f} | {share:.0%} | {v['gflop_per_update']:.1f} | {rate} |")
-    lines += ["", "| matmul operation (lhs · rhs → out) | per update | s per update | GFLOP/s |", "|---|---:|---:|---:|"]
+    lines += ["", "| matmul operation (lhs · rhs → out) | per update | s per update | GFLOP/s | GFLOP/s alone |",
+              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for d in r["top_matmuls"]:
-        lines.append(f"| {d['shapes']} | {d['count_per_update']:g} | {d['s_per_update']:.3f} | {d['gflops']:.0f} |")
+        alone = f"{d['alone_gflops']:.0f}" if d["alone_gflops"] else "—"
+        lines.append(f"| {d['shapes']} | {d['count_per_update']:g} | {d['s_per_update']:.3f} | {d['gflops']:.0f} | {alone} |")
     shapes = ", ".join(str(tuple(s)) for s in r["step_shapes"])
+    both = r["matmul_busy_s_per_update"] - r["matmul_alone_s_per_update"]
     summary = (f"{r['updates']} traced updates (step shapes {shapes}): {r['wall_s_per_update']:.3f} s per update "
                f"({r['untraced_wall_s_per_update']:.3f} s untraced); XLA operations ran during {r['busy_s_per_update']:.3f} s "
-               f"of it, a matmul during {r['matmul_busy_s_per_update']:.3f} s. {r['model_gflop_per_update']:.0f} model GFLOP "
+               f"of it, a matmul during {r['matmul_busy_s_per_update']:.3f} s ({r['matmul_alone_s_per_update']:.3f} s alone, "
+               f"{both:.3f} s beside other operations; independent matmuls also run side by side, sharing the cores, so the "
+               f"per-operation rates above are lower than each alone), the matmuls advancing at "
+               f"{r['matmul_gflops_while_busy']:.0f} GFLOP/s together; only other operations ran during "
+               f"{r['other_alone_s_per_update']:.3f} s. {r['model_gflop_per_update']:.0f} model GFLOP "
                f"per update = **{r['peak_share']:.0%}** of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak. Were every "
                f"matmul at that peak and the rest of the update as measured, the share would be **{r['peak_share_bound']:.0%}**.")  # fmt: skip
     return "\n".join([*lines, "", summary])

@@ -50,6 +50,10 @@ def test_step_profile_counts_each_matmul_of_a_traced_step():
     ops = step_profile.hlo_operations(compiled.as_text())
     flops = {kind: sum(o["flops"] for o in ops.values() if o["kind"] == kind) for kind in ("matmul, forward", "matmul, backward")}
     assert flops == {"matmul, forward": 2 * m * k * n, "matmul, backward": 2 * 2 * m * k * n}  # x·w; then g·wᵀ and xᵀ·g
+    for op in (o for o in ops.values() if o["kind"].startswith("matmul")):  # each dot can be re-run alone as it was
+        (lhs, rhs, numbers), out = op["dot_args"][0], op["dots"].split("→ ")[1]
+        assert str(list(jax.lax.dot_general(jnp.ones(lhs), jnp.ones(rhs), numbers).shape)) == out
+        assert step_profile.alone_gflops(lhs, rhs, numbers, seconds=0.01) > 0
     jax.block_until_ready(step(w, x))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
