@@ -8,7 +8,7 @@ by default the ``cpu`` profile's MAX_BATCH_TOKENS), runs one pass so that every 
 compiled, then traces ``--updates`` updates with ``jax.profiler`` and adds up the time of each XLA
 operation the CPU ran, by kind: matmuls of the forward and of the backward pass (their FLOPs read
 from the compiled HLO's dot shapes), layout copies (copies and transposes), and everything else
-(elementwise, reductions, gathers, the optimizer); the slowest matmul shapes are also timed alone.
+(elementwise, reductions, gathers, the optimizer); every matmul shape is also timed alone.
 It measures the time during which any matmul ran (overlaps counted once) and, from the machine's
 fp32 matmul peak, the bound that puts on the speed benchmark's ``peak_share``: the update's model
 FLOPs at the peak plus the rest of the update as measured. Prints Markdown tables; writes JSON
@@ -37,10 +37,11 @@ from train_throughput import (  # noqa: E402  (the same set-up as the speed benc
     prepare_rows,
     project_trainer,
     step_flops,
+    sustained_gflops,
 )
 
 CONTAINERS = {"conditional", "while", "call"}  # thunks that run other thunks: their time is counted inside
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? ([\w-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")  # name, shape (tuples too), opcode, rest
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
 
 
@@ -67,28 +68,29 @@ def dot_cost(ins: dict, shapes: dict[str, str]) -> tuple[int, bool, str, tuple]:
     shapes as text, and ``(lhs dims, rhs dims, dimension numbers)`` to run it alone with ``lax.dot_general``."""
     lhs, rhs = re.match(r"%([^,\s)]+), %([^,\s)]+)", ins["rest"]).groups()
     op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
-    shape = f"{dims(shapes[lhs])}·{dims(shapes[rhs])} → {dims(ins['shape'])}"
     axes = {k: axis_list(ins["rest"], k) for k in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")}
     numbers = ((axes["lhs_contracting_dims"], axes["rhs_contracting_dims"]), (axes["lhs_batch_dims"], axes["rhs_batch_dims"]))
+    contracted = "·".join(",".join(map(str, a)) for a in numbers[0])
+    shape = f"{dims(shapes[lhs])}·{dims(shapes[rhs])} → {dims(ins['shape'])} (contracting {contracted})"
     backward = bool(op_name and "transpose(" in op_name.group(1))
     return dot_flops(ins["shape"], shapes[lhs], ins["rest"]), backward, shape, (dims(shapes[lhs]), dims(shapes[rhs]), numbers)
 
 
 def alone_gflops(lhs: list[int], rhs: list[int], numbers: tuple, seconds: float = 0.5) -> float:
-    """GFLOP/s of one fp32 ``lax.dot_general`` of these shapes run by itself, jitted, on this machine."""
+    """GFLOP/s of one fp32 ``lax.dot_general`` of these shapes run by itself, jitted, on this machine
+    (row-major operands, without the operations XLA fused around it in the step)."""
     import jax
     import jax.numpy as jnp
 
-    a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
     f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers))
-    out = f(a, b).block_until_ready()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        out = f(a, b)
-        out.block_until_ready()
-        count += 1
-    contracted = math.prod(lhs[d] for d in numbers[0][0])
-    return 2 * out.size * contracted * count / (time.perf_counter() - start) / 1e9
+    a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
+    flops = 2 * math.prod(f.eval_shape(a, b).shape) * math.prod(lhs[d] for d in numbers[0][0])
+    return sustained_gflops(f, (a, b), flops, seconds)
+
+
+def module_name(text: str) -> str:
+    """The module name of an HLO text (``HloModule jit_f, ...``), as the trace's events name it."""
+    return re.match(r"HloModule (\S+?),", text).group(1)
 
 
 def hlo_operations(text: str) -> dict[str, dict]:
@@ -177,45 +179,47 @@ def by_kind(traced: list[tuple[str, str, int, int]], ops: dict[str, dict], step_
 
 
 def profile(n_rows: int, updates: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict:
-    """One untraced pass (compiles every step shape), then ``updates`` traced updates of a second pass."""
+    """One pass that compiles every step shape, then ``updates`` updates of a second pass run untraced and again traced."""
     import jax
 
     from nbutils import batches, devices
 
     rows, _ = prepare_rows(n_rows, 1)
     lm, trainer, arrays = project_trainer(rows, max_batch_tokens)
-    state, untraced = trainer.state(), []
+    state, untraced, plan = trainer.state(), [], batches.epoch_batches(arrays, 4, 0, 1)[:updates]
     for b in batches.epoch_batches(arrays, 4, 0, 0):
-        compiles, start = trainer.will_compile([b]), time.perf_counter()
         _, state = trainer.update([b], state)
-        if not compiles:
-            untraced.append(time.perf_counter() - start)
+    for b in plan:  # the same updates as traced below, for the trace's own cost
+        if trainer.will_compile([b]):
+            raise RuntimeError(f"step shape {trainer.steps([b])[0].shape} was not compiled by the first pass: use more --rows")
+        start = time.perf_counter()
+        _, state = trainer.update([b], state)
+        untraced.append(time.perf_counter() - start)
     operations, walls, model_flops = {}, [], 0.0
     busy = {"all": 0.0, "matmul": 0.0, "other": 0.0}  # seconds during which some operation (of that kind) ran
     kinds = collections.defaultdict(lambda: [0.0, 0.0])  # kind -> seconds, FLOPs
     dots = collections.defaultdict(lambda: [0.0, 0.0, 0])  # matmul shapes -> seconds, FLOPs, count
     dot_args = {}  # matmul shapes -> what alone_gflops needs, per dot of the operation
-    for b in batches.epoch_batches(arrays, 4, 0, 1)[:updates]:
+    for b in plan:
         pieces = trainer.steps([b])
-        if trainer.will_compile([b]):
-            raise RuntimeError(f"step shape {pieces[0].shape} was not compiled by the first pass: use more --rows")
         if pieces[0].shape not in operations:
             inputs = devices.place_batch(pieces[0].inputs())
             text = trainer.grad_step.lower(state[0], state[1], inputs, 1.0).compile().as_text()
-            operations[pieces[0].shape] = (re.match(r"HloModule (\S+?),", text).group(1), hlo_operations(text))
+            operations[pieces[0].shape] = (module_name(text), hlo_operations(text))
         module, ops = operations[pieces[0].shape]
         with tempfile.TemporaryDirectory() as tmp:
             with jax.profiler.trace(tmp):
                 start = time.perf_counter()
                 _, state = trainer.update([b], state)
                 walls.append(time.perf_counter() - start)
-            traced = [t for t in traced_operations(tmp) if kind_of(t[0], t[1], ops, module)[0] != "container"]
+            labelled = [(t, kind_of(t[0], t[1], ops, module)[0]) for t in traced_operations(tmp)]
+        traced = [t for t, kind in labelled if kind != "container"]
+        matmuls = [t for t, kind in labelled if kind.startswith("matmul")]
         for kind, (seconds, flops) in by_kind(traced, ops, module).items():
             kinds[kind][0], kinds[kind][1] = kinds[kind][0] + seconds, kinds[kind][1] + flops
-        matmuls = [t for t in traced if kind_of(t[0], t[1], ops, module)[0].startswith("matmul")]
         busy["all"] += busy_seconds([t[2:] for t in traced])
         busy["matmul"] += busy_seconds([t[2:] for t in matmuls])
-        busy["other"] += busy_seconds([t[2:] for t in traced if t not in matmuls])
+        busy["other"] += busy_seconds([t[2:] for t, kind in labelled if kind != "container" and not kind.startswith("matmul")])
         for _, op, start_ns, end_ns in matmuls:
             d = dots[ops[op]["dots"]]
             d[0], d[1], d[2] = d[0] + (end_ns - start_ns) / 1e9, d[1] + ops[op]["flops"], d[2] + 1
@@ -229,9 +233,10 @@ def profile(n_rows: int, updates: int, max_batch_tokens: int = MAX_BATCH_TOKENS)
     matmuls_alone_s = sum(f / (alone[k] * 1e9) if alone[k] else s for k, (s, f, _) in dots.items()) / n
     return {"updates": n, "max_batch_tokens": max_batch_tokens, "step_shapes": sorted(operations),
             "matmul_peak_gflops": peak, "wall_s_per_update": wall,
-            "untraced_wall_s_per_update": sum(untraced) / max(len(untraced), 1), "model_gflop_per_update": model_flops / n / 1e9,
+            "untraced_wall_s_per_update": sum(untraced) / n, "model_gflop_per_update": model_flops / n / 1e9,
             "busy_s_per_update": busy["all"] / n, "matmul_busy_s_per_update": busy["matmul"] / n,
-            "matmul_alone_s_per_update": (busy["all"] - busy["other"]) / n,
+            "matmul_only_s_per_update": (busy["all"] - busy["other"]) / n,
+            "matmuls_at_once": sum(v[0] for k, v in kinds.items() if k.startswith("matmul")) / busy["matmul"],
             "matmul_gflops_while_busy": sum(f for k, (_, f) in kinds.items() if k.startswith("matmul")) / busy["matmul"] / 1e9,
             "other_alone_s_per_update": (busy["all"] - busy["matmul"]) / n, "peak_share": at_peak / wall,
             "peak_share_bound": at_peak / (at_peak + wall - busy["matmul"] / n),
@@ -259,12 +264,12 @@ def table(r: dict) -> str:
         alone = f"{d['alone_gflops']:.0f}" if d["alone_gflops"] else "—"
         lines.append(f"| {d['shapes']} | {d['count_per_update']:g} | {d['s_per_update']:.3f} | {d['gflops']:.0f} | {alone} |")
     shapes = ", ".join(str(tuple(s)) for s in r["step_shapes"])
-    both = r["matmul_busy_s_per_update"] - r["matmul_alone_s_per_update"]
+    both = r["matmul_busy_s_per_update"] - r["matmul_only_s_per_update"]
     summary = (f"{r['updates']} traced updates (step shapes {shapes}): {r['wall_s_per_update']:.3f} s per update "
                f"({r['untraced_wall_s_per_update']:.3f} s untraced); XLA operations ran during {r['busy_s_per_update']:.3f} s "
-               f"of it, a matmul during {r['matmul_busy_s_per_update']:.3f} s ({r['matmul_alone_s_per_update']:.3f} s alone, "
-               f"{both:.3f} s beside other operations; independent matmuls also run side by side, sharing the cores, so the "
-               f"per-operation rates above are lower than each alone), the matmuls advancing at "
+               f"of it, a matmul during {r['matmul_busy_s_per_update']:.3f} s ({r['matmul_only_s_per_update']:.3f} s with no other "
+               f"kind of operation, {both:.3f} s beside other operations; {r['matmuls_at_once']:.2f} matmuls at once on "
+               f"average, sharing the cores, so the per-operation rates above are lower than alone), the matmuls advancing at "
                f"{r['matmul_gflops_while_busy']:.0f} GFLOP/s together; only other operations ran during "
                f"{r['other_alone_s_per_update']:.3f} s. {r['model_gflop_per_update']:.0f} model GFLOP "
                f"per update = **{r['peak_share']:.0%}** of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak. Were every "

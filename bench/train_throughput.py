@@ -53,19 +53,22 @@ def prepare_rows(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
     return splits["train"][:n_train], splits["test"][:n_test]
 
 
+def sustained_gflops(f, args: tuple, flops: float, seconds: float) -> float:
+    """GFLOP/s of the jitted ``f(*args)`` (``flops`` per call) over ``seconds`` of back-to-back calls, after a first call."""
+    f(*args).block_until_ready()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(*args).block_until_ready()
+        count += 1
+    return flops * count / (time.perf_counter() - start) / 1e9
+
+
 def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     """Sustained fp32 GFLOP/s of a large square matmul under JAX on this machine."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        f(a).block_until_ready()
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+    return sustained_gflops(jax.jit(lambda x: x @ x), (jnp.ones((n, n), jnp.float32),), 2 * n**3, seconds)
 
 
 def head_entries(piece) -> int:

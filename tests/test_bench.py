@@ -51,7 +51,7 @@ def test_step_profile_counts_each_matmul_of_a_traced_step():
     flops = {kind: sum(o["flops"] for o in ops.values() if o["kind"] == kind) for kind in ("matmul, forward", "matmul, backward")}
     assert flops == {"matmul, forward": 2 * m * k * n, "matmul, backward": 2 * 2 * m * k * n}  # x·w; then g·wᵀ and xᵀ·g
     for op in (o for o in ops.values() if o["kind"].startswith("matmul")):  # each dot can be re-run alone as it was
-        (lhs, rhs, numbers), out = op["dot_args"][0], op["dots"].split("→ ")[1]
+        (lhs, rhs, numbers), out = op["dot_args"][0], op["dots"].split("→ ")[1].split(" (")[0]
         assert str(list(jax.lax.dot_general(jnp.ones(lhs), jnp.ones(rhs), numbers).shape)) == out
         assert step_profile.alone_gflops(lhs, rhs, numbers, seconds=0.01) > 0
     jax.block_until_ready(step(w, x))
@@ -59,7 +59,7 @@ def test_step_profile_counts_each_matmul_of_a_traced_step():
         with jax.profiler.trace(tmp):
             jax.block_until_ready(step(w, x))
         traced = step_profile.traced_operations(tmp)
-    module = compiled.as_text().split()[1].rstrip(",")
+    module = step_profile.module_name(compiled.as_text())
     assert {op for mod, op, _, _ in traced if mod == module} <= set(ops)
     totals = step_profile.by_kind(traced, ops, module)
     assert totals["matmul, forward"][1] == 2 * m * k * n and totals["matmul, forward"][0] > 0
@@ -70,4 +70,26 @@ def test_step_profile_counts_each_matmul_of_a_traced_step():
 def test_step_profile_counts_overlapping_operations_once():
     """Busy time: the union of the operations' intervals (the matmul-busy time bounds the peak share)."""
     assert step_profile.busy_seconds([(0, 10**9), (5 * 10**8, 2 * 10**9), (3 * 10**9, 4 * 10**9), (3 * 10**9, 35 * 10**8)]) == 3.0
+    assert step_profile.busy_seconds([(0, 4 * 10**9), (10**9, 2 * 10**9)]) == 4.0  # one inside another
     assert step_profile.busy_seconds([]) == 0.0
+
+
+def test_step_profile_reads_batched_dots_and_leaves_out_containers():
+    """A batched matmul's FLOPs and dimension numbers; a conditional's own time is not added to the operations it runs."""
+    b, m, k, n = 3, 8, 16, 24
+
+    def f(w, x):
+        y = jnp.einsum("bmk,bkn->bmn", x, w)
+        return jax.lax.cond(y.sum() > 0, lambda v: jnp.sum(v**2), lambda v: jnp.sum(v), y)
+
+    compiled = jax.jit(f).lower(jnp.ones((b, k, n)), jnp.ones((b, m, k))).compile()
+    ops = step_profile.hlo_operations(compiled.as_text())
+    (dot,) = [o for o in ops.values() if o["kind"].startswith("matmul")]
+    assert dot["flops"] == 2 * b * m * k * n
+    lhs, rhs, numbers = dot["dot_args"][0]
+    assert jax.lax.dot_general(jnp.ones(lhs), jnp.ones(rhs), numbers).shape == (b, m, n)
+    containers = [name for name, o in ops.items() if o["kind"] == "container"]
+    assert containers, "the conditional should be one operation of its own"
+    module = step_profile.module_name(compiled.as_text())
+    totals = step_profile.by_kind([(module, containers[0], 0, 10**9), (module, next(iter(ops)), 0, 10**9)], ops, module)
+    assert sum(seconds for seconds, _ in totals.values()) == 1.0
