@@ -51,10 +51,9 @@ def dims(shape: str) -> list[int]:
     return [int(d) for d in inside.split(",") if d]
 
 
-def dot_flops(out_shape: str, lhs_shape: str, attrs: str) -> int:
-    """2 × output elements × contracted size of one HLO ``dot``."""
-    lhs = dims(lhs_shape)
-    return 2 * math.prod(dims(out_shape)) * math.prod(lhs[d] for d in axis_list(attrs, "lhs_contracting_dims"))
+def dot_flops(lhs: list[int], out: list[int], lhs_contracting: tuple[int, ...]) -> int:
+    """2 × output elements × contracted size of one dot."""
+    return 2 * math.prod(out) * math.prod(lhs[d] for d in lhs_contracting)
 
 
 def axis_list(attrs: str, key: str) -> tuple[int, ...]:
@@ -73,7 +72,8 @@ def dot_cost(ins: dict, shapes: dict[str, str]) -> tuple[int, bool, str, tuple]:
     contracted = "·".join(",".join(map(str, a)) for a in numbers[0])
     shape = f"{dims(shapes[lhs])}·{dims(shapes[rhs])} → {dims(ins['shape'])} (contracting {contracted})"
     backward = bool(op_name and "transpose(" in op_name.group(1))
-    return dot_flops(ins["shape"], shapes[lhs], ins["rest"]), backward, shape, (dims(shapes[lhs]), dims(shapes[rhs]), numbers)
+    flops = dot_flops(dims(shapes[lhs]), dims(ins["shape"]), numbers[0][0])
+    return flops, backward, shape, (dims(shapes[lhs]), dims(shapes[rhs]), numbers)
 
 
 def alone_gflops(lhs: list[int], rhs: list[int], numbers: tuple, seconds: float = 0.5) -> float:
@@ -84,8 +84,7 @@ def alone_gflops(lhs: list[int], rhs: list[int], numbers: tuple, seconds: float 
 
     f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers))
     a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
-    flops = 2 * math.prod(f.eval_shape(a, b).shape) * math.prod(lhs[d] for d in numbers[0][0])
-    return sustained_gflops(f, (a, b), flops, seconds)
+    return sustained_gflops(f, (a, b), dot_flops(lhs, list(f.eval_shape(a, b).shape), numbers[0][0]), seconds)
 
 
 def module_name(text: str) -> str:
