@@ -38,6 +38,8 @@ $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
 image-venv: $(IMAGE_STAMP)
 
 test: venv image-venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests
 
 run: venv

@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/cpu_matmul.py [--out FILE]
 
-Shapes: a 2048² square matmul (the peak ``bench/train_throughput.py`` divides by) and the LoRA step's
-largest projection at batch 4 × 64 tokens (256 × 640 · 640 × 2048), forward and input-gradient
-form. On CPUs with AMX or AVX512-BF16, XLA runs bf16 operands with an fp32 result much faster than
-fp32; Keras' mixed_bfloat16 policy asks for a bf16 result, which XLA runs at about the fp32 rate.
-Writes GFLOP/s per case as JSON (default ``runs/bench/cpu_matmul.json``).
+Shapes: a 2048² square matmul (the peak ``bench/train_throughput.py`` divides by) and the LoRA
+step's largest projection at batch 4 × 64 tokens (256 × 640 · 640 × 2048), forward and
+input-gradient form. On CPUs with AMX or AVX512-BF16, XLA runs bf16 operands with an fp32 result
+much faster than fp32; Keras' mixed_bfloat16 policy asks for a bf16 result, which XLA runs at about
+the fp32 rate. Writes GFLOP/s per case as JSON (default ``runs/bench/cpu_matmul.json``).
 """
 
 from __future__ import annotations
@@ -45,17 +45,26 @@ def main() -> int:
     args = parser.parse_args()
 
     def matmul(contract_w: int, out_dtype):
-        """x·W (``contract_w`` 0) or g·Wᵀ (1, the backward pass's form) with the result in ``out_dtype``."""
-        return lambda a, w: lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=out_dtype)
+        """x·W (``contract_w`` 0) or g·Wᵀ (1, the backward pass's form) with the result in
+        ``out_dtype``."""
+        return lambda a, w: lax.dot_general(
+            a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=out_dtype
+        )
 
     key = jax.random.PRNGKey(0)
-    shapes = {"square 2048": ((2048, 2048), (2048, 2048), 0), "projection fwd 256x640x2048": ((256, 640), (640, 2048), 0),
-              "projection input-grad 256x2048x640": ((256, 2048), (640, 2048), 1)}  # fmt: skip
+    shapes = {
+        "square 2048": ((2048, 2048), (2048, 2048), 0),
+        "projection fwd 256x640x2048": ((256, 640), (640, 2048), 0),
+        "projection input-grad 256x2048x640": ((256, 2048), (640, 2048), 1),
+    }
     results: dict[str, dict[str, float]] = {}
     for name, (a_shape, b_shape, contract_w) in shapes.items():
         results[name] = {}
-        for label, operands, out_dtype in (("fp32", jnp.float32, jnp.float32), ("bf16 -> bf16", jnp.bfloat16, jnp.bfloat16),
-                                           ("bf16 -> fp32", jnp.bfloat16, jnp.float32)):  # fmt: skip
+        for label, operands, out_dtype in (
+            ("fp32", jnp.float32, jnp.float32),
+            ("bf16 -> bf16", jnp.bfloat16, jnp.bfloat16),
+            ("bf16 -> fp32", jnp.bfloat16, jnp.float32),
+        ):
             a = jax.random.normal(key, a_shape).astype(operands)
             b = jax.random.normal(key, b_shape).astype(operands)
             results[name][label] = round(gflops(matmul(contract_w, out_dtype), a, b, contract_w), 1)

@@ -11,7 +11,7 @@ import time
 cache = tempfile.mkdtemp(prefix="nbutils-bench-")
 os.environ["NBUTILS_CACHE"] = cache
 
-from nbutils import models  # noqa: E402
+from nbutils import models
 
 try:
     start = time.perf_counter()

@@ -4,10 +4,11 @@
 
 One process does what notebook 03 does with the embedded Gemma 3 270M (LoRA rank 8 on all
 projections, batch 4, the fast path on length-bucketed batches in steps of at most
-``--max-batch-tokens`` tokens, by default the ``cpu`` profile's MAX_BATCH_TOKENS) and prints, after each stage, the
-current and peak resident memory (Linux ``/proc/self/status``), the XLA scratch ("temp") buffer
-each compiled step shape allocates while it runs, and what glibc hands back to the system after
-``malloc_trim``. Writes the figures as JSON (default ``runs/bench/memory_profile.json``).
+``--max-batch-tokens`` tokens, by default the ``cpu`` profile's MAX_BATCH_TOKENS) and prints, after
+each stage, the current and peak resident memory (Linux ``/proc/self/status``), the XLA scratch
+("temp") buffer each compiled step shape allocates while it runs, and what glibc hands back to the
+system after ``malloc_trim``. Writes the figures as JSON (default
+``runs/bench/memory_profile.json``).
 """
 
 from __future__ import annotations
@@ -21,21 +22,31 @@ import nbutils  # noqa: F401  (JAX backend before Keras loads)
 from nbutils import files, paths, pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import MODEL, RANK, SEED, SEQUENCE_LENGTH, prepare_rows  # noqa: E402  (the same set-up as the speed bench)
+from train_throughput import MODEL, RANK, SEED, SEQUENCE_LENGTH, prepare_rows
 
 
 def rss_gb() -> tuple[float, float]:
     """Current and peak resident memory of this process (GB)."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    status = dict(
+        line.split(":", 1)
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if ":" in line
+    )
     return int(status["VmRSS"].split()[0]) / 1e6, int(status["VmHWM"].split()[0]) / 1e6
 
 
 def main() -> int:
     """Run the stages, print one line per stage, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=64, help="training rows (batches of 4, one pass)")
-    parser.add_argument("--max-batch-tokens", type=int, default=pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"],
-                        help="tokens per step (MAX_BATCH_TOKENS); default: the cpu profile's")
+    parser.add_argument(
+        "--rows", type=int, default=64, help="training rows (batches of 4, one pass)"
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"],
+        help="tokens per step (MAX_BATCH_TOKENS); default: the cpu profile's",
+    )
     parser.add_argument("--out", default=str(paths.RUNS_DIR / "bench" / "memory_profile.json"))
     args = parser.parse_args()
     if not Path("/proc/self/status").exists():
@@ -44,8 +55,13 @@ def main() -> int:
 
     def record(stage: str, **extra) -> None:
         now, peak = rss_gb()
-        stages.append({"stage": stage, "rss_gb": round(now, 2), "peak_rss_gb": round(peak, 2), **extra})
-        print(f"{stage:42s} rss {now:5.2f} GB   peak {peak:5.2f} GB   {json.dumps(extra) if extra else ''}", flush=True)
+        stages.append(
+            {"stage": stage, "rss_gb": round(now, 2), "peak_rss_gb": round(peak, 2), **extra}
+        )
+        print(
+            f"{stage:42s} rss {now:5.2f} GB   peak {peak:5.2f} GB   {json.dumps(extra) if extra else ''}",
+            flush=True,
+        )
 
     record("python + nbutils")
     from nbutils import quiet
@@ -61,15 +77,24 @@ def main() -> int:
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
     record("model loaded (fp32 weights)")
     training.enable_lora(lm, RANK, "all", seed=SEED)
-    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=5e-4), args.max_batch_tokens)
+    trainer = training.Trainer(
+        lm, keras.optimizers.AdamW(learning_rate=5e-4), args.max_batch_tokens
+    )
     state = trainer.state()
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
     record("LoRA enabled, optimizer built")
     for batch in batches.epoch_batches(arrays, 4, SEED, 0):
-        new = [piece for piece in trainer.steps([batch]) if ("train", piece.shape) not in trainer.compiled]
-        temps = {}  # each new step shape's XLA scratch buffer (the jitted value-and-grad of Trainer)
+        new = [
+            piece
+            for piece in trainer.steps([batch])
+            if ("train", piece.shape) not in trainer.compiled
+        ]
+        # each new step shape's XLA scratch buffer (the jitted value-and-grad of Trainer)
+        temps = {}
         for piece in new:
-            compiled = trainer.grad_step.lower(state[0], state[1], devices.place_batch(piece.inputs()), 1.0).compile()
+            compiled = trainer.grad_step.lower(
+                state[0], state[1], devices.place_batch(piece.inputs()), 1.0
+            ).compile()
             temps[str(piece.shape)] = round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 2)
         _, state = trainer.update([batch], state)
         if new:
@@ -78,7 +103,15 @@ def main() -> int:
     trimmed = heap.release_free_heap()
     record("after malloc_trim (freed heap returned)", trimmed=bool(trimmed))
     peak = max(s["peak_rss_gb"] for s in stages)
-    files.write_json(Path(args.out), {"rows": args.rows, "max_batch_tokens": args.max_batch_tokens, "stages": stages, "peak_rss_gb": peak})
+    files.write_json(
+        Path(args.out),
+        {
+            "rows": args.rows,
+            "max_batch_tokens": args.max_batch_tokens,
+            "stages": stages,
+            "peak_rss_gb": peak,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,9 @@
-"""The few non-public APIs of Keras, keras-hub, kagglehub and sacrebleu the project relies on, in one place.
+"""The few non-public APIs of Keras, keras-hub, kagglehub and sacrebleu the project relies on, in
+one place.
 
 Each has a test in ``tests/test_compat.py`` (the decoding ones in ``tests/test_decoding.py``) that
-fails loudly, naming the function, when an upstream release changes it. Everything else in ``nbutils`` uses public APIs only.
+fails loudly, naming the function, when an upstream release changes it. Everything else in
+``nbutils`` uses public APIs only.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ def all_layers(model) -> list:
 
 
 def lora_layer_indices(backbone) -> list[int]:
-    """Indices keras-hub's ``save_lora_weights`` uses for the LoRA layers (among layers with weights)."""
+    """Indices keras-hub's ``save_lora_weights`` uses for the LoRA layers (among layers with
+    weights)."""
     return list(getattr(backbone, "_lora_enabled_layers", []))
 
 
 def unmerge_lora(layer) -> None:
-    """Make a LoRA-enabled ``EinsumDense`` compute ``x·W + (alpha/r)·(x·A)·B`` instead of Keras' ``x·(W + (alpha/r)·A·B)``.
+    """Make a LoRA-enabled ``EinsumDense`` compute ``x·W + (alpha/r)·(x·A)·B`` instead of Keras'
+    ``x·(W + (alpha/r)·A·B)``.
 
-    Same result; but with the merged kernel, backpropagation forms the full gradient of ``W`` (as many
-    FLOPs as the forward pass) only to project it onto ``A`` and ``B``. Unmerged, it never does.
-    ``(x·A)·B`` runs as one 2-D matmul over all token rows: as a batched ``(batch, tokens, r)`` product, the
-    gradient of ``B`` contracts two axes and XLA's CPU backend transposes the incoming gradient for it
-    (fused into the MLP's gelu backward: over a quarter of a LoRA step of Gemma 3 270M on 2 CPU cores).
+    Same result; but with the merged kernel, backpropagation forms the full gradient of ``W`` (as
+    many FLOPs as the forward pass) only to project it onto ``A`` and ``B``. Unmerged, it never
+    does. ``(x·A)·B`` runs as one 2-D matmul over all token rows: as a batched ``(batch, tokens,
+    r)`` product, the gradient of ``B`` contracts two axes and XLA's CPU backend transposes the
+    incoming gradient for it (fused into the MLP's gelu backward: over a quarter of a LoRA step of
+    Gemma 3 270M on 2 CPU cores).
     """
     import keras
 
@@ -35,7 +40,9 @@ def unmerge_lora(layer) -> None:
 
     def call(inputs, training=None):
         x = keras.ops.einsum(layer.equation, inputs, layer._kernel)
-        low = low_rank_product(keras.ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b)
+        low = low_rank_product(
+            keras.ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b
+        )
         x = keras.ops.add(x, keras.ops.multiply(low, layer.lora_alpha / layer.lora_rank))
         if layer.bias is not None:
             x = keras.ops.add(x, layer.bias)
@@ -45,21 +52,26 @@ def unmerge_lora(layer) -> None:
 
 
 def low_rank_product(xa, b):
-    """``xa · b`` for ``xa`` of shape ``(..., r)`` and ``b`` of ``(r, out)``, as one 2-D matmul when the shape is known."""
+    """``xa · b`` for ``xa`` of shape ``(..., r)`` and ``b`` of ``(r, out)``, as one 2-D matmul when
+    the shape is known."""
     import keras
 
     lead = tuple(xa.shape[:-1])
     if any(d is None for d in lead):  # symbolic shape inference only
         return keras.ops.matmul(xa, b)
-    return keras.ops.reshape(keras.ops.matmul(keras.ops.reshape(xa, (-1, b.shape[0])), b), (*lead, b.shape[-1]))
+    return keras.ops.reshape(
+        keras.ops.matmul(keras.ops.reshape(xa, (-1, b.shape[0])), b), (*lead, b.shape[-1])
+    )
 
 
 def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
-    """Hidden states (before the output layer) of ``token_ids`` at positions ``index…``, and the updated per-layer caches.
+    """Hidden states (before the output layer) of ``token_ids`` at positions ``index…``, and the
+    updated per-layer caches.
 
-    What keras-hub's ``call_with_cache`` computes, minus the output layer (a prefill needs none) and plus
-    ``key_mask`` ``(rows, cache length)``, which masks padding as attention keys; the decoder blocks take it
-    as their ``padding_mask`` (keras-hub's own decode steps pass none: it pads prompts on the right only).
+    What keras-hub's ``call_with_cache`` computes, minus the output layer (a prefill needs none) and
+    plus ``key_mask`` ``(rows, cache length)``, which masks padding as attention keys; the decoder
+    blocks take it as their ``padding_mask`` (keras-hub's own decode steps pass none: it pads
+    prompts on the right only).
     """
     from keras import ops
 
@@ -75,26 +87,34 @@ def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
 def cache_layout(lm) -> str:
     """``"pairs"`` or ``"stacked"``: how ``lm``'s decoder blocks take their key/value cache.
 
-    keras-hub 0.32's Gemma 3 takes a ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays; its
-    Gemma and Gemma 2 (and Gemma 3 in 0.26, the Kaggle image's) one ``(rows, 2, length, heads, dim)``
-    array. One call of the first block per layout, on abstract one-row values, tells which: exactly one
-    must work (one row, so a stacked array cannot pass for a pair).
+    keras-hub 0.32's Gemma 3 takes a ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays;
+    its Gemma and Gemma 2 (and Gemma 3 in 0.26, the Kaggle image's) one ``(rows, 2, length, heads,
+    dim)`` array. One call of the first block per layout, on abstract one-row values, tells which:
+    exactly one must work (one row, so a stacked array cannot pass for a pair).
     """
     import jax
 
     b = lm.backbone
     x = jax.ShapeDtypeStruct((1, 1, b.hidden_dim), lm.compute_dtype)
     half = jax.ShapeDtypeStruct((1, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype)
-    layouts = {"pairs": (half, half), "stacked": jax.ShapeDtypeStruct((1, 2, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype)}
+    layouts = {
+        "pairs": (half, half),
+        "stacked": jax.ShapeDtypeStruct(
+            (1, 2, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype
+        ),
+    }
     works = [name for name, cache in layouts.items() if _runs(b.transformer_layers[0], x, cache)]
     if len(works) != 1:
-        raise RuntimeError(f"compat.cache_layout: {type(b.transformer_layers[0]).__name__} takes {works or 'neither'} of "
-                           "keras-hub's known cache layouts; this keras-hub release changed it.")  # fmt: skip
+        raise RuntimeError(
+            f"compat.cache_layout: {type(b.transformer_layers[0]).__name__} takes {works or 'neither'} of "
+            "keras-hub's known cache layouts; this keras-hub release changed it."
+        )
     return works[0]
 
 
 def _runs(layer, x, cache) -> bool:
-    """Whether the decoder block ``layer`` accepts ``cache`` (abstract shapes only, nothing computed)."""
+    """Whether the decoder block ``layer`` accepts ``cache`` (abstract shapes only, nothing
+    computed)."""
     import jax
 
     try:
@@ -111,27 +131,34 @@ def empty_caches(lm, rows: int, length: int, layout: str) -> tuple:
     b = lm.backbone
     shape = (rows, length, b.num_key_value_heads, b.head_dim)
     if layout == "pairs":
-        return tuple((ops.zeros(shape, lm.compute_dtype), ops.zeros(shape, lm.compute_dtype)) for _ in range(b.num_layers))
+        return tuple(
+            (ops.zeros(shape, lm.compute_dtype), ops.zeros(shape, lm.compute_dtype))
+            for _ in range(b.num_layers)
+        )
     return tuple(ops.zeros((rows, 2, *shape[1:]), lm.compute_dtype) for _ in range(b.num_layers))
 
 
 def kaggle_preset_cached(kaggle_handle: str) -> bool:
-    """Whether a Kaggle model handle ``owner/model/framework/variation/version`` is in kagglehub's local cache."""
+    """Whether a Kaggle model handle ``owner/model/framework/variation/version`` is in kagglehub's
+    local cache."""
     from kagglehub import cache, handle
 
-    if kaggle_handle.count("/") != 4:  # unversioned: kagglehub must ask the server for the latest version
+    # unversioned: kagglehub must ask the server for the latest version
+    if kaggle_handle.count("/") != 4:
         return False
     folder = cache.get_cached_path(handle.parse_model_handle(kaggle_handle))
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def chrf_statistics(hypothesis: str, reference: str) -> list[float]:
-    """sacrebleu's chrF sufficient statistics of one sentence pair (summed over a corpus for corpus chrF)."""
+    """sacrebleu's chrF sufficient statistics of one sentence pair (summed over a corpus for corpus
+    chrF)."""
     return [float(x) for x in _chrf()._extract_corpus_statistics([hypothesis], [[reference]])[0]]
 
 
 def chrf_from_statistics(stats: list[float]) -> float:
-    """Corpus chrF (0-100) from summed statistics, exactly as ``CHRF().corpus_score`` computes it."""
+    """Corpus chrF (0-100) from summed statistics, exactly as ``CHRF().corpus_score`` computes
+    it."""
     return float(_chrf()._compute_score_from_stats(list(stats)).score)
 
 
@@ -139,7 +166,8 @@ _CHRF = None
 
 
 def _chrf():
-    """One shared sacrebleu CHRF metric (default settings: chrF, character n-grams up to 6, beta 2)."""
+    """One shared sacrebleu CHRF metric (default settings: chrF, character n-grams up to 6, beta
+    2)."""
     global _CHRF
     if _CHRF is None:
         from sacrebleu.metrics import CHRF

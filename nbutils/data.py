@@ -23,7 +23,8 @@ FORMATS = ("alpaca", "dolly", "csv", "tsv")
 FIELDS = ("instruction", "input", "output")
 DOLLY_FIELDS = {"instruction": "instruction", "input": "context", "output": "response"}
 SPLITS = ("train", "val", "test")
-GROUP_KEY = "module"  # rows that carry it (the built-in task) are split, and bootstrapped, by module
+# rows that carry it (the built-in task) are split, and bootstrapped, by module
+GROUP_KEY = "module"
 MIN_PROMPT_CONTENT_TOKENS = 16  # below this a truncated prompt carries too little to learn from
 
 
@@ -38,44 +39,60 @@ def detect_format(path: Path, forced: str = "", records: list | None = None) -> 
     """``alpaca``, ``dolly``, ``csv`` or ``tsv`` from DATA_FORMAT, the extension and the fields."""
     if forced:
         if forced not in FORMATS:
-            raise DataError(f"DATA_FORMAT={forced!r} is not a known format; use one of {', '.join(FORMATS)}.")
+            raise DataError(
+                f"DATA_FORMAT={forced!r} is not a known format; use one of {', '.join(FORMATS)}."
+            )
         return forced
     ext = path.suffix.lower()
     if ext in (".csv", ".tsv"):
         return ext[1:]
     if ext not in (".json", ".jsonl"):
-        raise DataError(f"{path}: cannot tell the format from extension {ext!r}; "
-                        f"set DATA_FORMAT to one of {', '.join(FORMATS)}.")  # fmt: skip
+        raise DataError(
+            f"{path}: cannot tell the format from extension {ext!r}; "
+            f"set DATA_FORMAT to one of {', '.join(FORMATS)}."
+        )
     records = read_json_records(path) if records is None else records
     keys = set().union(*(r.keys() for r in records[:200] if isinstance(r, dict)))
     return "dolly" if {"response", "context"} & keys and "output" not in keys else "alpaca"
 
 
 def read_text(path: Path) -> str:
-    """A data file's text, with one-line errors for an unreadable file, a binary file or non-UTF-8 bytes."""
+    """A data file's text, with one-line errors for an unreadable file, a binary file or non-UTF-8
+    bytes."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions.") from None
+        raise DataError(
+            f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions."
+        ) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        what = "a binary file, not text" if b"\0" in raw[:8192] else (
-            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")  # fmt: skip
-        raise DataError(f"{path}: {what}; give a UTF-8 JSON/JSONL/CSV/TSV file (convert e.g. with "
-                        "`iconv -f latin1 -t utf-8`).") from None  # fmt: skip
+        what = (
+            "a binary file, not text"
+            if b"\0" in raw[:8192]
+            else (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
+        )
+        raise DataError(
+            f"{path}: {what}; give a UTF-8 JSON/JSONL/CSV/TSV file (convert e.g. with "
+            "`iconv -f latin1 -t utf-8`)."
+        ) from None
 
 
 def read_json_records(path: Path) -> list:
     """Records of a JSON list or a JSON Lines file (errors name the line)."""
     text = read_text(path)
     if not text.strip():
-        raise DataError(f"{path}: the file is empty; expected a JSON list of objects or JSON Lines.")
+        raise DataError(
+            f"{path}: the file is empty; expected a JSON list of objects or JSON Lines."
+        )
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); expected a JSON list of objects.") from None
+            raise DataError(
+                f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); expected a JSON list of objects."
+            ) from None
     else:
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -85,26 +102,39 @@ def read_json_records(path: Path) -> list:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 _refuse_other_top_level(path, text)
-                raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}); expected one JSON object per line (JSONL).") from None
+                raise DataError(
+                    f"{path} line {n}: not valid JSON ({exc.msg}); expected one JSON object per line (JSONL)."
+                ) from None
         if len(records) == 1:
             _refuse_other_top_level(path, text)
     if not isinstance(records, list) or not records:
-        raise DataError(f"{path}: no rows found; expected a non-empty JSON list of objects or JSON Lines.")
+        raise DataError(
+            f"{path}: no rows found; expected a non-empty JSON list of objects or JSON Lines."
+        )
     return records
 
 
 def _refuse_other_top_level(path: Path, text: str) -> None:
-    """A one-line error when the whole file is one JSON value that holds the rows, or none, instead of being them."""
+    """A one-line error when the whole file is one JSON value that holds the rows, or none, instead
+    of being them."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         return
-    nested = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)] if isinstance(value, dict) else []
+    nested = (
+        [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if isinstance(value, dict)
+        else []
+    )
     if nested:
-        raise DataError(f"{path}: the rows are under the key {nested[0]!r} of a JSON object; save that list itself as the "
-                        "file (a JSON list of objects, or JSON Lines).")  # fmt: skip
+        raise DataError(
+            f"{path}: the rows are under the key {nested[0]!r} of a JSON object; save that list itself as the "
+            "file (a JSON list of objects, or JSON Lines)."
+        )
     if isinstance(value, dict) and "\n" in text.strip():
-        raise DataError(f"{path}: the file is one JSON object, not a list of rows; expected a JSON list of objects or JSON Lines.")
+        raise DataError(
+            f"{path}: the file is one JSON object, not a list of rows; expected a JSON list of objects or JSON Lines."
+        )
 
 
 def read_table(path: Path, fmt: str, columns: dict | None) -> list[dict]:
@@ -116,25 +146,33 @@ def read_table(path: Path, fmt: str, columns: dict | None) -> list[dict]:
     mapping = {f: (columns or {}).get(f, f) for f in FIELDS}
     missing = [c for f, c in mapping.items() if f != "input" and c not in (reader.fieldnames or [])]
     if missing:
-        raise DataError(f"{path}: column(s) {missing} not in the header {reader.fieldnames}; "
-                        "set COLUMNS, e.g. {'instruction': 'question', 'output': 'answer'}.")  # fmt: skip
+        raise DataError(
+            f"{path}: column(s) {missing} not in the header {reader.fieldnames}; "
+            "set COLUMNS, e.g. {'instruction': 'question', 'output': 'answer'}."
+        )
     rows = [{f: rec.get(c) for f, c in mapping.items() if c in rec} for rec in reader]
     if not rows:
         raise DataError(f"{path}: the header has no data rows below it.")
     return rows
 
 
-def normalise_records(records: list, fmt: str, path: Path, categories: list[str] | None = None) -> list[dict]:
+def normalise_records(
+    records: list, fmt: str, path: Path, categories: list[str] | None = None
+) -> list[dict]:
     """Map Alpaca/Dolly records to our fields (values kept as found; validation checks them)."""
     objects = [r for r in records if isinstance(r, dict)]
     if not objects:
-        raise DataError(f"{path}: rows are not JSON objects; expected objects with instruction/output fields.")
+        raise DataError(
+            f"{path}: rows are not JSON objects; expected objects with instruction/output fields."
+        )
     names = DOLLY_FIELDS if fmt == "dolly" else {f: f for f in FIELDS}
     seen = set().union(*(r.keys() for r in objects))
     for field in ("instruction", "output"):
         if names[field] not in seen:
-            raise DataError(f"{path}: no row has the field {names[field]!r} (fields seen: {sorted(seen)}); "
-                            f"expected {fmt} format, or set DATA_FORMAT.")  # fmt: skip
+            raise DataError(
+                f"{path}: no row has the field {names[field]!r} (fields seen: {sorted(seen)}); "
+                f"expected {fmt} format, or set DATA_FORMAT."
+            )
     rows = []
     for rec in records:
         if not isinstance(rec, dict):
@@ -147,27 +185,36 @@ def normalise_records(records: list, fmt: str, path: Path, categories: list[str]
     return rows
 
 
-def load_file(path: str | Path, fmt: str = "", columns: dict | None = None,
-              categories: list[str] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows of a user file plus ``{"source", "format", "sha256"}``; raises DataError for unusable files."""
+def load_file(
+    path: str | Path,
+    fmt: str = "",
+    columns: dict | None = None,
+    categories: list[str] | None = None,
+) -> tuple[list[dict], dict]:
+    """Rows of a user file plus ``{"source", "format", "sha256"}``; raises DataError for unusable
+    files."""
     path = paths.resolve(path)
     if not path.is_file():
-        raise DataError(f"DATA_PATH={str(path)!r}: no such file. Give a path to an Alpaca/Dolly JSON(L) or CSV/TSV file.")
+        raise DataError(
+            f"DATA_PATH={str(path)!r}: no such file. Give a path to an Alpaca/Dolly JSON(L) or CSV/TSV file."
+        )
     is_json = fmt in ("alpaca", "dolly") or (not fmt and path.suffix.lower() in (".json", ".jsonl"))
     records = read_json_records(path) if is_json else None  # parsed once, for detection and loading
     fmt = detect_format(path, fmt, records)
     if fmt in ("csv", "tsv"):
         rows = read_table(path, fmt, columns)
     else:
-        rows = normalise_records(records if records is not None else read_json_records(path), fmt, path, categories)
+        rows = normalise_records(
+            records if records is not None else read_json_records(path), fmt, path, categories
+        )
     for n, row in enumerate(rows):
         row["id"] = f"{path.stem}:{n}"
     return rows, {"source": str(path), "format": fmt, "sha256": files.sha256_file(path)}
 
 
 def load_online(name: str) -> tuple[list[dict], dict]:
-    """Rows of a ``hf:owner/name`` (Hugging Face ``datasets``) or ``kaggle:owner/dataset`` data set (needs
-    network, or on Kaggle the data set attached to the notebook)."""
+    """Rows of a ``hf:owner/name`` (Hugging Face ``datasets``) or ``kaggle:owner/dataset`` data set
+    (needs network, or on Kaggle the data set attached to the notebook)."""
     scheme, _, handle = name.partition(":")
     host = {"hf": "huggingface.co", "kaggle": "www.kaggle.com"}[scheme]
     if not (paths.ON_KAGGLE and scheme == "kaggle") and not models.reachable(host):
@@ -181,31 +228,44 @@ def load_online(name: str) -> tuple[list[dict], dict]:
     import kagglehub
 
     folder = Path(kagglehub.dataset_download(handle))
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"))
+    found = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv")
+    )
     if not found:
-        raise DataError(f"DATASET={name!r}: the download at {folder} has no JSON/JSONL/CSV/TSV file.")
+        raise DataError(
+            f"DATASET={name!r}: the download at {folder} has no JSON/JSONL/CSV/TSV file."
+        )
     rows, info = load_file(found[0])
     info["source"] = f"{name} ({found[0].name})"
     return rows, info
 
 
 def load_hub(name: str, handle: str) -> tuple[list[dict], dict]:
-    """The ``train`` split of a Hugging Face hub data set in Alpaca or Dolly fields (parquet, JSON, …)."""
+    """The ``train`` split of a Hugging Face hub data set in Alpaca or Dolly fields (parquet, JSON,
+    …)."""
     try:
         import datasets
     except ImportError:
-        raise DataError(f"DATASET={name!r} needs the `datasets` package: pip install datasets.") from None
+        raise DataError(
+            f"DATASET={name!r} needs the `datasets` package: pip install datasets."
+        ) from None
     try:
         records = datasets.load_dataset(handle, split="train").to_list()
     except Exception as exc:  # the hub's errors are many; the user needs the name and the reason
-        raise DataError(f"DATASET={name!r}: the Hugging Face hub could not provide it "
-                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}).") from None  # fmt: skip
+        raise DataError(
+            f"DATASET={name!r}: the Hugging Face hub could not provide it "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})."
+        ) from None
     label = Path(f"{handle}.jsonl")  # names the source in messages; the records decide the format
     fmt = detect_format(label, "", records)
     rows = normalise_records(records, fmt, label)
     for n, row in enumerate(rows):
         row["id"] = f"{handle}:{n}"
-    return rows, {"source": name, "format": fmt, "sha256": files.sha256_bytes(files.to_jsonl(records).encode())}
+    return rows, {
+        "source": name,
+        "format": fmt,
+        "sha256": files.sha256_bytes(files.to_jsonl(records).encode()),
+    }
 
 
 # ---------------------------------------------------------------- validation
@@ -249,8 +309,9 @@ def fit_to_length(row: dict, tokenizer, template, sequence_length: int) -> tuple
     return row, True
 
 
-def validate(rows: list[dict], tokenizer, template, sequence_length: int,
-             where: str = "the data") -> tuple[list[dict], collections.Counter]:  # fmt: skip
+def validate(
+    rows: list[dict], tokenizer, template, sequence_length: int, where: str = "the data"
+) -> tuple[list[dict], collections.Counter]:
     """Keep usable rows (truncating prompts where needed); count every dropped or truncated row."""
     check_sequence_length(tokenizer, template, sequence_length)
     counts: collections.Counter = collections.Counter()
@@ -276,21 +337,35 @@ def validate(rows: list[dict], tokenizer, template, sequence_length: int,
         counts["truncated_prompt (kept)"] += truncated
         kept.append({**row, "truncated": truncated})
     if not kept and counts["too_long"] and counts["too_long"] == sum(counts.values()):
-        raise DataError(f"{where}: all {counts['too_long']} rows are longer than SEQUENCE_LENGTH={sequence_length} tokens, even "
-                        "with their prompt truncated; raise SEQUENCE_LENGTH (longer rows cost memory and time).")  # fmt: skip
+        raise DataError(
+            f"{where}: all {counts['too_long']} rows are longer than SEQUENCE_LENGTH={sequence_length} tokens, even "
+            "with their prompt truncated; raise SEQUENCE_LENGTH (longer rows cost memory and time)."
+        )
     if not kept:
-        raise DataError(f"{where}: no usable rows left after validation ({dict(counts)}); see the reasons and fix the data.")
+        raise DataError(
+            f"{where}: no usable rows left after validation ({dict(counts)}); see the reasons and fix the data."
+        )
     return kept, counts
 
 
 def check_sequence_length(tokenizer, template, sequence_length: int) -> None:
-    """Refuse a SEQUENCE_LENGTH too small for the template plus a minimal prompt and a one-token answer."""
-    frame = len(sequences.encode_example(tokenizer, {"instruction": "", "input": "", "output": ""}, template)[0]) + 1
+    """Refuse a SEQUENCE_LENGTH too small for the template plus a minimal prompt and a one-token
+    answer."""
+    frame = (
+        len(
+            sequences.encode_example(
+                tokenizer, {"instruction": "", "input": "", "output": ""}, template
+            )[0]
+        )
+        + 1
+    )
     needed = frame + MIN_PROMPT_CONTENT_TOKENS + 1
     if not isinstance(sequence_length, int) or sequence_length < needed:
-        raise DataError(f"SEQUENCE_LENGTH={sequence_length!r} is below the {needed} tokens the smallest example needs "
-                        f"({frame} for the template and stop token, {MIN_PROMPT_CONTENT_TOKENS} of prompt, 1 of answer); "
-                        "use at least that, e.g. 256.")  # fmt: skip
+        raise DataError(
+            f"SEQUENCE_LENGTH={sequence_length!r} is below the {needed} tokens the smallest example needs "
+            f"({frame} for the template and stop token, {MIN_PROMPT_CONTENT_TOKENS} of prompt, 1 of answer); "
+            "use at least that, e.g. 256."
+        )
 
 
 def counts_table(counts: dict, total: int) -> str:
@@ -313,39 +388,62 @@ def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:
     """Val and test counts from fractions (< 1; at least one row when above 0) or counts (>= 1)."""
     for name, size in (("VAL_SIZE", val_size), ("TEST_SIZE", test_size)):
         if not isinstance(size, (int, float)) or size < 0:
-            raise DataError(f"{name}={size!r}: use a fraction below 1 (e.g. 0.1) or a row count (e.g. 50).")
-    as_count = lambda s: max(1, int(round(s * n))) if 0 < s < 1 else int(s)  # noqa: E731
+            raise DataError(
+                f"{name}={size!r}: use a fraction below 1 (e.g. 0.1) or a row count (e.g. 50)."
+            )
+    as_count = lambda s: max(1, int(round(s * n))) if 0 < s < 1 else int(s)
     n_val, n_test = as_count(val_size), as_count(test_size)
     if n_val + n_test >= n:
         splits = "train, val and test" if n_test else "train and val"
-        raise DataError(f"{n} usable row(s) remain after validation, but VAL_SIZE={val_size} and TEST_SIZE={test_size} need "
-                        f"{n_val + n_test + 1} ({splits} each non-empty); add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
+        raise DataError(
+            f"{n} usable row(s) remain after validation, but VAL_SIZE={val_size} and TEST_SIZE={test_size} need "
+            f"{n_val + n_test + 1} ({splits} each non-empty); add rows or lower VAL_SIZE/TEST_SIZE."
+        )
     return n_val, n_test
 
 
-def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int,
-               group_key: str | None = None) -> dict[str, list[dict]]:  # fmt: skip
+def split_rows(
+    rows: list[dict], val_size: float, test_size: float, seed: int, group_key: str | None = None
+) -> dict[str, list[dict]]:
     """Seeded train/val/test split; with ``group_key`` whole groups stay in one split."""
     n_val, n_test = split_sizes(len(rows), val_size, test_size)
     if group_key is None or not rows or group_key not in rows[0]:
         order = np.random.default_rng(seed).permutation(len(rows))
         shuffled = [rows[i] for i in order]
-        return {"test": shuffled[:n_test], "val": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
+        return {
+            "test": shuffled[:n_test],
+            "val": shuffled[n_test : n_test + n_val],
+            "train": shuffled[n_test + n_val :],
+        }
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for row in rows:
         groups[row[group_key]].append(row)
     splits: dict[str, list[dict]] = {"test": [], "val": [], "train": []}
     for name in sorted(groups, key=lambda g: stable_hash(g, seed)):
-        target = "test" if len(splits["test"]) < n_test else "val" if len(splits["val"]) < n_val else "train"
+        target = (
+            "test"
+            if len(splits["test"]) < n_test
+            else "val"
+            if len(splits["val"]) < n_val
+            else "train"
+        )
         splits[target].extend(groups[name])
-    empty = [s for s, wanted in (("test", n_test), ("val", n_val), ("train", 1)) if wanted and not splits[s]]
+    empty = [
+        s
+        for s, wanted in (("test", n_test), ("val", n_val), ("train", 1))
+        if wanted and not splits[s]
+    ]
     if empty:
-        raise DataError(f"the {len(rows)} rows come in {len(groups)} {group_key}s, kept whole per split, which leaves the "
-                        f"{'/'.join(empty)} split empty; add rows or lower VAL_SIZE/TEST_SIZE.")  # fmt: skip
+        raise DataError(
+            f"the {len(rows)} rows come in {len(groups)} {group_key}s, kept whole per split, which leaves the "
+            f"{'/'.join(empty)} split empty; add rows or lower VAL_SIZE/TEST_SIZE."
+        )
     return splits
 
 
-def cap_splits(splits: dict[str, list[dict]], caps: dict[str, int], seed: int) -> dict[str, list[dict]]:
+def cap_splits(
+    splits: dict[str, list[dict]], caps: dict[str, int], seed: int
+) -> dict[str, list[dict]]:
     """Seeded subsample of each split to at most ``caps[name]`` rows (0 = no cap)."""
     out = {}
     for name, rows in splits.items():
@@ -357,15 +455,23 @@ def cap_splits(splits: dict[str, list[dict]], caps: dict[str, int], seed: int) -
     return out
 
 
-def split(rows: list[dict], val_size: float, test_size: float, seed: int,
-          test_rows: list[dict] | None = None) -> tuple[dict[str, list[dict]], int]:  # fmt: skip
-    """Train/val/test by seed (whole modules per split when rows carry ``module``), or train/val plus
-    a separate test file whose prompts are removed from train/val; returns the splits and that count."""
+def split(
+    rows: list[dict],
+    val_size: float,
+    test_size: float,
+    seed: int,
+    test_rows: list[dict] | None = None,
+) -> tuple[dict[str, list[dict]], int]:
+    """Train/val/test by seed (whole modules per split when rows carry ``module``), or train/val
+    plus a separate test file whose prompts are removed from train/val; returns the splits and that
+    count."""
     if test_rows is None:
         return split_rows(rows, val_size, test_size, seed, GROUP_KEY), 0
     test_keys = {(r["instruction"], r["input"]) for r in test_rows}
     rest = [r for r in rows if (r["instruction"], r["input"]) not in test_keys]
-    return {**split_rows(rest, val_size, 0, seed, GROUP_KEY), "test": test_rows}, len(rows) - len(rest)
+    return {**split_rows(rest, val_size, 0, seed, GROUP_KEY), "test": test_rows}, len(rows) - len(
+        rest
+    )
 
 
 # ---------------------------------------------------------------- sources
@@ -377,23 +483,45 @@ def dataset_name(dataset: str, data_path: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def load_source(dataset: str, data_path: str = "", data_format: str = "", columns: dict | None = None,
-                categories: list[str] | None = None, tokenizer=None, max_source_tokens: int = 192) -> tuple[list[dict], dict]:  # fmt: skip
+def load_source(
+    dataset: str,
+    data_path: str = "",
+    data_format: str = "",
+    columns: dict | None = None,
+    categories: list[str] | None = None,
+    tokenizer=None,
+    max_source_tokens: int = 192,
+) -> tuple[list[dict], dict]:
     """Rows and source info for DATA_PATH (if set) or DATASET."""
     if data_path:
         return load_file(data_path, data_format, columns, categories)
     if dataset == BUILTIN:
         rows, info = pycode_task.mine_stdlib(tokenizer, max_source_tokens)
-        return rows, {"source": BUILTIN, "format": "pycode", "sha256": files.sha256_bytes(files.to_jsonl(rows).encode()), **info}
+        return rows, {
+            "source": BUILTIN,
+            "format": "pycode",
+            "sha256": files.sha256_bytes(files.to_jsonl(rows).encode()),
+            **info,
+        }
     if dataset.split(":")[0] in ("hf", "kaggle"):
         return load_online(dataset)
-    raise DataError(f"DATASET={dataset!r} is unknown: use {BUILTIN!r}, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>', "
-                    "or set DATA_PATH to a local file.")  # fmt: skip
+    raise DataError(
+        f"DATASET={dataset!r} is unknown: use {BUILTIN!r}, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>', "
+        "or set DATA_PATH to a local file."
+    )
 
 
-def load_test_file(path: str, tokenizer, template, sequence_length: int, data_format: str = "",
-                   columns: dict | None = None, categories: list[str] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows of a separate TEST_PATH file, validated like the main data; returns rows and source info."""
+def load_test_file(
+    path: str,
+    tokenizer,
+    template,
+    sequence_length: int,
+    data_format: str = "",
+    columns: dict | None = None,
+    categories: list[str] | None = None,
+) -> tuple[list[dict], dict]:
+    """Rows of a separate TEST_PATH file, validated like the main data; returns rows and source
+    info."""
     rows, info = load_file(path, data_format, columns, categories)
     kept, counts = validate(rows, tokenizer, template, sequence_length, f"TEST_PATH={path!r}")
     return kept, {**info, "counts": dict(counts)}
@@ -403,7 +531,8 @@ def load_test_file(path: str, tokenizer, template, sequence_length: int, data_fo
 
 
 def bootstrap_groups(rows: list[dict]) -> list[str] | None:
-    """Each row's module when every row has one (the cluster bootstrap resamples them), else None."""
+    """Each row's module when every row has one (the cluster bootstrap resamples them), else
+    None."""
     return [r[GROUP_KEY] for r in rows] if all(GROUP_KEY in r for r in rows) else None
 
 
@@ -412,8 +541,12 @@ def percentiles(values: list[int]) -> dict:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"p50": int(np.percentile(arr, 50)), "p90": int(np.percentile(arr, 90)),
-            "p99": int(np.percentile(arr, 99)), "max": int(arr.max())}  # fmt: skip
+    return {
+        "p50": int(np.percentile(arr, 50)),
+        "p90": int(np.percentile(arr, 90)),
+        "p99": int(np.percentile(arr, 99)),
+        "max": int(arr.max()),
+    }
 
 
 def processed_dir(dataset: str) -> Path:
@@ -421,22 +554,31 @@ def processed_dir(dataset: str) -> Path:
     return paths.PROCESSED_DIR / dataset
 
 
-def write_processed(name: str, splits: dict[str, list[dict]], lengths: tuple[list[int], list[int]],
-                    **facts) -> dict:  # fmt: skip
-    """Write ``{train,val,test}.jsonl`` and ``manifest.json`` (with ``facts``, split hashes and length
-    percentiles) into ``data/processed/<name>/``, atomically; returns the manifest."""
+def write_processed(
+    name: str, splits: dict[str, list[dict]], lengths: tuple[list[int], list[int]], **facts
+) -> dict:
+    """Write ``{train,val,test}.jsonl`` and ``manifest.json`` (with ``facts``, split hashes and
+    length percentiles) into ``data/processed/<name>/``, atomically; returns the manifest."""
     out = processed_dir(name)
     all_rows = [r for s in SPLITS for r in splits[s]]
     p_len, t_len = lengths
     manifest = {
-        "dataset": name, **facts, "counts": {s: len(splits[s]) for s in SPLITS},
-        "token_lengths": {"prompt": percentiles(p_len), "target": percentiles(t_len),
-                          "total": percentiles([a + b for a, b in zip(p_len, t_len)])},
+        "dataset": name,
+        **facts,
+        "counts": {s: len(splits[s]) for s in SPLITS},
+        "token_lengths": {
+            "prompt": percentiles(p_len),
+            "target": percentiles(t_len),
+            "total": percentiles([a + b for a, b in zip(p_len, t_len)]),
+        },
         "truncated_share": round(float(np.mean([r.get("truncated", False) for r in all_rows])), 4),
-        "split_sha256": {}, "versions": provenance.versions(),
-    }  # fmt: skip
+        "split_sha256": {},
+        "versions": provenance.versions(),
+    }
     if all(GROUP_KEY in r for r in all_rows):
-        manifest["modules_per_split"] = {s: sorted({r[GROUP_KEY] for r in splits[s]}) for s in SPLITS}
+        manifest["modules_per_split"] = {
+            s: sorted({r[GROUP_KEY] for r in splits[s]}) for s in SPLITS
+        }
     for s in SPLITS:
         text = files.to_jsonl(splits[s])
         manifest["split_sha256"][s] = files.sha256_bytes(text.encode())
@@ -445,18 +587,25 @@ def write_processed(name: str, splits: dict[str, list[dict]], lengths: tuple[lis
     return manifest
 
 
-def load_processed(dataset: str, notebook: str = "01_prepare_data") -> tuple[dict[str, list[dict]], dict]:
+def load_processed(
+    dataset: str, notebook: str = "01_prepare_data"
+) -> tuple[dict[str, list[dict]], dict]:
     """Splits and manifest written by notebook 01; a clear error if it has not run."""
     folder = processed_dir(dataset)
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path} not found: run notebooks/{notebook}.ipynb first "
-                                f"(with DATASET/DATA_PATH giving {dataset!r}).")  # fmt: skip
+        raise FileNotFoundError(
+            f"{manifest_path} not found: run notebooks/{notebook}.ipynb first "
+            f"(with DATASET/DATA_PATH giving {dataset!r})."
+        )
     manifest = files.read_json(manifest_path)
-    for s in SPLITS:  # the splits are written before their manifest: a write cut short shows up here
+    # the splits are written before their manifest: a write cut short shows up here
+    for s in SPLITS:
         if files.sha256_file(folder / f"{s}.jsonl") != manifest["split_sha256"][s]:
-            raise DataError(f"{folder / f'{s}.jsonl'} does not match {manifest_path.name} (a write was interrupted or the "
-                            f"file edited); re-run notebooks/{notebook}.ipynb.")  # fmt: skip
+            raise DataError(
+                f"{folder / f'{s}.jsonl'} does not match {manifest_path.name} (a write was interrupted or the "
+                f"file edited); re-run notebooks/{notebook}.ipynb."
+            )
     return {s: files.read_jsonl(folder / f"{s}.jsonl") for s in SPLITS}, manifest
 
 
@@ -465,5 +614,7 @@ def check_split_hashes(recorded: dict, manifest: dict, who: str) -> None:
     current = manifest["split_sha256"]
     changed = sorted(s for s in recorded if recorded[s] != current.get(s))
     if changed:
-        raise DataError(f"the {'/'.join(changed)} split(s) changed since {who} ran (notebook 01 was re-run with other "
-                        f"settings); re-run {who} on the current data, or re-run 01 with the earlier settings.")  # fmt: skip
+        raise DataError(
+            f"the {'/'.join(changed)} split(s) changed since {who} ran (notebook 01 was re-run with other "
+            f"settings); re-run {who} on the current data, or re-run 01 with the earlier settings."
+        )

@@ -1,18 +1,19 @@
-"""Batched decoding with every prompt ending at one position, so all batches share two compiled functions.
+"""Batched decoding with every prompt ending at one position, so all batches share two compiled
+functions.
 
-keras-hub's generate function pads prompts on the right, seeds its cache over the whole padded length
-(prompt and answer positions), starts each batch at its shortest prompt (longer prompts are then fed
-one token a step) and compiles once per length. Here the prompts of a call are left-padded to end at
-one position ``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks holding
-prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for every row.
-Padding is masked as keys; a row's positions shift with its padding, which rotary position embeddings
-do not see (attention scores depend on relative positions only), so the tokens are keras-hub's up to
-floating-point rounding.
+keras-hub's generate function pads prompts on the right, seeds its cache over the whole padded
+length (prompt and answer positions), starts each batch at its shortest prompt (longer prompts are
+then fed one token a step) and compiles once per length. Here the prompts of a call are left-padded
+to end at one position ``end``: the cache is seeded in chunks of :data:`CHUNK` tokens, only chunks
+holding prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_tokens`` steps for
+every row. Padding is masked as keys; a row's positions shift with its padding, which rotary
+position embeddings do not see (attention scores depend on relative positions only), so the tokens
+are keras-hub's up to floating-point rounding.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,12 +23,16 @@ CHUNK = 32  # prompt tokens seeded into the cache per call of the compiled prefi
 
 
 def prompt_end(prompt_ids: list[list[int]]) -> int:
-    """The position every prompt of a call ends at: the longest prompt, rounded up to :data:`CHUNK`."""
+    """The position every prompt of a call ends at: the longest prompt, rounded up to
+    :data:`CHUNK`."""
     return batches.round_up(max(len(p) for p in prompt_ids), CHUNK)
 
 
-def left_padded(prompt_ids: list[list[int]], rows: int, end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids ``(rows, length)`` with each prompt's last token at ``end - 1`` and the key mask (prompts and ``end`` on)."""
+def left_padded(
+    prompt_ids: list[list[int]], rows: int, end: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``(rows, length)`` with each prompt's last token at ``end - 1`` and the key mask
+    (prompts and ``end`` on)."""
     token_ids = np.zeros((rows, length), np.int32)
     mask = np.zeros((rows, length), bool)
     mask[:, end:] = True  # generated tokens
@@ -36,24 +41,33 @@ def left_padded(prompt_ids: list[list[int]], rows: int, end: int, length: int) -
     return token_ids, mask
 
 
-def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]) -> Callable[[list[list[int]]], np.ndarray]:
-    """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks after each of up to ``batch_size`` prompts.
+def make_decoder(
+    lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]
+) -> Callable[[list[list[int]]], np.ndarray]:
+    """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks
+    after each of up to ``batch_size`` prompts.
 
-    Decoding ends early once every row has produced one of ``stop_token_ids``; steps not run leave 0 (a row
-    that stopped earlier keeps decoding until then: callers cut each row at its first stop token).
+    Decoding ends early once every row has produced one of ``stop_token_ids``; steps not run leave 0
+    (a row that stopped earlier keeps decoding until then: callers cut each row at its first stop
+    token).
     """
     import jax
     import keras
     from keras import ops
 
     if end <= 0 or end % CHUNK:
-        raise ValueError(f"end={end}: prompts must end at a positive multiple of {CHUNK} (see prompt_end).")
+        raise ValueError(
+            f"end={end}: prompts must end at a positive multiple of {CHUNK} (see prompt_end)."
+        )
     backbone, length, layout = lm.backbone, end + max_new_tokens, compat.cache_layout(lm)
 
     def scope(state):
         sampler_values, trainable, non_trainable = state
-        mapping = [*zip(sampler.variables, sampler_values), *zip(lm.trainable_variables, trainable),
-                   *zip(lm.non_trainable_variables, non_trainable)]  # fmt: skip
+        mapping = [
+            *zip(sampler.variables, sampler_values),
+            *zip(lm.trainable_variables, trainable),
+            *zip(lm.non_trainable_variables, non_trainable),
+        ]
         return keras.StatelessScope(state_mapping=mapping)
 
     def prefill(state, caches, token_ids, key_mask, start):
@@ -62,12 +76,25 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
 
     def decode(state, caches, token_ids, key_mask):
         def next(prompt, cache, index):
-            hidden, cache = compat.cached_forward(backbone, ops.slice(prompt, [0, index - 1], [batch_size, 1]), cache, index - 1, key_mask)
+            hidden, cache = compat.cached_forward(
+                backbone,
+                ops.slice(prompt, [0, index - 1], [batch_size, 1]),
+                cache,
+                index - 1,
+                key_mask,
+            )
             return backbone.token_embedding(hidden[:, 0], reverse=True), hidden[:, 0], cache
 
         with scope(state) as s:
-            out = sampler(next=next, prompt=token_ids, cache=caches, index=end, mask=ops.broadcast_to(ops.arange(length) < end, (batch_size, length)),
-                          stop_token_ids=tuple(stop_token_ids), model=lm)  # fmt: skip
+            out = sampler(
+                next=next,
+                prompt=token_ids,
+                cache=caches,
+                index=end,
+                mask=ops.broadcast_to(ops.arange(length) < end, (batch_size, length)),
+                stop_token_ids=tuple(stop_token_ids),
+                model=lm,
+            )
             values = [s.get_current_value(v) for v in sampler.variables]
         return out[:, end:], [v if v is not None else w for v, w in zip(values, state[0])]
 
@@ -76,17 +103,30 @@ def make_decoder(lm, sampler, batch_size: int, end: int, max_new_tokens: int, st
     def run(prompt_ids: list[list[int]]) -> np.ndarray:
         """The new tokens of each prompt (at most ``batch_size`` prompts)."""
         if not 0 < len(prompt_ids) <= batch_size:
-            raise ValueError(f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}.")
+            raise ValueError(
+                f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}."
+            )
         longest = max(len(p) for p in prompt_ids)
         if longest > end:
-            raise ValueError(f"a prompt of {longest} tokens does not end by position {end}; make the decoder with prompt_end(all prompts).")
-        # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the batch decoding
-        token_ids, key_mask = left_padded(prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length)
-        state = ([v.value for v in sampler.variables], [v.value for v in lm.trainable_variables],
-                 [v.value for v in lm.non_trainable_variables])  # fmt: skip
+            raise ValueError(
+                f"a prompt of {longest} tokens does not end by position {end}; make the decoder with prompt_end(all prompts)."
+            )
+        # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the
+        # batch decoding
+        token_ids, key_mask = left_padded(
+            prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length
+        )
+        state = (
+            [v.value for v in sampler.variables],
+            [v.value for v in lm.trainable_variables],
+            [v.value for v in lm.non_trainable_variables],
+        )
         caches = compat.empty_caches(lm, batch_size, length, layout)
-        for start in range((end - longest) // CHUNK * CHUNK, end, CHUNK):  # earlier chunks hold padding only
-            caches = prefill_fn(state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start))
+        # earlier chunks hold padding only
+        for start in range((end - longest) // CHUNK * CHUNK, end, CHUNK):
+            caches = prefill_fn(
+                state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start)
+            )
         new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
         for variable, value in zip(sampler.variables, sampler_values):
             variable.assign(value)  # seeded samplers move on, as with keras-hub's generate

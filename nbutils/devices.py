@@ -7,13 +7,16 @@ import os
 import re
 
 BATCH_AXIS, MODEL_AXIS = "batch", "model"
-# Gemma 3 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub #2828).
+# Gemma 3 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub
+# #2828).
 # The hidden dimension is split, never the heads: the 270M model has a single key/value head.
 # Everything else (norms, LoRA A/B) is replicated.
 GEMMA3_LAYOUT = {
     r"token_embedding/embeddings": (MODEL_AXIS, None),  # (vocabulary, hidden)
-    r"decoder_block_\d+/attention/(query|key|value)/kernel": (None, MODEL_AXIS, None),  # (heads, hidden, head_dim)
-    r"decoder_block_\d+/attention/attention_output/kernel": (None, None, MODEL_AXIS),  # (heads, head_dim, hidden)
+    # (heads, hidden, head_dim)
+    r"decoder_block_\d+/attention/(query|key|value)/kernel": (None, MODEL_AXIS, None),
+    # (heads, head_dim, hidden)
+    r"decoder_block_\d+/attention/attention_output/kernel": (None, None, MODEL_AXIS),
     r"decoder_block_\d+/ffw_gating(_2)?/kernel": (None, MODEL_AXIS),  # (hidden, intermediate)
     r"decoder_block_\d+/ffw_linear/kernel": (MODEL_AXIS, None),  # (intermediate, hidden)
 }
@@ -29,8 +32,10 @@ def backend() -> str:
 def require_accelerator(required: bool) -> None:
     """Stop with one line when an accelerator is required and JAX sees only the CPU."""
     if required and backend() == "cpu":
-        raise SystemExit("REQUIRE_ACCELERATOR=True but JAX sees only the CPU: on Kaggle choose a GPU or TPU "
-                         "(Settings → Accelerator), or set REQUIRE_ACCELERATOR=False to train on the CPU (slow).")  # fmt: skip
+        raise SystemExit(
+            "REQUIRE_ACCELERATOR=True but JAX sees only the CPU: on Kaggle choose a GPU or TPU "
+            "(Settings → Accelerator), or set REQUIRE_ACCELERATOR=False to train on the CPU (slow)."
+        )
 
 
 def device_memory_gb() -> float:
@@ -44,19 +49,33 @@ def device_memory_gb() -> float:
 
 
 def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> dict[str, float]:
-    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter + AdamW
-    slots + gradients, activations kept for the backward pass, the scored positions' logits and gradient."""
+    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter +
+    AdamW slots + gradients, activations kept for the backward pass, the scored positions' logits
+    and gradient."""
     import numpy as np
 
     backbone = lm.backbone
-    weights = sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.non_trainable_weights)
-    adapter = sum(np.prod(v.shape) for v in backbone.trainable_weights) * 4 * 4  # fp32 value, 2 Adam slots, gradient
+    weights = sum(
+        np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.non_trainable_weights
+    )
+    # fp32 value, 2 Adam slots, gradient
+    adapter = sum(np.prod(v.shape) for v in backbone.trainable_weights) * 4 * 4
     act_bytes = 2 if "16" in backbone.dtype_policy.compute_dtype else 4
     tokens = batch_size * sequence_length
-    per_layer = 12 * backbone.hidden_dim + 3 * backbone.intermediate_dim + backbone.num_query_heads * sequence_length
+    per_layer = (
+        12 * backbone.hidden_dim
+        + 3 * backbone.intermediate_dim
+        + backbone.num_query_heads * sequence_length
+    )
     activations = tokens * per_layer * backbone.num_layers * act_bytes
-    logits = batch_size * scored * backbone.vocabulary_size * 4 * 3  # fp32 logits, softmax and its gradient
-    gb = {"weights": weights, "adapter_optimizer": adapter, "activations": activations, "logits": logits}
+    # fp32 logits, softmax and its gradient
+    logits = batch_size * scored * backbone.vocabulary_size * 4 * 3
+    gb = {
+        "weights": weights,
+        "adapter_optimizer": adapter,
+        "activations": activations,
+        "logits": logits,
+    }
     gb = {k: float(v) / 1e9 for k, v in gb.items()}
     gb["total"] = sum(gb.values())
     gb["device"] = device_memory_gb()
@@ -66,7 +85,11 @@ def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> d
 def memory_table(estimate: dict[str, float]) -> str:
     """One line of the estimate, for the notebook."""
     parts = ", ".join(f"{k} {v:.2f}" for k, v in estimate.items() if k not in ("total", "device"))
-    verdict = "fits" if estimate["total"] < 0.9 * estimate["device"] else "may NOT fit: lower BATCH_SIZE (raise GRAD_ACCUM)"
+    verdict = (
+        "fits"
+        if estimate["total"] < 0.9 * estimate["device"]
+        else "may NOT fit: lower BATCH_SIZE (raise GRAD_ACCUM)"
+    )
     return f"memory estimate (GB): {parts} = {estimate['total']:.2f} of {estimate['device']:.1f} on {backend()} ({verdict})"
 
 
@@ -78,15 +101,20 @@ def parse_distribution(spec: str, n_devices: int) -> tuple[int, int] | None:
         return (n_devices, 1)
     match = re.fullmatch(r"model:(\d+)x(\d+)", spec)
     if not match:
-        raise ValueError(f"DISTRIBUTION={spec!r}: use 'auto', 'none', 'data' or 'model:<data>x<model>' (e.g. 'model:2x2').")
+        raise ValueError(
+            f"DISTRIBUTION={spec!r}: use 'auto', 'none', 'data' or 'model:<data>x<model>' (e.g. 'model:2x2')."
+        )
     data, model = int(match[1]), int(match[2])
     if data * model != n_devices:
-        raise ValueError(f"DISTRIBUTION={spec!r} needs {data * model} devices; JAX sees {n_devices}.")
+        raise ValueError(
+            f"DISTRIBUTION={spec!r} needs {data * model} devices; JAX sees {n_devices}."
+        )
     return (data, model)
 
 
 def gemma3_layout_map(mesh):
-    """A ``keras.distribution.LayoutMap`` sharding Gemma 3's large kernels over the mesh's model axis."""
+    """A ``keras.distribution.LayoutMap`` sharding Gemma 3's large kernels over the mesh's model
+    axis."""
     import keras
 
     layout_map = keras.distribution.LayoutMap(mesh)
@@ -96,7 +124,8 @@ def gemma3_layout_map(mesh):
 
 
 def use_distribution(spec: str = "auto"):
-    """Set Keras' global distribution for ``DISTRIBUTION`` (before the model is built); returns it or None."""
+    """Set Keras' global distribution for ``DISTRIBUTION`` (before the model is built); returns it
+    or None."""
     import jax
     import keras
 
@@ -109,10 +138,14 @@ def use_distribution(spec: str = "auto"):
         dist = keras.distribution.DataParallel(devices=devices)
     else:
         mesh = keras.distribution.DeviceMesh(shape, [BATCH_AXIS, MODEL_AXIS], devices)
-        dist = keras.distribution.ModelParallel(layout_map=gemma3_layout_map(mesh), batch_dim_name=BATCH_AXIS)
+        dist = keras.distribution.ModelParallel(
+            layout_map=gemma3_layout_map(mesh), batch_dim_name=BATCH_AXIS
+        )
     keras.distribution.set_distribution(dist)
-    print(f"DISTRIBUTION={spec!r}: {type(dist).__name__} over {len(devices)} {devices[0].platform} devices, "
-          f"mesh {shape[0]} (data) x {shape[1]} (model)")  # fmt: skip
+    print(
+        f"DISTRIBUTION={spec!r}: {type(dist).__name__} over {len(devices)} {devices[0].platform} devices, "
+        f"mesh {shape[0]} (data) x {shape[1]} (model)"
+    )
     return dist
 
 
@@ -130,11 +163,14 @@ def data_shards(rows: int) -> int:
 
 
 def place_batch(inputs: dict) -> dict:
-    """Split a batch's rows over the data axis of Keras' current distribution (unchanged without one,
-    or when the rows do not divide evenly, e.g. a last partial evaluation batch)."""
+    """Split a batch's rows over the data axis of Keras' current distribution (unchanged without
+    one, or when the rows do not divide evenly, e.g. a last partial evaluation batch)."""
     import keras
 
     dist = keras.distribution.distribution()
     if dist is None or any(x.shape[0] % data_devices(dist) for x in inputs.values()):
         return inputs
-    return {k: keras.distribution.distribute_tensor(x, dist.get_data_layout(x.shape)) for k, x in inputs.items()}
+    return {
+        k: keras.distribution.distribute_tensor(x, dist.get_data_layout(x.shape))
+        for k, x in inputs.items()
+    }

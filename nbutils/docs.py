@@ -1,4 +1,5 @@
-"""Render a run's executed notebooks as Markdown pages (``make docs``): ``docs/NN_name.md`` + images.
+"""Render a run's executed notebooks as Markdown pages (``make docs``): ``docs/NN_name.md`` +
+images.
 
     python -m nbutils.docs [RUN_ID]     # default: the latest finished cpu run under runs/
 
@@ -20,7 +21,7 @@ from nbutils import files, paths, pipeline
 
 DOCS_DIR = paths.REPO_ROOT / "docs"
 INJECTED_MARK = "*Parameters of this run (injected by papermill):*"
-FENCE = re.compile(r"^```python\n(.*?)\n```$", re.S | re.M)
+FENCE = re.compile(r"^```python\n(.*?)\n```$", re.DOTALL | re.MULTILINE)
 
 
 def latest_run(profile: str = "cpu") -> str:
@@ -29,17 +30,26 @@ def latest_run(profile: str = "cpu") -> str:
         timings = folder / "timings.json"
         if timings.exists() and all(n in files.read_json(timings) for n in pipeline.SERIES):
             return folder.name
-    raise SystemExit(f"no finished '{profile}' run under {paths.RUNS_DIR}: run `make run` first, or pass a RUN_ID.")
+    raise SystemExit(
+        f"no finished '{profile}' run under {paths.RUNS_DIR}: run `make run` first, or pass a RUN_ID."
+    )
 
 
 def header(run_id: str, config: dict) -> str:
     """Where the page's outputs come from."""
     v = config.get("versions", {})
     packages = ", ".join(f"{k} {ver}" for k, ver in sorted(v.get("packages", {}).items()) if ver)
-    m = config.get("machine") or {"cpus": "?", "cpu_model": "an unrecorded machine", "memory_gb": "?", "accelerator": "unrecorded"}
-    return (f"> Rendered from run `{run_id}` (profile `{config['profile']}`, started {config.get('started', '?')}): "
-            f"{m['cpus']} × {m['cpu_model']}, {m['memory_gb']} GB, accelerator {m['accelerator']}; Python {v.get('python')} "
-            f"on {v.get('platform')}; {packages}. Regenerate with `make run`, then `make docs`.\n\n")  # fmt: skip
+    m = config.get("machine") or {
+        "cpus": "?",
+        "cpu_model": "an unrecorded machine",
+        "memory_gb": "?",
+        "accelerator": "unrecorded",
+    }
+    return (
+        f"> Rendered from run `{run_id}` (profile `{config['profile']}`, started {config.get('started', '?')}): "
+        f"{m['cpus']} × {m['cpu_model']}, {m['memory_gb']} GB, accelerator {m['accelerator']}; Python {v.get('python')} "
+        f"on {v.get('platform')}; {packages}. Regenerate with `make run`, then `make docs`.\n\n"
+    )
 
 
 def render_notebook(executed: Path, target: Path, head: str) -> Path:
@@ -54,7 +64,9 @@ def render_notebook(executed: Path, target: Path, head: str) -> Path:
             cells.append(nbformat.v4.new_markdown_cell(INJECTED_MARK))
         cells.append(cell)
     nb.cells = cells
-    body, resources = MarkdownExporter().from_notebook_node(nb, resources={"output_files_dir": f"{target.stem}_files"})
+    body, resources = MarkdownExporter().from_notebook_node(
+        nb, resources={"output_files_dir": f"{target.stem}_files"}
+    )
     images = target.parent / f"{target.stem}_files"
     shutil.rmtree(images, ignore_errors=True)
     for name, blob in resources.get("outputs", {}).items():
@@ -69,8 +81,13 @@ def render(run_id: str, out_dir: Path = DOCS_DIR) -> list[Path]:
     series = pipeline.PROFILE_SERIES.get(config["profile"], pipeline.SERIES)
     missing = [n for n in series if not (run / f"{n}.ipynb").exists()]
     if missing:
-        raise SystemExit(f"runs/{run_id} lacks the executed {', '.join(missing)}; render a finished run.")
-    return [render_notebook(run / f"{n}.ipynb", out_dir / f"{n}.md", header(run_id, config)) for n in series]
+        raise SystemExit(
+            f"runs/{run_id} lacks the executed {', '.join(missing)}; render a finished run."
+        )
+    return [
+        render_notebook(run / f"{n}.ipynb", out_dir / f"{n}.md", header(run_id, config))
+        for n in series
+    ]
 
 
 def code_cells(markdown: str) -> list[str]:
@@ -78,14 +95,20 @@ def code_cells(markdown: str) -> list[str]:
     blocks, injected = [], markdown.split(INJECTED_MARK)
     for i, part in enumerate(injected):
         found = FENCE.findall(part)
-        blocks += found[1:] if i > 0 else found  # the first block after the mark holds the injected parameters
+        # the first block after the mark holds the injected parameters
+        blocks += found[1:] if i > 0 else found
     return [b.strip() for b in blocks]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Render a run's executed notebooks into docs/.")
-    parser.add_argument("run_id", nargs="?", default="", help="a folder under runs/ (default: the latest finished cpu run)")
+    parser.add_argument(
+        "run_id",
+        nargs="?",
+        default="",
+        help="a folder under runs/ (default: the latest finished cpu run)",
+    )
     args = parser.parse_args(argv)
     for page in render(args.run_id or latest_run()):
         print(page.relative_to(paths.REPO_ROOT))

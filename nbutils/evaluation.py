@@ -17,8 +17,14 @@ from nbutils import batches, compat, decoding, objective, prompts, sequences
 from nbutils import progress as progress_bar
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
-HIGHER_IS_BETTER = {"rougeL_f1": True, "chrf": True, "exact_match": True, "response_loss": False,
-                    "stop_rate": True, "mean_tokens": None}  # fmt: skip
+HIGHER_IS_BETTER = {
+    "rougeL_f1": True,
+    "chrf": True,
+    "exact_match": True,
+    "response_loss": False,
+    "stop_rate": True,
+    "mean_tokens": None,
+}
 
 
 def make_sampler(spec: str = "greedy", seed: int = 0):
@@ -27,7 +33,10 @@ def make_sampler(spec: str = "greedy", seed: int = 0):
 
     kind, _, value = spec.partition(":")
     try:
-        k, p = int(value or 50) if kind == "top_k" else 1, float(value or 0.9) if kind == "top_p" else 0.5
+        k, p = (
+            int(value or 50) if kind == "top_k" else 1,
+            float(value or 0.9) if kind == "top_p" else 0.5,
+        )
     except ValueError:
         k = p = None
     if kind == "greedy" and not value:
@@ -37,16 +46,20 @@ def make_sampler(spec: str = "greedy", seed: int = 0):
     elif kind == "top_p" and p is not None and 0 < p <= 1:
         cls, kwargs = keras_hub.samplers.TopPSampler, {"p": p, "seed": seed}
     else:
-        raise ValueError(f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1).")
+        raise ValueError(
+            f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1)."
+        )
     return cls(**kwargs)
 
 
 def first_argmax(x, block: int = 512):
-    """``ops.argmax(x, axis=-1)`` of a 2-D ``x`` (the same index, ties and NaN included), as two short reductions.
+    """``ops.argmax(x, axis=-1)`` of a 2-D ``x`` (the same index, ties and NaN included), as two
+    short reductions.
 
-    XLA's CPU backend runs one argmax over a 262k-word vocabulary as a slow serial reduction (~9 ms for
-    1 or 16 rows on 2 cores, ~12% of a 16-row decode step of Gemma 3 270M); the maximum of each block of
-    ``block`` entries, then the argmax inside the first block holding the overall maximum, take ~0.3 ms.
+    XLA's CPU backend runs one argmax over a 262k-word vocabulary as a slow serial reduction (~9 ms
+    for 1 or 16 rows on 2 cores, ~12% of a 16-row decode step of Gemma 3 270M); the maximum of each
+    block of ``block`` entries, then the argmax inside the first block holding the overall maximum,
+    take ~0.3 ms.
     """
     from keras import ops
 
@@ -60,7 +73,8 @@ def first_argmax(x, block: int = 512):
 
 
 def greedy_sampler_class() -> type:
-    """keras-hub's ``GreedySampler`` picking its token with :func:`first_argmax` (the same tokens, faster on a CPU)."""
+    """keras-hub's ``GreedySampler`` picking its token with :func:`first_argmax` (the same tokens,
+    faster on a CPU)."""
     import keras_hub
 
     class BlockArgmaxGreedySampler(keras_hub.samplers.GreedySampler):
@@ -79,11 +93,21 @@ def answer_tokens(new: np.ndarray, stop: int) -> tuple[list[int], bool]:
     return new, False
 
 
-def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_size: int = 16,
-             sampler: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
-    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped, n_tokens.
+def generate(
+    lm,
+    rows: list[dict],
+    template,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    sampler: str = "greedy",
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped,
+    n_tokens.
 
-    Each answer has at most ``max_new_tokens`` tokens, its stop token included (see :mod:`nbutils.decoding`).
+    Each answer has at most ``max_new_tokens`` tokens, its stop token included (see
+    :mod:`nbutils.decoding`).
     """
     if not rows:
         return []
@@ -92,40 +116,65 @@ def generate(lm, rows: list[dict], template, max_new_tokens: int = 48, batch_siz
     texts = [prompts.render_prompt(r, template) for r in rows]
     prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
     batch_size = min(batch_size, len(rows))  # no empty rows decoded alongside a short list
-    decode = decoding.make_decoder(lm, make_sampler(sampler, seed), batch_size, decoding.prompt_end(prompt_ids), max_new_tokens, [stop])
-    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))  # similar lengths: fewer prefill chunks
+    decode = decoding.make_decoder(
+        lm,
+        make_sampler(sampler, seed),
+        batch_size,
+        decoding.prompt_end(prompt_ids),
+        max_new_tokens,
+        [stop],
+    )
+    # similar lengths: fewer prefill chunks
+    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
     results: dict[int, dict] = {}
     bar = progress_bar.bar(len(rows), "generating", "row", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         for i, new in zip(idx, decode([prompt_ids[i] for i in idx])):
             ids, stopped = answer_tokens(new, stop)
-            results[i] = {"id": rows[i].get("id", str(i)), "prompt": texts[i], "reference": rows[i]["output"],
-                          "prediction": tokenizer.detokenize(ids) if ids else "", "stopped": stopped,
-                          "n_tokens": len(ids)}  # fmt: skip
+            results[i] = {
+                "id": rows[i].get("id", str(i)),
+                "prompt": texts[i],
+                "reference": rows[i]["output"],
+                "prediction": tokenizer.detokenize(ids) if ids else "",
+                "stopped": stopped,
+                "n_tokens": len(ids),
+            }
         bar.update(len(idx))
     bar.close()
     return [results[i] for i in range(len(rows))]
 
 
-def response_losses(lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16) -> list[dict]:
-    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token count.
+def response_losses(
+    lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16
+) -> list[dict]:
+    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token
+    count.
 
-    The same objective as training (:func:`nbutils.objective.scored_nll`), jit-compiled once per batch shape.
+    The same objective as training (:func:`nbutils.objective.scored_nll`), jit-compiled once per
+    batch shape.
     """
     import jax
 
     backbone = lm.backbone
     if getattr(backbone, "_nbutils_nll", None) is None:
-        backbone._nbutils_nll = jax.jit(lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs))
+        backbone._nbutils_nll = jax.jit(
+            lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs)
+        )
     trainable, non_trainable = objective.variable_values(backbone)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, template, sequence_length)
     out: dict[int, dict] = {}
     for b in batches.eval_batches(arrays, batch_size):
-        nll = np.asarray(backbone._nbutils_nll(trainable, non_trainable, b.inputs()), np.float64) * b.weights
+        nll = (
+            np.asarray(backbone._nbutils_nll(trainable, non_trainable, b.inputs()), np.float64)
+            * b.weights
+        )
         for k, i in enumerate(b.rows):
             if i >= 0:
-                out[int(i)] = {"loss_sum": float(nll[k].sum()), "loss_tokens": int(b.weights[k].sum())}
+                out[int(i)] = {
+                    "loss_sum": float(nll[k].sum()),
+                    "loss_tokens": int(b.weights[k].sum()),
+                }
     return [out[i] for i in range(len(rows))]
 
 
@@ -143,9 +192,14 @@ def score_rows(predictions: list[dict], losses: list[dict] | None = None) -> lis
     scored = []
     for k, p in enumerate(predictions):
         ref, hyp = p["reference"], p["prediction"]
-        row = {"id": p["id"], "rougeL_f1": scorer.score(ref, hyp)["rougeL"].fmeasure,
-               "chrf_stats": compat.chrf_statistics(hyp, ref), "exact_match": float(normalise(ref) == normalise(hyp)),
-               "stopped": float(p["stopped"]), "n_tokens": float(p["n_tokens"])}  # fmt: skip
+        row = {
+            "id": p["id"],
+            "rougeL_f1": scorer.score(ref, hyp)["rougeL"].fmeasure,
+            "chrf_stats": compat.chrf_statistics(hyp, ref),
+            "exact_match": float(normalise(ref) == normalise(hyp)),
+            "stopped": float(p["stopped"]),
+            "n_tokens": float(p["n_tokens"]),
+        }
         if losses:
             row.update(losses[k])
         scored.append(row)
@@ -166,9 +220,13 @@ def aggregate(scored: list[dict] | dict, idx: np.ndarray | None = None) -> dict:
     """
     cols = scored if isinstance(scored, dict) else _columns(scored)
     idx = np.arange(len(cols["rougeL_f1"])) if idx is None else idx
-    out = {"rougeL_f1": cols["rougeL_f1"][idx].mean(), "chrf": compat.chrf_from_statistics(cols["chrf_stats"][idx].sum(0)) / 100,
-           "exact_match": cols["exact_match"][idx].mean(), "stop_rate": cols["stopped"][idx].mean(),
-           "mean_tokens": cols["n_tokens"][idx].mean()}  # fmt: skip
+    out = {
+        "rougeL_f1": cols["rougeL_f1"][idx].mean(),
+        "chrf": compat.chrf_from_statistics(cols["chrf_stats"][idx].sum(0)) / 100,
+        "exact_match": cols["exact_match"][idx].mean(),
+        "stop_rate": cols["stopped"][idx].mean(),
+        "mean_tokens": cols["n_tokens"][idx].mean(),
+    }
     if "loss_sum" in cols:
         out["response_loss"] = cols["loss_sum"][idx].sum() / max(cols["loss_tokens"][idx].sum(), 1)
         out["perplexity"] = float(np.exp(out["response_loss"]))
@@ -185,16 +243,23 @@ def _resample_clusters(members: list[np.ndarray], rng) -> np.ndarray:
     return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
-def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 1000, seed: int = 0,
-                     groups: list[str] | None = None) -> dict:  # fmt: skip
+def paired_bootstrap(
+    base: list[dict],
+    tuned: list[dict],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    groups: list[str] | None = None,
+) -> dict:
     """Tuned − baseline per metric, with paired bootstrap 95% CIs.
 
-    ``ci95_rows`` resamples test rows as if independent. With ``groups`` (e.g. each row's module), rows
-    of one group are correlated, so ``ci95_clusters`` resamples whole groups; ``ci95`` is the cluster
-    interval when groups are given, else the row interval.
+    ``ci95_rows`` resamples test rows as if independent. With ``groups`` (e.g. each row's module),
+    rows of one group are correlated, so ``ci95_clusters`` resamples whole groups; ``ci95`` is the
+    cluster interval when groups are given, else the row interval.
     """
     if [r["id"] for r in base] != [r["id"] for r in tuned]:
-        raise ValueError("baseline and tuned predictions are not on the same test rows in the same order; rerun 02.")
+        raise ValueError(
+            "baseline and tuned predictions are not on the same test rows in the same order; rerun 02."
+        )
     cols_b, cols_t = _columns(base), _columns(tuned)
     point_b, point_t = aggregate(cols_b), aggregate(cols_t)
     keys = [k for k in point_b if k in point_t]
@@ -205,7 +270,10 @@ def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 100
         names = sorted(set(groups))
         members = [np.flatnonzero(np.asarray(groups) == g) for g in names]
         samplers["clusters"] = lambda rng: _resample_clusters(members, rng)
-    out = {k: {"baseline": point_b[k], "tuned": point_t[k], "diff": point_t[k] - point_b[k]} for k in keys}
+    out = {
+        k: {"baseline": point_b[k], "tuned": point_t[k], "diff": point_t[k] - point_b[k]}
+        for k in keys
+    }
     for method, draw in samplers.items():
         rng = np.random.default_rng(seed)
         diffs = {k: [] for k in keys}
@@ -215,19 +283,38 @@ def paired_bootstrap(base: list[dict], tuned: list[dict], n_resamples: int = 100
             for k in keys:
                 diffs[k].append(t[k] - b[k])
         for k in keys:
-            out[k][f"ci95_{method}"] = [float(np.percentile(diffs[k], 2.5)), float(np.percentile(diffs[k], 97.5))]
+            out[k][f"ci95_{method}"] = [
+                float(np.percentile(diffs[k], 2.5)),
+                float(np.percentile(diffs[k], 97.5)),
+            ]
     for k in keys:
         out[k]["ci95"] = out[k]["ci95_clusters" if groups is not None else "ci95_rows"]
-        out[k]["ci_method"] = f"cluster bootstrap over {len(set(groups))} groups" if groups is not None else "row bootstrap"
+        out[k]["ci_method"] = (
+            f"cluster bootstrap over {len(set(groups))} groups"
+            if groups is not None
+            else "row bootstrap"
+        )
     return out
 
 
-def run_inference(lm, rows: list[dict], template, sequence_length: int, max_new_tokens: int,
-                  batch_size: int, sampler: str, seed: int) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
+def run_inference(
+    lm,
+    rows: list[dict],
+    template,
+    sequence_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+    sampler: str,
+    seed: int,
+) -> tuple[list[dict], list[dict], dict]:
     """Generate + teacher-forced loss + per-row scores; returns predictions, scores and timings."""
     t0 = time.perf_counter()
     predictions = generate(lm, rows, template, max_new_tokens, batch_size, sampler, seed)
     t1 = time.perf_counter()
     losses = response_losses(lm, rows, template, sequence_length)
     t2 = time.perf_counter()
-    return predictions, score_rows(predictions, losses), {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)}
+    return (
+        predictions,
+        score_rows(predictions, losses),
+        {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)},
+    )

@@ -1,4 +1,5 @@
-"""Exports of the tuned model (notebook 06), each checked on a probe batch against the model as trained.
+"""Exports of the tuned model (notebook 06), each checked on a probe batch against the model as
+trained.
 
 Notebook 03 saves a *probe* (``probe.npz``: a few validation rows' token ids and the trained model's
 final hidden states). Every export is reloaded and its logits on the probe are compared with the
@@ -22,11 +23,16 @@ PROBE_ROWS = 2
 PROBE_KEYS = ("token_ids", "padding_mask", "hidden", "policy", "distributed")
 
 
-def probe_inputs(tokenizer, rows: list[dict], template, sequence_length: int) -> dict[str, np.ndarray]:
+def probe_inputs(
+    tokenizer, rows: list[dict], template, sequence_length: int
+) -> dict[str, np.ndarray]:
     """Token ids and padding mask of ``rows`` (prompt + response), trimmed to the longest row."""
     arrays = sequences.make_arrays(tokenizer, rows, template, sequence_length)
     width = int(arrays["padding_mask"].sum(axis=1).max())
-    return {"token_ids": arrays["token_ids"][:, :width], "padding_mask": arrays["padding_mask"][:, :width]}
+    return {
+        "token_ids": arrays["token_ids"][:, :width],
+        "padding_mask": arrays["padding_mask"][:, :width],
+    }
 
 
 def hidden_states(lm, inputs: dict) -> np.ndarray:
@@ -37,20 +43,29 @@ def hidden_states(lm, inputs: dict) -> np.ndarray:
 
 
 def logits(lm, hidden: np.ndarray) -> np.ndarray:
-    """Logits from hidden states through ``lm``'s output layer (the tied embedding, with its soft-cap)."""
+    """Logits from hidden states through ``lm``'s output layer (the tied embedding, with its
+    soft-cap)."""
     import keras
 
-    return np.asarray(keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True)), dtype=np.float32)
+    return np.asarray(
+        keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True)),
+        dtype=np.float32,
+    )
 
 
 def save_probe(lm, inputs: dict, path: Path) -> Path:
-    """Write the probe inputs, ``lm``'s hidden states on them, its dtype policy and whether a device mesh was in use
-    (``.npz``, no pickle), atomically."""
+    """Write the probe inputs, ``lm``'s hidden states on them, its dtype policy and whether a device
+    mesh was in use (``.npz``, no pickle), atomically."""
     import keras
 
     with files.atomic_path(Path(path)) as tmp:
-        np.savez(tmp, **inputs, hidden=hidden_states(lm, inputs), policy=np.array(lm.backbone.dtype_policy.name),
-                 distributed=np.array(keras.distribution.distribution() is not None))  # fmt: skip
+        np.savez(
+            tmp,
+            **inputs,
+            hidden=hidden_states(lm, inputs),
+            policy=np.array(lm.backbone.dtype_policy.name),
+            distributed=np.array(keras.distribution.distribution() is not None),
+        )
     return Path(path)
 
 
@@ -58,13 +73,18 @@ def load_probe(path: Path) -> dict[str, np.ndarray]:
     """The probe notebook 03 saved; a one-line error when it is missing or incomplete."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: re-run notebooks/03_lora_finetune.ipynb (it saves the probe with the adapter).")
+        raise FileNotFoundError(
+            f"{path} not found: re-run notebooks/03_lora_finetune.ipynb (it saves the probe with the adapter)."
+        )
     with np.load(path, allow_pickle=False) as f:
         probe = {k: f[k] for k in f.files}
     if "policy" in probe:
-        probe.setdefault("distributed", np.array(False))  # probes saved before the flag existed were single-device
+        # probes saved before the flag existed were single-device
+        probe.setdefault("distributed", np.array(False))
     if set(probe) != set(PROBE_KEYS):
-        raise ValueError(f"{path}: expected arrays {', '.join(PROBE_KEYS)}, found {', '.join(sorted(probe))}; re-run notebook 03.")
+        raise ValueError(
+            f"{path}: expected arrays {', '.join(PROBE_KEYS)}, found {', '.join(sorted(probe))}; re-run notebook 03."
+        )
     probe["policy"], probe["distributed"] = str(probe["policy"]), bool(probe["distributed"])
     return probe
 
@@ -73,32 +93,41 @@ def adapter_is_empty(backbone) -> bool:
     """True when every LoRA ``B`` matrix is zero (as initialised): the adapter changes nothing."""
     import keras
 
-    return all(not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_b)) for layer in lora_layers(backbone))
+    return all(
+        not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_b))
+        for layer in lora_layers(backbone)
+    )
 
 
 def merged_copy(lm):
-    """A LoRA-free copy of ``lm`` (same class, same preprocessor) whose kernels are ``W + (alpha/r)·A·B``."""
+    """A LoRA-free copy of ``lm`` (same class, same preprocessor) whose kernels are ``W +
+    (alpha/r)·A·B``."""
     backbone = lm.backbone.__class__.from_config(lm.backbone.get_config())
     source = {v.path: v for v in lm.backbone.weights}
-    merged = {f"{layer.path}/kernel": layer.kernel for layer in lora_layers(lm.backbone)}  # Keras' public merged kernel
+    # Keras' public merged kernel
+    merged = {f"{layer.path}/kernel": layer.kernel for layer in lora_layers(lm.backbone)}
     missing = [v.path for v in backbone.weights if v.path not in source]
     if missing or not set(merged) <= {v.path for v in backbone.weights}:
-        raise ValueError(f"cannot match the model's weights by path ({(missing or sorted(merged))[:3]}…); "
-                         "the backbone class changed how it names layers.")  # fmt: skip
+        raise ValueError(
+            f"cannot match the model's weights by path ({(missing or sorted(merged))[:3]}…); "
+            "the backbone class changed how it names layers."
+        )
     for v in backbone.weights:
         v.assign(merged.get(v.path, source[v.path]))
     return lm.__class__(backbone=backbone, preprocessor=lm.preprocessor)
 
 
 def save_keras_preset(lm, folder: Path) -> Path:
-    """``lm.save_to_preset`` into ``folder``, atomically (the folder appears complete or not at all)."""
+    """``lm.save_to_preset`` into ``folder``, atomically (the folder appears complete or not at
+    all)."""
     with files.atomic_dir(Path(folder)) as tmp:
         lm.save_to_preset(str(tmp))
     return Path(folder)
 
 
 def save_transformers(lm, folder: Path) -> Path:
-    """``lm.export_to_transformers`` (config, safetensors, tokenizer) into ``folder``, atomically."""
+    """``lm.export_to_transformers`` (config, safetensors, tokenizer) into ``folder``,
+    atomically."""
     with files.atomic_dir(Path(folder)) as tmp:
         lm.export_to_transformers(str(tmp))
     return Path(folder)
@@ -107,20 +136,31 @@ def save_transformers(lm, folder: Path) -> Path:
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> dict:
     """``max |Δ|`` between two logit arrays against ``tolerance``."""
     if reference.shape != candidate.shape:
-        return {"max_abs_diff": None, "tolerance": tolerance, "passed": False,
-                "error": f"shape {candidate.shape} != {reference.shape}"}  # fmt: skip
+        return {
+            "max_abs_diff": None,
+            "tolerance": tolerance,
+            "passed": False,
+            "error": f"shape {candidate.shape} != {reference.shape}",
+        }
     diff = float(np.max(np.abs(reference - candidate)))
     return {"max_abs_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance}
 
 
 def differing_token_ids(reference_tokenizer, candidate_tokenizer, texts: list[str]) -> int:
     """How many of ``texts`` the two tokenizers turn into different ids."""
-    pairs = zip(sequences.tokenize_batch(reference_tokenizer, texts), sequences.tokenize_batch(candidate_tokenizer, texts))
+    pairs = zip(
+        sequences.tokenize_batch(reference_tokenizer, texts),
+        sequences.tokenize_batch(candidate_tokenizer, texts),
+    )
     return sum(a != b for a, b in pairs)
 
 
 def folder_mb(path: Path) -> float:
     """Size of a file or folder in MB."""
     path = Path(path)
-    sizes = [p.stat().st_size for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path.stat().st_size]
+    sizes = (
+        [p.stat().st_size for p in path.rglob("*") if p.is_file()]
+        if path.is_dir()
+        else [path.stat().st_size]
+    )
     return round(sum(sizes) / 1e6, 1)

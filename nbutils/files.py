@@ -19,17 +19,24 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary file path beside ``path`` (same extension); on success rename it onto ``path``."""
+    """Yield a temporary file path beside ``path`` (same extension); on success rename it onto
+    ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]), dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as exc:  # e.g. no space left: say which artifact, and that its previous version is intact
-        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact") from None
+    # e.g. no space left: say which artifact, and that its previous version is intact
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact",
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -47,9 +54,13 @@ def atomic_dir(path: Path):
             os.replace(path, old)  # set aside, not deleted, until the new folder is in place
         os.replace(tmp, path)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact") from None
+        raise OSError(
+            exc.errno,
+            f"cannot write {path} ({exc.strerror or exc}); its previous version, if any, is intact",
+        ) from None
     finally:
-        if old.exists() and not path.exists():  # whatever interrupted the swap: put the previous version back
+        # whatever interrupted the swap: put the previous version back
+        if old.exists() and not path.exists():
             os.rename(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -69,7 +80,9 @@ def write_text(path: Path, text: str) -> Path:
 
 def write_json(path: Path, obj) -> Path:
     """Pretty, key-sorted JSON, written atomically."""
-    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True, default=str) + "\n")
+    return write_text(
+        path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True, default=str) + "\n"
+    )
 
 
 def to_jsonl(rows: list[dict]) -> str:
@@ -93,7 +106,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON Lines file this project wrote."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [
+        json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
+    ]
 
 
 def read_json(path: Path):

@@ -45,25 +45,33 @@ def read_gguf(path: Path):
         ) from None
     arch = _field(reader, "general.architecture", path)
     if arch != "gemma3":
-        raise GGUFError(f"{path}: architecture is {arch!r}, expected 'gemma3' (a Gemma 3 text model).")
+        raise GGUFError(
+            f"{path}: architecture is {arch!r}, expected 'gemma3' (a Gemma 3 text model)."
+        )
     return reader
 
 
 def _field(reader, key: str, path: Path | None = None):
     """One metadata value, or a GGUFError naming the missing key."""
     if key not in reader.fields:
-        raise GGUFError(f"{path or 'GGUF file'}: metadata key {key!r} is missing; the file is not a complete Gemma 3 GGUF.")
+        raise GGUFError(
+            f"{path or 'GGUF file'}: metadata key {key!r} is missing; the file is not a complete Gemma 3 GGUF."
+        )
     return reader.fields[key].contents()
 
 
 def backbone_config(reader) -> dict:
     """Gemma3Backbone keyword arguments read from the ``gemma3.*`` metadata."""
-    g = lambda k: _field(reader, f"gemma3.{k}")  # noqa: E731
+    g = lambda k: _field(reader, f"gemma3.{k}")
     size = (int(g("block_count")), int(g("embedding_length")))
     if size not in VERIFIED_SIZES or "gemma3.rope.scaling.factor" in reader.fields:
-        verified = ", ".join(f"{name} ({b} blocks x {w})" for (b, w), name in VERIFIED_SIZES.items())
-        raise GGUFError(f"a Gemma 3 GGUF with {size[0]} blocks x {size[1]} is not supported by this port (verified: "
-                        f"{verified}); load larger Gemma 3 models as a keras-hub preset, e.g. MODEL='gemma3_1b'.")  # fmt: skip
+        verified = ", ".join(
+            f"{name} ({b} blocks x {w})" for (b, w), name in VERIFIED_SIZES.items()
+        )
+        raise GGUFError(
+            f"a Gemma 3 GGUF with {size[0]} blocks x {size[1]} is not supported by this port (verified: "
+            f"{verified}); load larger Gemma 3 models as a keras-hub preset, e.g. MODEL='gemma3_1b'."
+        )
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     return dict(
         vocabulary_size=vocab,
@@ -80,7 +88,8 @@ def backbone_config(reader) -> dict:
         use_post_attention_norm=True,
         use_sliding_window_attention=True,
         sliding_window_size=int(g("attention.sliding_window")),
-        layer_norm_epsilon=float(f"{g('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
+        # stored as float32
+        layer_norm_epsilon=float(f"{g('attention.layer_norm_rms_epsilon'):.6g}"),
     )
 
 
@@ -92,10 +101,12 @@ def sentencepiece_proto(reader) -> bytes:
     scores = _field(reader, "tokenizer.ggml.scores")
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id"))
-    types[unk_id] = UNKNOWN  # GGUF marks <unk> CONTROL; SentencePiece requires exactly one UNKNOWN piece
+    # GGUF marks <unk> CONTROL; SentencePiece requires exactly one UNKNOWN piece
+    types[unk_id] = UNKNOWN
     for i, piece in enumerate(tokens):
         if piece in TURN_TOKENS:
-            types[i] = USER_DEFINED  # so "<start_of_turn>" in text is matched as one id, as Gemma's tokenizer does
+            # so "<start_of_turn>" in text is matched as one id, as Gemma's tokenizer does
+            types[i] = USER_DEFINED
 
     proto = sp_pb2.ModelProto()
     for piece, score, kind in zip(tokens, scores, types):
@@ -147,7 +158,11 @@ def _attn_out(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
 
 def load_weights(backbone, reader) -> None:
     """Assign every backbone variable from the GGUF tensors (shapes are checked by Keras)."""
-    heads, kv_heads, head_dim = backbone.num_query_heads, backbone.num_key_value_heads, backbone.head_dim
+    heads, kv_heads, head_dim = (
+        backbone.num_query_heads,
+        backbone.num_key_value_heads,
+        backbone.head_dim,
+    )
     backbone.get_layer("token_embedding").embeddings.assign(_tensor(reader, "token_embd.weight"))
     backbone.get_layer("final_normalization").scale.assign(_norm(reader, "output_norm.weight"))
     for i in range(backbone.num_layers):
@@ -161,39 +176,54 @@ def load_weights(backbone, reader) -> None:
         att.key_norm.scale.assign(_norm(reader, p + "attn_k_norm.weight"))
         att.query_dense.kernel.assign(_qkv(_tensor(reader, p + "attn_q.weight"), heads, head_dim))
         att.key_dense.kernel.assign(_qkv(_tensor(reader, p + "attn_k.weight"), kv_heads, head_dim))
-        att.value_dense.kernel.assign(_qkv(_tensor(reader, p + "attn_v.weight"), kv_heads, head_dim))
-        att.output_dense.kernel.assign(_attn_out(_tensor(reader, p + "attn_output.weight"), heads, head_dim))
+        att.value_dense.kernel.assign(
+            _qkv(_tensor(reader, p + "attn_v.weight"), kv_heads, head_dim)
+        )
+        att.output_dense.kernel.assign(
+            _attn_out(_tensor(reader, p + "attn_output.weight"), heads, head_dim)
+        )
         block.gating_ffw.kernel.assign(_tensor(reader, p + "ffn_gate.weight").T)
         block.gating_ffw_2.kernel.assign(_tensor(reader, p + "ffn_up.weight").T)
         block.ffw_linear.kernel.assign(_tensor(reader, p + "ffn_down.weight").T)
 
 
 def _qkv_to_hf(kernel: np.ndarray) -> np.ndarray:
-    """keras ``(heads, hidden, head_dim)`` to HF ``(heads*head_dim, hidden)`` (inverse of :func:`_qkv`)."""
+    """keras ``(heads, hidden, head_dim)`` to HF ``(heads*head_dim, hidden)`` (inverse of
+    :func:`_qkv`)."""
     return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
 
 
 def _attn_out_to_hf(kernel: np.ndarray) -> np.ndarray:
-    """keras ``(heads, head_dim, hidden)`` to HF ``(hidden, heads*head_dim)`` (inverse of :func:`_attn_out`)."""
+    """keras ``(heads, head_dim, hidden)`` to HF ``(hidden, heads*head_dim)`` (inverse of
+    :func:`_attn_out`)."""
     return kernel.transpose(2, 0, 1).reshape(kernel.shape[2], -1)
 
 
 def gguf_tensors(backbone) -> dict[str, np.ndarray]:
-    """Every backbone weight under its llama.cpp name, in llama.cpp's layout (the inverse of :func:`load_weights`).
+    """Every backbone weight under its llama.cpp name, in llama.cpp's layout (the inverse of
+    :func:`load_weights`).
 
-    Read through each layer's public ``kernel``, which for a LoRA-enabled layer is the merged kernel.
+    Read through each layer's public ``kernel``, which for a LoRA-enabled layer is the merged
+    kernel.
     """
     import keras
 
-    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)  # noqa: E731
-    out = {"token_embd.weight": value(backbone.get_layer("token_embedding").embeddings),
-           "output_norm.weight": value(backbone.get_layer("final_normalization").scale) + 1.0}  # fmt: skip
+    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)
+    out = {
+        "token_embd.weight": value(backbone.get_layer("token_embedding").embeddings),
+        "output_norm.weight": value(backbone.get_layer("final_normalization").scale) + 1.0,
+    }
     for i in range(backbone.num_layers):
         block, p = backbone.get_layer(f"decoder_block_{i}"), f"blk.{i}."
         att = block.attention
-        norms = {"attn_norm": block.pre_attention_norm, "post_attention_norm": block.post_attention_norm,
-                 "ffn_norm": block.pre_ffw_norm, "post_ffw_norm": block.post_ffw_norm,
-                 "attn_q_norm": att.query_norm, "attn_k_norm": att.key_norm}  # fmt: skip
+        norms = {
+            "attn_norm": block.pre_attention_norm,
+            "post_attention_norm": block.post_attention_norm,
+            "ffn_norm": block.pre_ffw_norm,
+            "post_ffw_norm": block.post_ffw_norm,
+            "attn_q_norm": att.query_norm,
+            "attn_k_norm": att.key_norm,
+        }
         out.update({f"{p}{name}.weight": value(layer.scale) + 1.0 for name, layer in norms.items()})
         out[p + "attn_q.weight"] = _qkv_to_hf(value(att.query_dense.kernel))
         out[p + "attn_k.weight"] = _qkv_to_hf(value(att.key_dense.kernel))
@@ -206,8 +236,9 @@ def gguf_tensors(backbone) -> dict[str, np.ndarray]:
 
 
 def vocabulary_fields(proto: bytes) -> tuple[list[str], list[float], list[int]]:
-    """GGUF tokens, scores and token types from a SentencePiece proto: the inverse of :func:`sentencepiece_proto`
-    (whitespace-run pieces spelled with spaces again; ``<unk>`` and the turn tokens typed CONTROL, as llama.cpp writes them)."""
+    """GGUF tokens, scores and token types from a SentencePiece proto: the inverse of
+    :func:`sentencepiece_proto` (whitespace-run pieces spelled with spaces again; ``<unk>`` and the
+    turn tokens typed CONTROL, as llama.cpp writes them)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     proto_model = sp_pb2.ModelProto.FromString(proto)
@@ -227,13 +258,15 @@ def exportable(backbone) -> bool:
 
 def not_exportable_reason(backbone) -> str:
     """One line saying why a backbone's size is not exported to GGUF, and what to use."""
-    return (f"the GGUF port covers the sizes it verifies ({', '.join(VERIFIED_SIZES.values())}), not "
-            f"{backbone.num_layers} blocks x {backbone.hidden_dim}; use the keras or transformers export.")
+    return (
+        f"the GGUF port covers the sizes it verifies ({', '.join(VERIFIED_SIZES.values())}), not "
+        f"{backbone.num_layers} blocks x {backbone.hidden_dim}; use the keras or transformers export."
+    )
 
 
 def write_gguf(lm, path: Path, name: str = "Gemma 3 LoRA-tuned") -> Path:
-    """Write ``lm`` (a keras-hub Gemma3CausalLM; LoRA layers are merged) as an f32 GGUF with llama.cpp's
-    Gemma 3 metadata and SentencePiece vocabulary, atomically."""
+    """Write ``lm`` (a keras-hub Gemma3CausalLM; LoRA layers are merged) as an f32 GGUF with
+    llama.cpp's Gemma 3 metadata and SentencePiece vocabulary, atomically."""
     import gguf
 
     b, tokenizer = lm.backbone, lm.preprocessor.tokenizer
@@ -260,8 +293,12 @@ def write_gguf(lm, path: Path, name: str = "Gemma 3 LoRA-tuned") -> Path:
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        for add, token in ((w.add_bos_token_id, "<bos>"), (w.add_eos_token_id, "<eos>"), (w.add_unk_token_id, "<unk>"),
-                           (w.add_pad_token_id, "<pad>")):  # fmt: skip
+        for add, token in (
+            (w.add_bos_token_id, "<bos>"),
+            (w.add_eos_token_id, "<eos>"),
+            (w.add_unk_token_id, "<unk>"),
+            (w.add_pad_token_id, "<pad>"),
+        ):
             add(int(tokenizer.token_to_id(token)))
         w.add_add_bos_token(True)
         w.add_add_sep_token(False)

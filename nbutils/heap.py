@@ -1,8 +1,10 @@
-"""Give freed heap memory back to the operating system between training steps (glibc's ``malloc_trim``).
+"""Give freed heap memory back to the operating system between training steps (glibc's
+``malloc_trim``).
 
 XLA's worker threads allocate from glibc's per-thread arenas; blocks they free stay resident, so a
 process's memory climbs by a few hundred MB over a pass although nothing is in use. Trimming before
-each step keeps the peak at what is in use plus one step's scratch (see ``bench/memory_profile.py``).
+each step keeps the peak at what is in use plus one step's scratch (see
+``bench/memory_profile.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # the C library's symbols, seen from the running program
+        # the C library's symbols, seen from the running program
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError, TypeError):
         return None
 

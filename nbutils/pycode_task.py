@@ -19,8 +19,20 @@ from pathlib import Path
 from nbutils import sequences
 
 INSTRUCTION = "Summarize in one sentence what this Python function does."
-SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "site-packages", "dist-packages", "__pycache__",
-             "lib2to3", "ensurepip", "pydoc_data", "__phello__", "venv"}  # fmt: skip
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "__phello__",
+    "venv",
+}
 MIN_WORDS, MAX_WORDS = 3, 30
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
@@ -31,7 +43,11 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     files = []
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
-        if SKIP_DIRS.intersection(parts[:-1]) or parts[-1].startswith("test_") or parts[-1] == "conftest.py":
+        if (
+            SKIP_DIRS.intersection(parts[:-1])
+            or parts[-1].startswith("test_")
+            or parts[-1] == "conftest.py"
+        ):
             continue
         files.append(path)
     return files
@@ -40,7 +56,7 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
 def module_of(path: Path, root: Path) -> str:
     """Top-level module a file belongs to (``email/utils.py`` -> ``email``)."""
     first = path.relative_to(root).parts[0]
-    return first[:-3] if first.endswith(".py") else first
+    return first.removesuffix(".py")
 
 
 def first_sentence(docstring: str) -> str:
@@ -79,8 +95,15 @@ def pairs_from_file(path: Path, root: Path) -> list[dict]:
         source = source_without_docstring(lines, node)
         if source:
             rel = path.relative_to(root).as_posix()
-            out.append({"id": f"{rel}:{node.lineno}:{node.name}", "module": module,
-                        "instruction": INSTRUCTION, "input": source, "output": first_sentence(doc)})  # fmt: skip
+            out.append(
+                {
+                    "id": f"{rel}:{node.lineno}:{node.name}",
+                    "module": module,
+                    "instruction": INSTRUCTION,
+                    "input": source,
+                    "output": first_sentence(doc),
+                }
+            )
     return out
 
 
@@ -96,8 +119,11 @@ def summary_problem(summary: str) -> str | None:
     return None
 
 
-def mine_stdlib(tokenizer=None, max_source_tokens: int = 384, root: Path | None = None) -> tuple[list[dict], dict]:
-    """Mine the pairs; returns ``(rows, info)`` with drop counts, per-module counts, Python version."""
+def mine_stdlib(
+    tokenizer=None, max_source_tokens: int = 384, root: Path | None = None
+) -> tuple[list[dict], dict]:
+    """Mine the pairs; returns ``(rows, info)`` with drop counts, per-module counts, Python
+    version."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     dropped: collections.Counter = collections.Counter()
     rows, seen = [], set()

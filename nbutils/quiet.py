@@ -3,7 +3,8 @@
 TensorFlow (keras-hub's tokenizers), XLA and SentencePiece write log lines from C++ straight to the
 process's stderr, which Jupyter shows in the cell. :func:`native_stderr_filtered` routes that file
 descriptor through a filter while they load and passes on every line except the known, harmless ones
-below, so a real error still shows. Python warnings a reader can do nothing about are filtered by message.
+below, so a real error still shows. Python warnings a reader can do nothing about are filtered by
+message.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import sys
 import threading
 import warnings
 
-NATIVE_NOISE = re.compile(  # each alternative matches a whole line's start; the rest of the line is free text
+# each alternative matches a whole line's start; the rest of the line is free text
+NATIVE_NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IW]\d{4} .*(port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|dso_loader\.cc|cuda_\w+\.cc):\d+\]"
     r"|E\d{4} .*cuda_(platform|executor|diagnostics)\.cc:\d+\] .*(cuInit|CUDA|kernel driver)"
-    r"|E\d{4} .*cuda_(dnn|blas|fft)\.cc:\d+\] Unable to register cu\w+ factory"  # TensorFlow and JAX both loaded
+    # TensorFlow and JAX both loaded
+    r"|E\d{4} .*cuda_(dnn|blas|fft)\.cc:\d+\] Unable to register cu\w+ factory"
     r"|W\d{4} .*computation_placer\.cc:\d+\] computation placer already registered"
     r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty"
     r"|To enable the following instructions: .*rebuild TensorFlow"
@@ -35,8 +38,8 @@ def is_noise(line: str) -> bool:
 
 @contextlib.contextmanager
 def native_stderr_filtered():
-    """Route file descriptor 2 through a filter while the block runs: every line that is not known noise is
-    passed on at once (so the last words of a native crash still show)."""
+    """Route file descriptor 2 through a filter while the block runs: every line that is not known
+    noise is passed on at once (so the last words of a native crash still show)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -64,7 +67,8 @@ def native_stderr_filtered():
 
 
 def load_frameworks() -> None:
-    """Import JAX, Keras and keras-hub (hence TensorFlow) with their start-up chatter filtered out."""
+    """Import JAX, Keras and keras-hub (hence TensorFlow) with their start-up chatter filtered
+    out."""
     for message in WARNING_NOISE:
         warnings.filterwarnings("ignore", message=f".*{message}")
     with native_stderr_filtered():

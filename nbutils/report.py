@@ -6,8 +6,15 @@ from pathlib import Path
 
 from nbutils import files
 
-LABELS = {"rougeL_f1": "ROUGE-L F1", "chrf": "chrF (corpus)", "exact_match": "exact match", "response_loss": "response loss (nats/token)",
-          "perplexity": "perplexity", "stop_rate": "stop rate", "mean_tokens": "mean answer tokens"}  # fmt: skip
+LABELS = {
+    "rougeL_f1": "ROUGE-L F1",
+    "chrf": "chrF (corpus)",
+    "exact_match": "exact match",
+    "response_loss": "response loss (nats/token)",
+    "perplexity": "perplexity",
+    "stop_rate": "stop rate",
+    "mean_tokens": "mean answer tokens",
+}
 
 
 def _cell(text: str, width: int = 140) -> str:
@@ -17,7 +24,8 @@ def _cell(text: str, width: int = 140) -> str:
 
 
 def table(rows: list[dict], columns: tuple) -> str:
-    """A Markdown table of ``rows`` (floats to 3 significant decimals, big integers with separators)."""
+    """A Markdown table of ``rows`` (floats to 3 significant decimals, big integers with
+    separators)."""
 
     def fmt(v) -> str:
         if isinstance(v, (list, tuple)):
@@ -33,12 +41,17 @@ def table(rows: list[dict], columns: tuple) -> str:
 
 def comparison_table(comparison: dict) -> str:
     """Metric | baseline | tuned | difference | 95% CI."""
-    lines = ["| metric | baseline | tuned | difference | 95% CI of difference |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "| metric | baseline | tuned | difference | 95% CI of difference |",
+        "|---|---:|---:|---:|---|",
+    ]
     for key, label in LABELS.items():
         if key in comparison:
             c = comparison[key]
-            lines.append(f"| {label} | {c['baseline']:.3f} | {c['tuned']:.3f} | {c['diff']:+.3f} | "
-                         f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |")  # fmt: skip
+            lines.append(
+                f"| {label} | {c['baseline']:.3f} | {c['tuned']:.3f} | {c['diff']:+.3f} | "
+                f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |"
+            )
     return "\n".join(lines)
 
 
@@ -47,30 +60,34 @@ def examples_table(rows: list[dict], baseline: list[dict], tuned: list[dict], n:
     lines = ["| input | reference | baseline | tuned |", "|---|---|---|---|"]
     for row, b, t in list(zip(rows, baseline, tuned))[:n]:
         prompt = row.get("input") or row["instruction"]
-        lines.append(f"| `{_cell(prompt, 90)}` | {_cell(row['output'])} | {_cell(b['prediction'])} | {_cell(t['prediction'])} |")
+        lines.append(
+            f"| `{_cell(prompt, 90)}` | {_cell(row['output'])} | {_cell(b['prediction'])} | {_cell(t['prediction'])} |"
+        )
     return "\n".join(lines)
 
 
 def write_report(out: Path, metrics: dict, examples: str) -> Path:
     """``report.md``: settings, adapter, comparison table, chart and examples."""
     s, a = metrics["settings"], metrics["adapter"]
-    text = "\n".join([
-        f"# LoRA fine-tuning report: {s['model']} on {s['dataset']}",
-        "",
-        f"- Test rows: {metrics['n_test_rows']}; template `{s['template']}`, stop token `{s['stop_token']}`; sampler `{s['sampler']}`; "
-        f"max new tokens {s['max_new_tokens']}; seed {s['seed']}.",
-        f"- Adapter: rank {a['rank']}, targets `{a['targets']}`, alpha {a['alpha']}.",
-        "",
-        f"## Baseline vs tuned (paired 95% CI: {next(iter(metrics['comparison'].values()))['ci_method']})",
-        "",
-        comparison_table(metrics["comparison"]),
-        "",
-        "![metrics](metrics.png)",
-        "",
-        "## Examples",
-        "",
-        examples,
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"# LoRA fine-tuning report: {s['model']} on {s['dataset']}",
+            "",
+            f"- Test rows: {metrics['n_test_rows']}; template `{s['template']}`, stop token `{s['stop_token']}`; sampler `{s['sampler']}`; "
+            f"max new tokens {s['max_new_tokens']}; seed {s['seed']}.",
+            f"- Adapter: rank {a['rank']}, targets `{a['targets']}`, alpha {a['alpha']}.",
+            "",
+            f"## Baseline vs tuned (paired 95% CI: {next(iter(metrics['comparison'].values()))['ci_method']})",
+            "",
+            comparison_table(metrics["comparison"]),
+            "",
+            "![metrics](metrics.png)",
+            "",
+            "## Examples",
+            "",
+            examples,
+            "",
+        ]
+    )
     path = Path(out) / "report.md"
     return files.write_text(path, text)

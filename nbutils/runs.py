@@ -18,7 +18,9 @@ STEP_FILES = {
 def run_dir(run_id: str) -> Path:
     """``runs/<run_id>`` under the repository root (created if needed)."""
     if not run_id or "/" in run_id or run_id.startswith("."):
-        raise ValueError(f"RUN_ID={run_id!r}: use a plain folder name such as 'manual' or '2026-11-28_cpu'.")
+        raise ValueError(
+            f"RUN_ID={run_id!r}: use a plain folder name such as 'manual' or '2026-11-28_cpu'."
+        )
     folder = paths.RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -28,5 +30,7 @@ def read_step_output(run_id: str, notebook: str) -> dict:
     """The JSON a previous notebook wrote, or an error saying which notebook to run first."""
     path = paths.RUNS_DIR / run_id / STEP_FILES[notebook]
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first with RUN_ID={run_id!r}.")
+        raise FileNotFoundError(
+            f"{path} not found: run notebooks/{notebook}.ipynb first with RUN_ID={run_id!r}."
+        )
     return files.read_json(path)

@@ -1,4 +1,5 @@
-"""The token layout of one example, ``[<bos>] + prompt + response + [stop]``, and its arrays and masks.
+"""The token layout of one example, ``[<bos>] + prompt + response + [stop]``, and its arrays and
+masks.
 
 This module is the only place that lays tokens out: notebook 01's length checks, the training
 arrays, the teacher-forced evaluation loss and the generation prompts all come from here.
@@ -27,18 +28,24 @@ def bos_id(tokenizer) -> int:
 
 
 def stop_token_id(tokenizer, template: prompts.Template | str) -> int:
-    """Id of the template's stop token; a one-line error if the tokenizer has no such single token."""
+    """Id of the template's stop token; a one-line error if the tokenizer has no such single
+    token."""
     stop = prompts.as_template(template).stop
     token_id = tokenizer.token_to_id(stop)
     if token_id is None or int(token_id) == int(tokenizer.token_to_id("<unk>")):
-        raise ValueError(f"STOP_TOKEN={stop!r} is not a single token of this tokenizer; use '<eos>'.")
+        raise ValueError(
+            f"STOP_TOKEN={stop!r} is not a single token of this tokenizer; use '<eos>'."
+        )
     return int(token_id)
 
 
 def prompt_ids(tokenizer, rows: list[dict], template) -> list[list[int]]:
     """``<bos>`` + prompt ids of each row: what generation and training feed the model first."""
     bos = bos_id(tokenizer)
-    return [[bos, *ids] for ids in tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])]
+    return [
+        [bos, *ids]
+        for ids in tokenize_batch(tokenizer, [prompts.render_prompt(r, template) for r in rows])
+    ]
 
 
 def encode(tokenizer, rows: list[dict], template) -> list[tuple[list[int], list[int]]]:
@@ -59,19 +66,23 @@ def lengths(tokenizer, rows: list[dict], template) -> tuple[list[int], list[int]
     return [len(p) for p, _ in pairs], [len(t) for _, t in pairs]
 
 
-def make_arrays(tokenizer, rows: list[dict], template, sequence_length: int) -> dict[str, np.ndarray]:
+def make_arrays(
+    tokenizer, rows: list[dict], template, sequence_length: int
+) -> dict[str, np.ndarray]:
     """Token ids, padding mask and response mask of shape ``(rows, sequence_length)``.
 
-    ``response_mask`` marks the response and stop tokens; the loss is taken at the positions *before*
-    them (see :func:`loss_positions`).
+    ``response_mask`` marks the response and stop tokens; the loss is taken at the positions
+    *before* them (see :func:`loss_positions`).
     """
     pairs = encode(tokenizer, rows, template)
     ids = np.zeros((len(rows), sequence_length), np.int32)
     response = np.zeros((len(rows), sequence_length), bool)
     for i, (p, t) in enumerate(pairs):
         if len(p) + len(t) > sequence_length:
-            raise ValueError(f"row {rows[i].get('id', i)}: {len(p) + len(t)} tokens > SEQUENCE_LENGTH={sequence_length}; "
-                             "re-run notebook 01 with the same SEQUENCE_LENGTH.")  # fmt: skip
+            raise ValueError(
+                f"row {rows[i].get('id', i)}: {len(p) + len(t)} tokens > SEQUENCE_LENGTH={sequence_length}; "
+                "re-run notebook 01 with the same SEQUENCE_LENGTH."
+            )
         ids[i, : len(p) + len(t)] = p + t
         response[i, len(p) : len(p) + len(t)] = True
     return {"token_ids": ids, "padding_mask": ids != 0, "response_mask": response}

@@ -23,9 +23,23 @@ import numpy as np
 from nbutils import batches, compat, devices, files, heap, objective, progress, prompts, sequences
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
-LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
-                "gate": "ffw_gating", "up": "ffw_gating_2", "down": "ffw_linear"}  # fmt: skip
-LOG_COLUMNS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "useful_tokens_per_s"]
+LORA_TARGETS = {
+    "query": "query",
+    "key": "key",
+    "value": "value",
+    "output": "attention_output",
+    "gate": "ffw_gating",
+    "up": "ffw_gating_2",
+    "down": "ffw_linear",
+}
+LOG_COLUMNS = [
+    "step",
+    "train_loss",
+    "val_loss",
+    "learning_rate",
+    "tokens_per_s",
+    "useful_tokens_per_s",
+]
 TARGET_GROUPS = {"attention": "query,key,value,output", "all": ",".join(LORA_TARGETS)}
 
 
@@ -50,13 +64,19 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # updates between checkpoints under <out_dir>/checkpoints; 0: none
     keep_checkpoints: int = 2
-    max_batch_tokens: int = 0  # run a batch with more tokens (rows x width) as smaller micro-batches; 0: whole
-
+    # run a batch with more tokens (rows x width) as smaller micro-batches; 0: whole
+    max_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         """One-line errors for values that cannot train (each names the notebook parameter)."""
-        positive_int = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                        "eval_every": self.eval_every, "patience": self.patience, "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
+        positive_int = {
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
         for name, value in positive_int.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.upper()}={value!r} must be a positive integer.")
@@ -64,11 +84,15 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)!r} must be an integer >= 0.")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
-            raise ValueError(f"LEARNING_RATE={self.learning_rate!r} must be a number in (0, 1); LoRA typically uses 1e-4 to 1e-3.")
+            raise ValueError(
+                f"LEARNING_RATE={self.learning_rate!r} must be a number in (0, 1); LoRA typically uses 1e-4 to 1e-3."
+            )
         for name in ("weight_decay", "clipnorm", "alpha", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{'LORA_ALPHA' if name == 'alpha' else name.upper()}={value!r} must be a number >= 0.")
+                raise ValueError(
+                    f"{'LORA_ALPHA' if name == 'alpha' else name.upper()}={value!r} must be a number >= 0."
+                )
 
 
 # Knobs that may change between a run and its resumption (they do not change what is trained).
@@ -81,19 +105,23 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def lora_layer_names(targets: str) -> list[str]:
-    """keras-hub layer names for ``query,value`` / ``attention`` / ``all`` (one-line error otherwise)."""
+    """keras-hub layer names for ``query,value`` / ``attention`` / ``all`` (one-line error
+    otherwise)."""
     names = []
     for part in TARGET_GROUPS.get(targets.strip(), targets).split(","):
         part = part.strip()
         if part not in LORA_TARGETS:
-            raise ValueError(f"LORA_TARGETS={targets!r}: unknown target {part!r}; use a comma list of "
-                             f"{', '.join(LORA_TARGETS)}, or 'attention' or 'all'.")  # fmt: skip
+            raise ValueError(
+                f"LORA_TARGETS={targets!r}: unknown target {part!r}; use a comma list of "
+                f"{', '.join(LORA_TARGETS)}, or 'attention' or 'all'."
+            )
         names.append(LORA_TARGETS[part])
     return names
 
 
 def seed_lora_a(layers: list, seed: int) -> None:
-    """Draw each LoRA layer's ``A`` matrix with Keras' default initializer (He uniform), seeded per layer."""
+    """Draw each LoRA layer's ``A`` matrix with Keras' default initializer (He uniform), seeded per
+    layer."""
     import keras
 
     for i, layer in enumerate(layers):
@@ -107,18 +135,21 @@ def lora_layers(backbone) -> list:
 
 
 def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
-    """Set ``alpha`` on every LoRA-enabled layer, draw its ``A`` from ``seed`` and compute it unmerged; returns the layers.
+    """Set ``alpha`` on every LoRA-enabled layer, draw its ``A`` from ``seed`` and compute it
+    unmerged; returns the layers.
 
-    keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG; seeding
-    each layer's initializer here keeps runs reproducible without resetting global seeds.
+    keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG;
+    seeding each layer's initializer here keeps runs reproducible without resetting global seeds.
     """
     layers = lora_layers(backbone)
     if layers and not (isinstance(layers[0].lora_rank, int) and layers[0].lora_rank >= 1):
         raise ValueError(f"RANK={layers[0].lora_rank!r} must be a positive integer.")
     expected = len(compat.lora_layer_indices(backbone))
     if not layers or len(layers) != expected:
-        raise ValueError(f"found {len(layers)} LoRA-enabled layers, keras-hub enabled {expected}: "
-                         "call backbone.enable_lora(...) once, before configure_lora.")  # fmt: skip
+        raise ValueError(
+            f"found {len(layers)} LoRA-enabled layers, keras-hub enabled {expected}: "
+            "call backbone.enable_lora(...) once, before configure_lora."
+        )
     for layer in layers:
         compat.unmerge_lora(layer)
         layer.lora_alpha = float(alpha)
@@ -126,19 +157,26 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
     return layers
 
 
-def enable_lora(lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0) -> dict:
-    """Freeze the model and add seeded rank-``rank`` adapters scaled by ``alpha / rank``; returns a parameter summary."""
+def enable_lora(
+    lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0
+) -> dict:
+    """Freeze the model and add seeded rank-``rank`` adapters scaled by ``alpha / rank``; returns a
+    parameter summary."""
     lm.backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
     configure_lora(lm.backbone, alpha or rank, seed)
     return parameter_summary(lm)
 
 
 def adamw(cfg: TrainConfig, updates: int):
-    """AdamW with the warmup + decay schedule, global-norm clipping, and no decay on biases and norm scales."""
+    """AdamW with the warmup + decay schedule, global-norm clipping, and no decay on biases and norm
+    scales."""
     import keras
 
-    optimizer = keras.optimizers.AdamW(learning_rate=lr_schedule(cfg, updates), weight_decay=cfg.weight_decay,
-                                       global_clipnorm=cfg.clipnorm or None)  # fmt: skip
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=lr_schedule(cfg, updates),
+        weight_decay=cfg.weight_decay,
+        global_clipnorm=cfg.clipnorm or None,
+    )
     optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
     return optimizer
 
@@ -147,9 +185,18 @@ def parameter_summary(lm) -> dict:
     """Total and trainable parameter counts, trainable share and adapter size."""
     total = int(sum(np.prod(v.shape) for v in lm.backbone.weights))
     trainable = int(sum(np.prod(v.shape) for v in lm.backbone.trainable_weights))
-    base = int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in lm.backbone.non_trainable_weights))
-    return {"total_params": total, "trainable_params": trainable, "trainable_share_pct": 100 * trainable / total,
-            "adapter_mb": trainable * 4 / 1e6, "base_mb": base / 1e6}  # fmt: skip
+    base = int(
+        sum(
+            np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in lm.backbone.non_trainable_weights
+        )
+    )
+    return {
+        "total_params": total,
+        "trainable_params": trainable,
+        "trainable_share_pct": 100 * trainable / total,
+        "adapter_mb": trainable * 4 / 1e6,
+        "base_mb": base / 1e6,
+    }
 
 
 def quantize_base(lm, mode: str) -> None:
@@ -161,7 +208,8 @@ def quantize_base(lm, mode: str) -> None:
     """
     import warnings
 
-    with warnings.catch_warnings():  # "Layer Dropout does not have a `quantize` method": nothing to do
+    # "Layer Dropout does not have a `quantize` method": nothing to do
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         lm.backbone.quantize(mode, filters=lambda layer: layer.name != "token_embedding")
 
@@ -180,20 +228,24 @@ def mixed_precision(setting: str = "auto") -> str:
 
 
 def lr_schedule(cfg: TrainConfig, total_updates: int):
-    """Linear warmup to ``learning_rate`` over WARMUP_STEPS updates, then cosine or linear decay to zero."""
+    """Linear warmup to ``learning_rate`` over WARMUP_STEPS updates, then cosine or linear decay to
+    zero."""
     import keras
 
     warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
     if cfg.schedule == "cosine":
         decay = max(total_updates - warmup, 1)
-        return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup
+        )
     if cfg.schedule == "linear":
         return warmup_linear(cfg.learning_rate, warmup, total_updates)
     raise ValueError(f"SCHEDULE={cfg.schedule!r}: use 'cosine' or 'linear'.")
 
 
 def warmup_linear(peak: float, warmup: int, total: int):
-    """A keras LearningRateSchedule: linear warmup to ``peak``, then linear decay to zero at ``total``."""
+    """A keras LearningRateSchedule: linear warmup to ``peak``, then linear decay to zero at
+    ``total``."""
     import keras
 
     class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
@@ -209,21 +261,26 @@ def warmup_linear(peak: float, warmup: int, total: int):
 
 
 def plan(cfg: TrainConfig, n_train: int) -> dict:
-    """Batches per pass over the training rows and optimizer updates to run (each of GRAD_ACCUM batches)."""
+    """Batches per pass over the training rows and optimizer updates to run (each of GRAD_ACCUM
+    batches)."""
     n_batches = n_train // cfg.batch_size
     if n_batches < 1:
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} is larger than the {n_train} training rows.")
     updates = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
     if updates < 1:
-        raise ValueError(f"MAX_STEPS={cfg.max_steps} / EPOCHS={cfg.epochs} give no update to run; set either above 0.")
+        raise ValueError(
+            f"MAX_STEPS={cfg.max_steps} / EPOCHS={cfg.epochs} give no update to run; set either above 0."
+        )
     return {"batches_per_pass": n_batches, "updates": updates, "batches": updates * cfg.grad_accum}
 
 
 def response_nll(nll, weights):
-    """The loss: next-token cross-entropy summed over the response positions (``weights`` 1, else 0).
+    """The loss: next-token cross-entropy summed over the response positions (``weights`` 1, else
+    0).
 
-    ``nll`` comes from :func:`nbutils.objective.scored_nll`, which runs the output layer at the response
-    positions only; dividing by the update's response-token count makes it a mean per response token.
+    ``nll`` comes from :func:`nbutils.objective.scored_nll`, which runs the output layer at the
+    response positions only; dividing by the update's response-token count makes it a mean per
+    response token.
     """
     import keras
 
@@ -235,17 +292,24 @@ class Trainer:
     response tokens of a whole update, one optimizer step per update (Keras' stateless API).
 
     ``max_batch_tokens`` bounds the tokens of each step (see :func:`nbutils.batches.split_rows`): a
-    wider batch runs as several micro-batches of the same update, which only lowers the memory a step needs.
-    ``grad_step`` is the jitted loss-and-gradient of one step (the benchmarks and tests read its compiled HLO).
+    wider batch runs as several micro-batches of the same update, which only lowers the memory a
+    step needs. ``grad_step`` is the jitted loss-and-gradient of one step (the benchmarks and tests
+    read its compiled HLO).
     """
 
     def __init__(self, lm, optimizer, max_batch_tokens: int = 0):
         import jax
 
-        self.backbone, self.optimizer, self.max_batch_tokens = lm.backbone, optimizer, max_batch_tokens
+        self.backbone, self.optimizer, self.max_batch_tokens = (
+            lm.backbone,
+            optimizer,
+            max_batch_tokens,
+        )
         self.trainable = list(self.backbone.trainable_variables)
         if not self.trainable:
-            raise ValueError("the model has no trainable weights: enable LoRA first (notebook 03, step 1).")
+            raise ValueError(
+                "the model has no trainable weights: enable LoRA first (notebook 03, step 1)."
+            )
         self.optimizer.build(self.trainable)
         self.grad_step = jax.jit(jax.value_and_grad(self._loss_sum))
         self._loss = jax.jit(self._loss_sum)
@@ -253,16 +317,22 @@ class Trainer:
         self.compiled: set = set()  # (step kind, batch shape): one XLA compilation each
 
     def _loss_sum(self, trainable, non_trainable, inputs, denominator):
-        """Summed response-token loss of one batch divided by ``denominator`` (the whole update's token count)."""
+        """Summed response-token loss of one batch divided by ``denominator`` (the whole update's
+        token count)."""
         nll = objective.scored_nll(self.backbone, trainable, non_trainable, inputs)
         return response_nll(nll, inputs["weights"]) / denominator
 
     def state(self) -> tuple[list, list, list]:
-        """Copies of the adapter and optimizer values (the steps donate them) and the frozen weights."""
+        """Copies of the adapter and optimizer values (the steps donate them) and the frozen
+        weights."""
         import jax.numpy as jnp
 
         trainable, non_trainable = objective.variable_values(self.backbone)
-        return [jnp.array(x) for x in trainable], non_trainable, [jnp.array(v.value) for v in self.optimizer.variables]
+        return (
+            [jnp.array(x) for x in trainable],
+            non_trainable,
+            [jnp.array(v.value) for v in self.optimizer.variables],
+        )
 
     def _mark(self, kind: str, batch) -> bool:
         """Record a step kind and shape; True when it is new (this call compiles)."""
@@ -271,7 +341,8 @@ class Trainer:
         return new
 
     def steps(self, batch_list: list) -> list:
-        """The batches as the jitted steps run them (split to at most ``max_batch_tokens`` tokens each)."""
+        """The batches as the jitted steps run them (split to at most ``max_batch_tokens`` tokens
+        each)."""
         return [piece for b in batch_list for piece in batches.split_rows(b, self.max_batch_tokens)]
 
     def will_compile(self, batch_list: list, kind: str = "train") -> bool:
@@ -279,8 +350,9 @@ class Trainer:
         return any((kind, b.shape) not in self.compiled for b in self.steps(batch_list))
 
     def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
-        """One optimizer update over ``micro_batches``; returns their mean loss per response token and the new
-        state. A non-finite loss returns the old state untouched (nothing is applied)."""
+        """One optimizer update over ``micro_batches``; returns their mean loss per response token
+        and the new state. A non-finite loss returns the old state untouched (nothing is
+        applied)."""
         import jax
 
         trainable, non_trainable, opt_vars = state
@@ -289,8 +361,13 @@ class Trainer:
         total, grads = 0.0, None
         for b in self.steps(micro_batches):
             self._mark("train", b)
-            loss, g = self.grad_step(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
-            total, grads = total + loss, g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g)
+            loss, g = self.grad_step(
+                trainable, non_trainable, devices.place_batch(b.inputs()), denominator
+            )
+            total, grads = (
+                total + loss,
+                g if grads is None else jax.tree_util.tree_map(lambda x, y: x + y, grads, g),
+            )
         if not math.isfinite(float(total)):
             return float(total), state
         trainable, opt_vars = self._apply(opt_vars, grads, trainable)
@@ -304,15 +381,22 @@ class Trainer:
         pieces = self.steps(batch_list)
         for b in pieces:
             self._mark("eval", b)
-        return float(sum(self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator) for b in pieces))
+        return float(
+            sum(
+                self._loss(trainable, non_trainable, devices.place_batch(b.inputs()), denominator)
+                for b in pieces
+            )
+        )
 
     def _release_free_heap(self) -> None:
-        """On the CPU, hand the last step's freed XLA scratch back to the OS, so this step's peak is what it uses."""
+        """On the CPU, hand the last step's freed XLA scratch back to the OS, so this step's peak is
+        what it uses."""
         if devices.backend() == "cpu":
             heap.release_free_heap()
 
     def learning_rate(self, state: tuple) -> float:
-        """The learning rate the next update will use (the optimizer's schedule at its iteration count)."""
+        """The learning rate the next update will use (the optimizer's schedule at its iteration
+        count)."""
         import keras
 
         with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, state[2]))):
@@ -323,12 +407,21 @@ class Trainer:
         import jax
         import jax.numpy as jnp
 
-        for name, now, saved in (("adapter", state[0], trainable), ("optimizer", state[2], opt_vars)):
+        for name, now, saved in (
+            ("adapter", state[0], trainable),
+            ("optimizer", state[2], opt_vars),
+        ):
             if [tuple(x.shape) for x in now] != [tuple(x.shape) for x in saved]:
-                raise ValueError(f"the checkpoint's {name} weights do not fit this model (other rank, targets or model); "
-                                 "start a new RUN_ID or resume with the same parameters.")  # fmt: skip
-        place = lambda saved, now: jax.device_put(jnp.asarray(saved, dtype=now.dtype), now.sharding)  # noqa: E731  (keep the layout)
-        return [place(x, n) for x, n in zip(trainable, state[0])], state[1], [place(x, n) for x, n in zip(opt_vars, state[2])]
+                raise ValueError(
+                    f"the checkpoint's {name} weights do not fit this model (other rank, targets or model); "
+                    "start a new RUN_ID or resume with the same parameters."
+                )
+        place = lambda saved, now: jax.device_put(jnp.asarray(saved, dtype=now.dtype), now.sharding)
+        return (
+            [place(x, n) for x, n in zip(trainable, state[0])],
+            state[1],
+            [place(x, n) for x, n in zip(opt_vars, state[2])],
+        )
 
     def write_back(self, state: tuple) -> None:
         """Copy the adapter and optimizer values from ``state`` into the Keras variables."""
@@ -339,17 +432,30 @@ class Trainer:
             v.assign(value)
 
 
-def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, template,
-               sequence_length: int, out_dir: Path, resume: bool = False) -> dict:  # fmt: skip
-    """Train the enabled LoRA weights; validation every EVAL_EVERY updates, early stopping that keeps the
-    best adapter; writes ``train_log.csv`` (one row per update) and, every CHECKPOINT_EVERY updates, a
-    checkpoint into ``out_dir``; ``resume`` continues from the latest checkpoint there. Returns a summary.
+def train_lora(
+    lm,
+    optimizer,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    cfg: TrainConfig,
+    template,
+    sequence_length: int,
+    out_dir: Path,
+    resume: bool = False,
+) -> dict:
+    """Train the enabled LoRA weights; validation every EVAL_EVERY updates, early stopping that
+    keeps the best adapter; writes ``train_log.csv`` (one row per update) and, every
+    CHECKPOINT_EVERY updates, a checkpoint into ``out_dir``; ``resume`` continues from the latest
+    checkpoint there. Returns a summary.
 
-    SIGTERM or Ctrl-C writes a checkpoint after the current update and raises :class:`TrainingInterrupted`.
+    SIGTERM or Ctrl-C writes a checkpoint after the current update and raises
+    :class:`TrainingInterrupted`.
     """
     tokenizer, out_dir = lm.preprocessor.tokenizer, Path(out_dir)
     train = sequences.make_arrays(tokenizer, train_rows, template, sequence_length)
-    val_batches = batches.eval_batches(sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size)
+    val_batches = batches.eval_batches(
+        sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size
+    )
     p = plan(cfg, len(train_rows))
     trainer = Trainer(lm, optimizer, cfg.max_batch_tokens)
     state, log = trainer.state(), TrainLog(out_dir / "train_log.csv")
@@ -361,15 +467,23 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
     else:  # a fresh run never resumes from, or rotates against, another run's checkpoints
         shutil.rmtree(checkpoints, ignore_errors=True)
     stream = _batch_stream(train, cfg)
-    for _ in range(run["update"] * cfg.grad_accum):  # the data order is a function of (SEED, pass): skip what was used
+    # the data order is a function of (SEED, pass): skip what was used
+    for _ in range(run["update"] * cfg.grad_accum):
         next(stream)
     start, update, last_saved = time.perf_counter(), run["update"], latest_checkpoint(checkpoints)
 
     def checkpoint() -> Path:
         arrays = {"adapter": state[0], "optimizer": state[2], "best": best_adapter or []}
-        return save_checkpoint(checkpoints, {**run, "update": update, "data_sha256": fingerprint}, arrays, log.rows, cfg)
+        return save_checkpoint(
+            checkpoints,
+            {**run, "update": update, "data_sha256": fingerprint},
+            arrays,
+            log.rows,
+            cfg,
+        )
 
-    bar = progress.bar(p["updates"], "training", "update", enabled=progress.widgets_available())  # saved outputs: the eval lines
+    # saved outputs: the eval lines
+    bar = progress.bar(p["updates"], "training", "update", enabled=progress.widgets_available())
     bar.update(run["update"])
     try:
         with stop_requests() as stop:
@@ -381,12 +495,27 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
                 loss, state = trainer.update(micro, state)
                 seconds = time.perf_counter() - t0
                 if not math.isfinite(loss):
-                    update -= 1  # nothing was applied: the state is still that of the previous update
-                    kept = f"the last checkpoint {last_saved} is kept" if last_saved else "no checkpoint was written"
-                    raise FloatingPointError(f"update {update + 1}: the training loss is {loss}; lower LEARNING_RATE "
-                                             f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off'). The adapter "
-                                             f"of update {update} (or the best one) is left in the model; {kept}.")  # fmt: skip
-                log.add(update, loss, lr, sum(b.tokens for b in micro), sum(b.useful_tokens for b in micro), seconds, compiles)
+                    # nothing was applied: the state is still that of the previous update
+                    update -= 1
+                    kept = (
+                        f"the last checkpoint {last_saved} is kept"
+                        if last_saved
+                        else "no checkpoint was written"
+                    )
+                    raise FloatingPointError(
+                        f"update {update + 1}: the training loss is {loss}; lower LEARNING_RATE "
+                        f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off'). The adapter "
+                        f"of update {update} (or the best one) is left in the model; {kept}."
+                    )
+                log.add(
+                    update,
+                    loss,
+                    lr,
+                    sum(b.tokens for b in micro),
+                    sum(b.useful_tokens for b in micro),
+                    seconds,
+                    compiles,
+                )
                 bar.update(1)
                 stop_early = False
                 if update % cfg.eval_every == 0 or update == p["updates"]:
@@ -396,42 +525,65 @@ def train_lora(lm, optimizer, train_rows: list[dict], val_rows: list[dict], cfg:
                     log.set_val(val)
                     print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
                     if val < run["best"]:
-                        run["best"], run["waited"], best_adapter = val, 0, [np.array(x) for x in state[0]]  # adapter only
+                        # adapter only
+                        run["best"], run["waited"], best_adapter = (
+                            val,
+                            0,
+                            [np.array(x) for x in state[0]],
+                        )
                     else:
                         run["waited"] += 1
                         stop_early = run["waited"] >= cfg.patience
                 if stop_early:  # finishes normally, even if a stop signal came during this update
                     history = run["history"]
-                    print(f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
-                          f"{history['val_step'][history['val_loss'].index(run['best'])]}")  # fmt: skip
+                    print(
+                        f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
+                        f"{history['val_step'][history['val_loss'].index(run['best'])]}"
+                    )
                     break
-                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < p["updates"]:
+                if (
+                    cfg.checkpoint_every
+                    and update % cfg.checkpoint_every == 0
+                    and update < p["updates"]
+                ):
                     last_saved = checkpoint()
                 if stop and update < p["updates"]:
                     last_saved = checkpoint()
-                    raise TrainingInterrupted(f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
-                                              f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>).")  # fmt: skip
-    finally:  # the Keras variables always end up holding a valid adapter: the best one, else the last one
+                    raise TrainingInterrupted(
+                        f"{stop[0]} received: stopped after update {update}/{p['updates']}, checkpoint "
+                        f"{last_saved}; resume with RESUME=True (or python -m nbutils.pipeline --resume <RUN_ID>)."
+                    )
+    # the Keras variables always end up holding a valid adapter: the best one, else the last one
+    finally:
         bar.close()
         trainer.write_back(state)
         for v, value in zip(trainer.trainable, best_adapter or []):
             v.assign(value)
         log.flush()
-    return {"history": run["history"], "best_val_loss": run["best"], "updates_planned": p["updates"], "updates_run": update,
-            "batches_run": update * cfg.grad_accum, "stopped_early": update < p["updates"], "resumed_from": run.get("resumed_from"),
-            "compilations": len(trainer.compiled), "train_seconds": round(time.perf_counter() - start, 1),
-            **log.throughput()}  # fmt: skip
+    return {
+        "history": run["history"],
+        "best_val_loss": run["best"],
+        "updates_planned": p["updates"],
+        "updates_run": update,
+        "batches_run": update * cfg.grad_accum,
+        "stopped_early": update < p["updates"],
+        "resumed_from": run.get("resumed_from"),
+        "compilations": len(trainer.compiled),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        **log.throughput(),
+    }
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """While training, SIGTERM and Ctrl-C (SIGINT) are recorded instead of killing the process mid-update;
-    yields the list of signal names received (handlers are restored afterwards)."""
+    """While training, SIGTERM and Ctrl-C (SIGINT) are recorded instead of killing the process
+    mid-update; yields the list of signal names received (handlers are restored afterwards)."""
     received: list[str] = []
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+    # signal handlers live in the main thread only
+    if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    handler = lambda signum, frame: received.append(signal.Signals(signum).name)  # noqa: E731
+    handler = lambda signum, frame: received.append(signal.Signals(signum).name)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield received
@@ -440,21 +592,38 @@ def stop_requests():
             signal.signal(sig, old)
 
 
-def save_checkpoint(folder: Path, run: dict, arrays: dict[str, list], log_rows: list[dict], cfg: TrainConfig) -> Path:
-    """Write ``update-NNNNNN/`` (arrays as ``.npz``, progress as JSON) atomically; keep the newest KEEP_CHECKPOINTS."""
+def save_checkpoint(
+    folder: Path, run: dict, arrays: dict[str, list], log_rows: list[dict], cfg: TrainConfig
+) -> Path:
+    """Write ``update-NNNNNN/`` (arrays as ``.npz``, progress as JSON) atomically; keep the newest
+    KEEP_CHECKPOINTS."""
     path = Path(folder) / f"update-{run['update']:06d}"
     with files.atomic_dir(path) as tmp:
-        flat = {f"{kind}_{i:04d}": np.asarray(x) for kind, values in arrays.items() for i, x in enumerate(values)}
+        flat = {
+            f"{kind}_{i:04d}": np.asarray(x)
+            for kind, values in arrays.items()
+            for i, x in enumerate(values)
+        }
         np.savez(tmp / "arrays.npz", **flat)
-        files.write_json(tmp / "progress.json", {**run, "config": dataclasses.asdict(cfg), "log": log_rows,
-                                                 "data_order": "batches are a function of (seed, pass); skipped on resume"})  # fmt: skip
-    for old in sorted(p for p in Path(folder).glob("update-*") if p.name < path.name)[: 1 - max(cfg.keep_checkpoints, 1) or None]:
+        files.write_json(
+            tmp / "progress.json",
+            {
+                **run,
+                "config": dataclasses.asdict(cfg),
+                "log": log_rows,
+                "data_order": "batches are a function of (seed, pass); skipped on resume",
+            },
+        )
+    for old in sorted(p for p in Path(folder).glob("update-*") if p.name < path.name)[
+        : 1 - max(cfg.keep_checkpoints, 1) or None
+    ]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint under ``folder`` (half-written ones never get their final name)."""
+    """The newest complete checkpoint under ``folder`` (half-written ones never get their final
+    name)."""
     found = sorted(p for p in Path(folder).glob("update-*") if (p / "progress.json").exists())
     return found[-1] if found else None
 
@@ -470,13 +639,27 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, list]]:
 
 
 def data_fingerprint(train: dict, val_batches: list) -> str:
-    """sha256 of the token ids and masks trained and validated on (data, template, sequence length, tokenizer)."""
-    arrays = [train["token_ids"], train["response_mask"], *(a for b in val_batches for a in b.inputs().values())]
+    """sha256 of the token ids and masks trained and validated on (data, template, sequence length,
+    tokenizer)."""
+    arrays = [
+        train["token_ids"],
+        train["response_mask"],
+        *(a for b in val_batches for a in b.inputs().values()),
+    ]
     return files.sha256_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
-def _resume(folder: Path, cfg: TrainConfig, fingerprint: str, trainer: Trainer, state: tuple, run: dict, log: "TrainLog") -> tuple:
-    """Load the latest checkpoint into ``run``/``log``; returns the restored state and best adapter."""
+def _resume(
+    folder: Path,
+    cfg: TrainConfig,
+    fingerprint: str,
+    trainer: Trainer,
+    state: tuple,
+    run: dict,
+    log: TrainLog,
+) -> tuple:
+    """Load the latest checkpoint into ``run``/``log``; returns the restored state and best
+    adapter."""
     path = latest_checkpoint(folder)
     if path is None:
         print(f"RESUME: no checkpoint under {folder}; training from the start.")
@@ -485,12 +668,21 @@ def _resume(folder: Path, cfg: TrainConfig, fingerprint: str, trainer: Trainer, 
     now, then = dataclasses.asdict(cfg), progress["config"]
     changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k)]
     if changed:
-        raise ValueError(f"{path}: made with " + ", ".join(f"{k.upper()}={then.get(k)!r}" for k in changed) + " but now "
-                         + ", ".join(f"{k.upper()}={now[k]!r}" for k in changed) + "; resume with the same parameters or use a new RUN_ID.")  # fmt: skip
+        raise ValueError(
+            f"{path}: made with "
+            + ", ".join(f"{k.upper()}={then.get(k)!r}" for k in changed)
+            + " but now "
+            + ", ".join(f"{k.upper()}={now[k]!r}" for k in changed)
+            + "; resume with the same parameters or use a new RUN_ID."
+        )
     if progress.get("data_sha256") != fingerprint:
-        raise ValueError(f"{path}: made on other training/validation data (notebook 01 re-run, or another template, "
-                         "SEQUENCE_LENGTH or MAX_VAL_ROWS); resume on the same data or use a new RUN_ID.")  # fmt: skip
-    run.update({k: progress[k] for k in ("update", "best", "waited", "history")}, resumed_from=str(path))
+        raise ValueError(
+            f"{path}: made on other training/validation data (notebook 01 re-run, or another template, "
+            "SEQUENCE_LENGTH or MAX_VAL_ROWS); resume on the same data or use a new RUN_ID."
+        )
+    run.update(
+        {k: progress[k] for k in ("update", "best", "waited", "history")}, resumed_from=str(path)
+    )
     log.rows = progress["log"]
     print(f"RESUME: continuing after update {run['update']} from {path}")
     return trainer.restore(state, arrays["adapter"], arrays["optimizer"]), arrays["best"] or None
@@ -510,11 +702,32 @@ class TrainLog:
     def __init__(self, path: Path):
         self.path, self.rows = Path(path), []
 
-    def add(self, update: int, loss: float, lr: float, tokens: int, useful: int, seconds: float, compiled: bool) -> None:
-        """One optimizer update's row (its batches together); ``compiled``: its time includes a compilation."""
-        self.rows.append({"step": update, "train_loss": loss, "val_loss": "", "learning_rate": lr,
-                          "tokens_per_s": round(tokens / seconds, 1), "useful_tokens_per_s": round(useful / seconds, 1),
-                          "seconds": seconds, "tokens": tokens, "useful_tokens": useful, "compiled": compiled})  # fmt: skip
+    def add(
+        self,
+        update: int,
+        loss: float,
+        lr: float,
+        tokens: int,
+        useful: int,
+        seconds: float,
+        compiled: bool,
+    ) -> None:
+        """One optimizer update's row (its batches together); ``compiled``: its time includes a
+        compilation."""
+        self.rows.append(
+            {
+                "step": update,
+                "train_loss": loss,
+                "val_loss": "",
+                "learning_rate": lr,
+                "tokens_per_s": round(tokens / seconds, 1),
+                "useful_tokens_per_s": round(useful / seconds, 1),
+                "seconds": seconds,
+                "tokens": tokens,
+                "useful_tokens": useful,
+                "compiled": compiled,
+            }
+        )
 
     def set_val(self, val_loss: float) -> None:
         """Record a validation loss on the latest row and save the log."""
@@ -526,31 +739,47 @@ class TrainLog:
         r = self.rows[-1]
         recent = self.rows[-10:]
         train = sum(x["train_loss"] for x in recent) / len(recent)
-        return (f"update {r['step']:>4}/{total}  train {train:.3f}  val {r['val_loss']:.3f}  lr {r['learning_rate']:.2e}  "
-                f"{self.throughput()['useful_tokens_per_s']:.0f} response tok/s  {elapsed:.0f}s")  # fmt: skip
+        return (
+            f"update {r['step']:>4}/{total}  train {train:.3f}  val {r['val_loss']:.3f}  lr {r['learning_rate']:.2e}  "
+            f"{self.throughput()['useful_tokens_per_s']:.0f} response tok/s  {elapsed:.0f}s"
+        )
 
     def throughput(self) -> dict:
         """Tokens/s and response tokens/s over the updates that compiled nothing (steady state)."""
         rows = [r for r in self.rows if not r["compiled"]] or self.rows
         seconds = sum(r["seconds"] for r in rows) or 1e-9
-        return {"tokens_per_s": round(sum(r["tokens"] for r in rows) / seconds, 1),
-                "useful_tokens_per_s": round(sum(r["useful_tokens"] for r in rows) / seconds, 1)}  # fmt: skip
+        return {
+            "tokens_per_s": round(sum(r["tokens"] for r in rows) / seconds, 1),
+            "useful_tokens_per_s": round(sum(r["useful_tokens"] for r in rows) / seconds, 1),
+        }
 
     def flush(self) -> None:
         """Write the CSV atomically."""
         files.write_csv(self.path, self.rows, LOG_COLUMNS)
 
 
-def adapter_spec(cfg: TrainConfig, model: str, template, sequence_length: int, split_sha256: dict) -> dict:
+def adapter_spec(
+    cfg: TrainConfig, model: str, template, sequence_length: int, split_sha256: dict
+) -> dict:
     """Everything needed to rebuild the adapter on top of its base model, and the data it saw."""
     template = prompts.as_template(template)
-    return {"model": model, "template": template.style, "stop_token": template.stop, "sequence_length": sequence_length, "rank": cfg.rank,
-            "targets": cfg.targets, "lora_layers": lora_layer_names(cfg.targets), "alpha": float(cfg.alpha or cfg.rank),
-            "split_sha256": {s: split_sha256[s] for s in ("train", "val")}, "config": dataclasses.asdict(cfg)}  # fmt: skip
+    return {
+        "model": model,
+        "template": template.style,
+        "stop_token": template.stop,
+        "sequence_length": sequence_length,
+        "rank": cfg.rank,
+        "targets": cfg.targets,
+        "lora_layers": lora_layer_names(cfg.targets),
+        "alpha": float(cfg.alpha or cfg.rank),
+        "split_sha256": {s: split_sha256[s] for s in ("train", "val")},
+        "config": dataclasses.asdict(cfg),
+    }
 
 
 def save_adapter(lm, path: Path, spec: dict) -> tuple[Path, Path]:
-    """Write ``<name>.lora.h5`` (adapter weights only) and ``<name>.json`` (its spec), atomically."""
+    """Write ``<name>.lora.h5`` (adapter weights only) and ``<name>.json`` (its spec),
+    atomically."""
     path = Path(path)
     if not path.name.endswith(".lora.h5"):
         raise ValueError(f"{path}: adapter files must end in .lora.h5")
@@ -565,17 +794,26 @@ def load_adapter(lm, path: Path, model: str) -> dict:
     path = Path(path)
     spec_path = path.with_name(path.name.replace(".lora.h5", ".json"))
     if not path.exists() or not spec_path.exists():
-        raise FileNotFoundError(f"{path} (or its .json) not found: run notebooks/03_lora_finetune.ipynb first.")
+        raise FileNotFoundError(
+            f"{path} (or its .json) not found: run notebooks/03_lora_finetune.ipynb first."
+        )
     spec = files.read_json(spec_path)
     if spec["model"] != model:
-        raise ValueError(f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match.")
+        raise ValueError(
+            f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match."
+        )
     import h5py
 
     enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
     with h5py.File(path, "r") as f:
-        stored_rank, stored = int(f["lora/vars/rank"][()]), sorted(int(k) for k in f["lora"] if k.isdigit())
+        stored_rank, stored = (
+            int(f["lora/vars/rank"][()]),
+            sorted(int(k) for k in f["lora"] if k.isdigit()),
+        )
     if stored_rank != spec["rank"] or stored != sorted(compat.lora_layer_indices(lm.backbone)):
-        raise ValueError(f"{path}: weights (rank {stored_rank}, {len(stored)} layers) do not match its spec "
-                         f"(rank {spec['rank']}, targets {spec['targets']!r}); the adapter files are inconsistent.")  # fmt: skip
+        raise ValueError(
+            f"{path}: weights (rank {stored_rank}, {len(stored)} layers) do not match its spec "
+            f"(rank {spec['rank']}, targets {spec['targets']!r}); the adapter files are inconsistent."
+        )
     lm.backbone.load_lora_weights(str(path))
     return spec

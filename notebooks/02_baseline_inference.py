@@ -5,12 +5,14 @@
 # prompt template and generation settings that notebook 04 will reuse for the tuned model.
 #
 # - **Reads:** `data/processed/<DATASET>/` (from 01).
-# - **Writes:** `runs/<RUN_ID>/baseline_predictions.jsonl`, `baseline_scores.jsonl`, `baseline_metrics.json`.
+# - **Writes:** `runs/<RUN_ID>/baseline_predictions.jsonl`, `baseline_scores.jsonl`,
+# `baseline_metrics.json`.
 # - **Previous:** `01_prepare_data` · **Next:** `03_lora_finetune`
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
+# frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -19,28 +21,51 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     import subprocess
     import sys
 
-    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
-    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    # at the top of the code dataset (both mount layouts are searched)
+    marker = "requirements-kaggle.txt"
+    found = sorted(
+        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
+    )
     if not found:
-        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+        raise SystemExit(
+            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
+        )
     code = "/kaggle/working/gemma-lora"
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    # contents only: inputs are read-only
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
     shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    for archive in glob.glob(f"{code}/*.zip"):
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
-        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+    # earlier notebooks' kernel outputs, oldest first: the latest wins
+    for kind in ("data/processed", "runs"):
+        for earlier in sorted(
+            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
+        ):
             shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        f"{code}/wheels",
+    ]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
-    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+    # let JAX use the whole accelerator
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
+    print(
+        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
+    )
 
-from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+from nbutils import quiet
 
-quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+quiet.load_frameworks()
 
 # %%
 import json
@@ -51,7 +76,8 @@ from IPython.display import Markdown, display
 from nbutils import data, evaluation, files, models, prompts, runs, sequences
 
 # %% tags=["parameters"]
-MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or "gemma3_270m_local", "tiny", "gemma3_1b", …
+# embedded 270M offline / keras-hub preset on Kaggle; or "gemma3_270m_local", "tiny", "gemma3_1b", …
+MODEL = "auto"
 DATASET = "pycode-summary"  # folder name under data/processed written by notebook 01
 RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 MAX_TEST_ROWS = 0  # 0 means the whole test split
@@ -68,7 +94,10 @@ SEED = 0
 # %%
 splits, manifest = data.load_processed(DATASET)
 test_rows = splits["test"][: MAX_TEST_ROWS or None]
-template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
+template, SEQUENCE_LENGTH = (
+    prompts.Template.from_manifest(manifest),
+    manifest["params"]["sequence_length"],
+)
 out = runs.run_dir(RUN_ID)
 MODEL = models.choose_model(MODEL)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
@@ -98,12 +127,24 @@ predictions, scores, timing = evaluation.run_inference(
     lm, test_rows, template, SEQUENCE_LENGTH, MAX_NEW_TOKENS, GEN_BATCH_SIZE, SAMPLER, SEED
 )
 metrics = evaluation.aggregate(scores)
-settings = {"model": MODEL, "dataset": DATASET, "template": template.style, "stop_token": template.stop, "sequence_length": SEQUENCE_LENGTH,
-            "max_new_tokens": MAX_NEW_TOKENS, "sampler": SAMPLER, "gen_batch_size": GEN_BATCH_SIZE, "seed": SEED,
-            "test_rows": len(test_rows), "split_sha256": {"test": manifest["split_sha256"]["test"]}}  # fmt: skip
+settings = {
+    "model": MODEL,
+    "dataset": DATASET,
+    "template": template.style,
+    "stop_token": template.stop,
+    "sequence_length": SEQUENCE_LENGTH,
+    "max_new_tokens": MAX_NEW_TOKENS,
+    "sampler": SAMPLER,
+    "gen_batch_size": GEN_BATCH_SIZE,
+    "seed": SEED,
+    "test_rows": len(test_rows),
+    "split_sha256": {"test": manifest["split_sha256"]["test"]},
+}
 files.write_jsonl(out / "baseline_predictions.jsonl", predictions)
 files.write_jsonl(out / "baseline_scores.jsonl", scores)
-files.write_json(out / "baseline_metrics.json", {"settings": settings, "metrics": metrics, "timing": timing})
+files.write_json(
+    out / "baseline_metrics.json", {"settings": settings, "metrics": metrics, "timing": timing}
+)
 print(json.dumps(metrics, indent=1), timing)
 
 # %% [markdown]
@@ -113,7 +154,7 @@ print(json.dumps(metrics, indent=1), timing)
 # %%
 table = "| reference | baseline prediction | stopped |\n|---|---|---|\n"
 for p in predictions[:5]:
-    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]
     table += f"| {cell(p['reference'])} | {cell(p['prediction'])} | {p['stopped']} |\n"
 display(Markdown(table))
 
@@ -127,7 +168,13 @@ display(Markdown(table))
 saved = files.read_jsonl(out / "baseline_predictions.jsonl")
 assert [p["id"] for p in saved] == [r["id"] for r in test_rows] and saved
 assert all(p["stopped"] or p["n_tokens"] == MAX_NEW_TOKENS for p in saved)
-assert sum(bool(p["prediction"].strip()) for p in saved) >= 0.5 * len(saved), "most answers are empty"
+assert sum(bool(p["prediction"].strip()) for p in saved) >= 0.5 * len(saved), (
+    "most answers are empty"
+)
 chance = math.log(lm.backbone.vocabulary_size)  # the loss of a model that knows nothing
-assert math.isfinite(metrics["response_loss"]) and (MODEL == "tiny" or metrics["response_loss"] < chance / 2)
-print(f"OK: baseline ROUGE-L {metrics['rougeL_f1']:.3f}, stop rate {metrics['stop_rate']:.0%}, written to {out}")
+assert math.isfinite(metrics["response_loss"]) and (
+    MODEL == "tiny" or metrics["response_loss"] < chance / 2
+)
+print(
+    f"OK: baseline ROUGE-L {metrics['rougeL_f1']:.3f}, stop rate {metrics['stop_rate']:.0%}, written to {out}"
+)

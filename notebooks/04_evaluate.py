@@ -7,11 +7,13 @@
 #
 # - **Reads:** `data/processed/<DATASET>/`, `runs/<RUN_ID>/baseline_*` (02) and `adapter.*` (03).
 # - **Writes:** `runs/<RUN_ID>/tuned_predictions.jsonl`, `metrics.json`, `metrics.png`, `report.md`.
-# - **Previous:** `03_lora_finetune` · **Next:** `06_export` (`05_experiments` compares LoRA configurations)
+# - **Previous:** `03_lora_finetune` · **Next:** `06_export` (`05_experiments` compares LoRA
+# configurations)
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
+# frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -20,28 +22,51 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     import subprocess
     import sys
 
-    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
-    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    # at the top of the code dataset (both mount layouts are searched)
+    marker = "requirements-kaggle.txt"
+    found = sorted(
+        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
+    )
     if not found:
-        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+        raise SystemExit(
+            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
+        )
     code = "/kaggle/working/gemma-lora"
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    # contents only: inputs are read-only
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
     shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    for archive in glob.glob(f"{code}/*.zip"):
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
-        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+    # earlier notebooks' kernel outputs, oldest first: the latest wins
+    for kind in ("data/processed", "runs"):
+        for earlier in sorted(
+            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
+        ):
             shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        f"{code}/wheels",
+    ]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
-    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+    # let JAX use the whole accelerator
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
+    print(
+        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
+    )
 
-from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+from nbutils import quiet
 
-quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+quiet.load_frameworks()
 
 # %%
 from IPython.display import Image, Markdown, display
@@ -65,15 +90,19 @@ MODEL = models.choose_model(MODEL)
 baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
 settings = baseline["settings"]
 if settings["model"] != MODEL:
-    raise ValueError(f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02.")
+    raise ValueError(
+        f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02."
+    )
 splits, manifest = data.load_processed(DATASET)
 out = runs.run_dir(RUN_ID)
 spec = runs.read_step_output(RUN_ID, "03_lora_finetune")
 data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseline)")
 data.check_split_hashes(spec["split_sha256"], manifest, "notebook 03 (training)")
 if (spec["template"], spec["stop_token"]) != (settings["template"], settings["stop_token"]):
-    raise ValueError(f"the adapter was trained with template {spec['template']!r}/{spec['stop_token']!r} but the baseline "
-                     f"used {settings['template']!r}/{settings['stop_token']!r}; re-run 02 and 03 on the same data.")  # fmt: skip
+    raise ValueError(
+        f"the adapter was trained with template {spec['template']!r}/{spec['stop_token']!r} but the baseline "
+        f"used {settings['template']!r}/{settings['stop_token']!r}; re-run 02 and 03 on the same data."
+    )
 test_rows = splits["test"][: settings["test_rows"]]
 lm = models.load_gemma(MODEL, sequence_length=settings["sequence_length"], seed=SEED)
 spec = training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
@@ -84,9 +113,15 @@ print(f"adapter: rank {spec['rank']}, targets {spec['targets']}, alpha {spec['al
 
 # %%
 predictions, scores, timing = evaluation.run_inference(
-    lm, test_rows, prompts.Template(settings["template"], settings["stop_token"]), settings["sequence_length"], settings["max_new_tokens"],
-    settings["gen_batch_size"], settings["sampler"], settings["seed"],
-)  # fmt: skip
+    lm,
+    test_rows,
+    prompts.Template(settings["template"], settings["stop_token"]),
+    settings["sequence_length"],
+    settings["max_new_tokens"],
+    settings["gen_batch_size"],
+    settings["sampler"],
+    settings["seed"],
+)
 files.write_jsonl(out / "tuned_predictions.jsonl", predictions)
 files.write_jsonl(out / "tuned_scores.jsonl", scores)
 
@@ -96,7 +131,8 @@ files.write_jsonl(out / "tuned_scores.jsonl", scores)
 # for both models) and recompute the metrics. Rows of the built-in task come in modules (the split
 # keeps each module whole), and rows of one module resemble each other, so we resample **whole
 # modules** (a cluster bootstrap); resampling rows as if independent gives intervals that are too
-# narrow (both are in `metrics.json`). An interval entirely above 0 means the gain is not luck of the
+# narrow (both are in `metrics.json`). An interval entirely above 0 means the gain is not luck of
+# the
 # draw of test data.
 
 # %%
@@ -121,7 +157,13 @@ display(Markdown(examples))
 # `metrics.json` holds every number above; `report.md` is the same story in one readable file.
 
 # %%
-metrics = {"settings": settings, "adapter": spec, "comparison": comparison, "timing": timing, "n_test_rows": len(test_rows)}
+metrics = {
+    "settings": settings,
+    "adapter": spec,
+    "comparison": comparison,
+    "timing": timing,
+    "n_test_rows": len(test_rows),
+}
 files.write_json(out / "metrics.json", metrics)
 report_path = report.write_report(out, metrics, examples)
 print(f"report: {report_path}")
@@ -133,11 +175,23 @@ print(f"report: {report_path}")
 
 # %%
 saved = files.read_json(out / "metrics.json")["comparison"]
-assert set(saved) >= {"rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens"}
+assert set(saved) >= {
+    "rougeL_f1",
+    "chrf",
+    "exact_match",
+    "response_loss",
+    "stop_rate",
+    "mean_tokens",
+}
 assert [p["id"] for p in predictions] == [p["id"] for p in base_predictions]
-# The adapter was trained on these targets' distribution: a missing adapter, a wrong alpha or a broken
+# The adapter was trained on these targets' distribution: a missing adapter, a wrong alpha or a
+# broken
 # loss mask shows up as no gain in the reference loss (the random `tiny` test model is exempt).
-assert MODEL == "tiny" or saved["response_loss"]["diff"] < 0, "the tuned model is no better on the references"
+assert MODEL == "tiny" or saved["response_loss"]["diff"] < 0, (
+    "the tuned model is no better on the references"
+)
 assert report_path.read_text().startswith("# ")
 gain = saved["rougeL_f1"]
-print(f"OK: ROUGE-L {gain['baseline']:.3f} -> {gain['tuned']:.3f} (diff {gain['diff']:+.3f}, 95% CI {gain['ci95'][0]:+.3f}..{gain['ci95'][1]:+.3f})")
+print(
+    f"OK: ROUGE-L {gain['baseline']:.3f} -> {gain['tuned']:.3f} (diff {gain['diff']:+.3f}, 95% CI {gain['ci95'][0]:+.3f}..{gain['ci95'][1]:+.3f})"
+)

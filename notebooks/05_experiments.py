@@ -7,11 +7,13 @@
 # - **Reads:** `data/processed/<DATASET>/` (from 01), `runs/<RUN_ID>/baseline_*` (from 02).
 # - **Writes:** `runs/<RUN_ID>/sweep/<config>/` (adapter, log, `result.json`), `sweep_results.csv`,
 #   `sweep.png`, `sweep_report.md`, `sweep_choice.json` (the chosen parameters), `sweep_test.json`.
-# - **Previous:** `02_baseline_inference` (runs after 01 and 02; independent of 03–04) · **Next:** none
+# - **Previous:** `02_baseline_inference` (runs after 01 and 02; independent of 03–04) · **Next:**
+# none
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
+# frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -20,41 +22,79 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     import subprocess
     import sys
 
-    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
-    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    # at the top of the code dataset (both mount layouts are searched)
+    marker = "requirements-kaggle.txt"
+    found = sorted(
+        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
+    )
     if not found:
-        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+        raise SystemExit(
+            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
+        )
     code = "/kaggle/working/gemma-lora"
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    # contents only: inputs are read-only
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
     shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    for archive in glob.glob(f"{code}/*.zip"):
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
-        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+    # earlier notebooks' kernel outputs, oldest first: the latest wins
+    for kind in ("data/processed", "runs"):
+        for earlier in sorted(
+            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
+        ):
             shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        f"{code}/wheels",
+    ]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
-    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+    # let JAX use the whole accelerator
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
+    print(
+        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
+    )
 
-from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+from nbutils import quiet
 
-quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+quiet.load_frameworks()
 
 # %%
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, devices, evaluation, files, models, plots, prompts, report, runs, sweep, training
+from nbutils import (
+    data,
+    devices,
+    evaluation,
+    files,
+    models,
+    plots,
+    prompts,
+    report,
+    runs,
+    sweep,
+    training,
+)
 
 # %% tags=["parameters"]
 MODEL = "auto"  # the model 02 used
 DATASET = "pycode-summary"
 RUN_ID = "manual"
-SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}  # a grid, or a list of configurations
-# Keys: rank, targets, learning_rate, alpha, quantize ("" or "int8": the frozen base weights in int8, QLoRA-style)
-DEFAULT_CONFIG = {"rank": 8, "targets": "query,value"}  # keras-hub's default, compared with the chosen one on test
+# a grid, or a list of configurations
+SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}
+# Keys: rank, targets, learning_rate, alpha, quantize ("" or "int8": the frozen base weights in
+# int8, QLoRA-style)
+# keras-hub's default, compared with the chosen one on test
+DEFAULT_CONFIG = {"rank": 8, "targets": "query,value"}
 LEARNING_RATE = 5e-4  # used where a configuration does not set "learning_rate"
 LORA_ALPHA = 0  # used where a configuration does not set "alpha"; 0 means alpha equal to the rank
 WEIGHT_DECAY = 0.01
@@ -67,7 +107,8 @@ EPOCHS = 1
 MAX_STEPS = 100  # the shared budget: optimizer updates per configuration (0 means EPOCHS passes)
 EVAL_EVERY = 25
 PATIENCE = 3
-MAX_VAL_ROWS = 0  # 0 means the whole val split (validation ROUGE-L generates an answer for each row)
+# 0 means the whole val split (validation ROUGE-L generates an answer for each row)
+MAX_VAL_ROWS = 0
 N_BOOTSTRAP = 1000
 MIXED_PRECISION = "auto"
 DISTRIBUTION = "auto"  # as in notebook 03
@@ -76,7 +117,8 @@ SEED = 0
 
 # %% [markdown]
 # ## 1. The grid and the shared budget
-# Every configuration trains on the same rows, in the same order, for the same number of updates with
+# Every configuration trains on the same rows, in the same order, for the same number of updates
+# with
 # the same schedule and seed, so differences come from the configuration alone. Generation settings
 # (answer length, sampler) are notebook 02's, read from its output.
 
@@ -88,24 +130,55 @@ devices.use_distribution(DISTRIBUTION)
 baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
 settings = baseline["settings"]
 if settings["model"] != MODEL:
-    raise ValueError(f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02.")
+    raise ValueError(
+        f"RUN_ID={RUN_ID!r} has a baseline for model={settings['model']!r}, not {MODEL!r}; rerun 02."
+    )
 splits, manifest = data.load_processed(DATASET)
 data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseline)")
-template, SEQUENCE_LENGTH = prompts.Template.from_manifest(manifest), manifest["params"]["sequence_length"]
+template, SEQUENCE_LENGTH = (
+    prompts.Template.from_manifest(manifest),
+    manifest["params"]["sequence_length"],
+)
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
 out = runs.run_dir(RUN_ID)
-defaults = {"rank": 8, "targets": "query,value", "learning_rate": LEARNING_RATE, "alpha": LORA_ALPHA, "quantize": ""}
+defaults = {
+    "rank": 8,
+    "targets": "query,value",
+    "learning_rate": LEARNING_RATE,
+    "alpha": LORA_ALPHA,
+    "quantize": "",
+}
 configs = sweep.expand(SWEEP, defaults)
 default_config = sweep.expand([DEFAULT_CONFIG], defaults)[0]
 if default_config not in configs:
     configs.append(default_config)  # trained too, so the test comparison has it
-budget = {"model": MODEL, "dataset": DATASET, "split_sha256": manifest["split_sha256"], "batch_size": BATCH_SIZE,
-          "grad_accum": GRAD_ACCUM, "epochs": EPOCHS, "max_steps": MAX_STEPS, "warmup_steps": WARMUP_STEPS,
-          "schedule": SCHEDULE, "weight_decay": WEIGHT_DECAY, "clipnorm": CLIPNORM, "eval_every": EVAL_EVERY,
-          "patience": PATIENCE, "val_rows": len(val_rows), "precision": policy, "seed": SEED,
-          "generation": {k: settings[k] for k in ("max_new_tokens", "sampler", "seed", "gen_batch_size")}}  # fmt: skip
-done = {sweep.config_name(c) for c in configs if sweep.finished(out / "sweep" / sweep.config_name(c), budget)}
-print(f"{len(configs)} configurations, {len(done)} already finished: {', '.join(sweep.config_name(c) for c in configs)}")
+budget = {
+    "model": MODEL,
+    "dataset": DATASET,
+    "split_sha256": manifest["split_sha256"],
+    "batch_size": BATCH_SIZE,
+    "grad_accum": GRAD_ACCUM,
+    "epochs": EPOCHS,
+    "max_steps": MAX_STEPS,
+    "warmup_steps": WARMUP_STEPS,
+    "schedule": SCHEDULE,
+    "weight_decay": WEIGHT_DECAY,
+    "clipnorm": CLIPNORM,
+    "eval_every": EVAL_EVERY,
+    "patience": PATIENCE,
+    "val_rows": len(val_rows),
+    "precision": policy,
+    "seed": SEED,
+    "generation": {k: settings[k] for k in ("max_new_tokens", "sampler", "seed", "gen_batch_size")},
+}
+done = {
+    sweep.config_name(c)
+    for c in configs
+    if sweep.finished(out / "sweep" / sweep.config_name(c), budget)
+}
+print(
+    f"{len(configs)} configurations, {len(done)} already finished: {', '.join(sweep.config_name(c) for c in configs)}"
+)
 
 # %% [markdown]
 # ## 2. Train each configuration
@@ -114,25 +187,54 @@ print(f"{len(configs)} configurations, {len(done)} already finished: {', '.join(
 # schedule; then an answer for every validation row (greedy, as in 02) to score validation ROUGE-L.
 # Finished configurations are skipped, so a killed sweep continues where it stopped.
 
+
 # %%
 def train_config(config: dict, folder) -> dict:
     """Train one configuration on the shared budget; save its adapter and validation answers."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
     if config["quantize"]:
-        training.quantize_base(lm, config["quantize"])  # before enable_lora, as keras.io's QLoRA recipe does
+        # before enable_lora, as keras.io's QLoRA recipe does
+        training.quantize_base(lm, config["quantize"])
     params = training.enable_lora(lm, config["rank"], config["targets"], config["alpha"], seed=SEED)
     cfg = training.TrainConfig(
-        rank=config["rank"], targets=config["targets"], alpha=config["alpha"], learning_rate=config["learning_rate"],
-        weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, schedule=SCHEDULE, clipnorm=CLIPNORM, batch_size=BATCH_SIZE,
-        grad_accum=GRAD_ACCUM, epochs=EPOCHS, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=PATIENCE, seed=SEED,
-    )  # fmt: skip
+        rank=config["rank"],
+        targets=config["targets"],
+        alpha=config["alpha"],
+        learning_rate=config["learning_rate"],
+        weight_decay=WEIGHT_DECAY,
+        warmup_steps=WARMUP_STEPS,
+        schedule=SCHEDULE,
+        clipnorm=CLIPNORM,
+        batch_size=BATCH_SIZE,
+        grad_accum=GRAD_ACCUM,
+        epochs=EPOCHS,
+        max_steps=MAX_STEPS,
+        eval_every=EVAL_EVERY,
+        patience=PATIENCE,
+        seed=SEED,
+    )
     optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
-    result = training.train_lora(lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder)
-    training.save_adapter(lm, folder / "adapter.lora.h5", training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]))
-    answers = evaluation.generate(lm, val_rows, template, settings["max_new_tokens"], settings["gen_batch_size"],
-                                  settings["sampler"], settings["seed"])  # fmt: skip
+    result = training.train_lora(
+        lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder
+    )
+    training.save_adapter(
+        lm,
+        folder / "adapter.lora.h5",
+        training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"]),
+    )
+    answers = evaluation.generate(
+        lm,
+        val_rows,
+        template,
+        settings["max_new_tokens"],
+        settings["gen_batch_size"],
+        settings["sampler"],
+        settings["seed"],
+    )
     files.write_jsonl(folder / "val_scores.jsonl", evaluation.score_rows(answers))
-    return sweep.record(config, budget, result, params, files.read_jsonl(folder / "val_scores.jsonl"))
+    return sweep.record(
+        config, budget, result, params, files.read_jsonl(folder / "val_scores.jsonl")
+    )
 
 
 results = []
@@ -142,9 +244,12 @@ for n, config in enumerate(configs, 1):
     if result is None:
         print(f"[{n}/{len(configs)}] {folder.name}: training", flush=True)
         result = train_config(config, folder)
-        files.write_json(folder / "result.json", result)  # written last: marks the configuration finished
-    print(f"[{n}/{len(configs)}] {folder.name}: {result['trainable_params']:,} params, best val loss "
-          f"{result['best_val_loss']:.3f}, val ROUGE-L {result['val_rougeL_f1']:.3f}, {result['train_seconds']} s")  # fmt: skip
+        # written last: marks the configuration finished
+        files.write_json(folder / "result.json", result)
+    print(
+        f"[{n}/{len(configs)}] {folder.name}: {result['trainable_params']:,} params, best val loss "
+        f"{result['best_val_loss']:.3f}, val ROUGE-L {result['val_rougeL_f1']:.3f}, {result['train_seconds']} s"
+    )
     results.append(result)
 
 # %% [markdown]
@@ -165,7 +270,9 @@ display(Image(filename=str(plots.sweep_plot(results, out / "sweep.png"))))
 # the fewest trainable parameters. The test split is not looked at until the choice is made.
 
 # %%
-val_scores = {r["name"]: files.read_jsonl(out / "sweep" / r["name"] / "val_scores.jsonl") for r in results}
+val_scores = {
+    r["name"]: files.read_jsonl(out / "sweep" / r["name"] / "val_scores.jsonl") for r in results
+}
 groups = data.bootstrap_groups(val_rows)
 choice = sweep.choose(results, val_scores, N_BOOTSTRAP, SEED, groups)
 chosen = next(r for r in results if r["name"] == choice["chosen"])
@@ -178,16 +285,26 @@ files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
 # Against the base model (notebook 02's answers) and against the default configuration, each with a
 # paired bootstrap 95% CI as in notebook 04.
 
+
 # %%
 def test_scores(name: str) -> list[dict]:
-    """Test-split scores of one configuration's saved adapter (on a base quantized as in training)."""
+    """Test-split scores of one configuration's saved adapter (on a base quantized as in
+    training)."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
     quantize = files.read_json(out / "sweep" / name / "result.json").get("quantize")
     if quantize:
         training.quantize_base(lm, quantize)
     training.load_adapter(lm, out / "sweep" / name / "adapter.lora.h5", MODEL)
-    _, scores, _ = evaluation.run_inference(lm, test_rows, template, SEQUENCE_LENGTH, settings["max_new_tokens"],
-                                            settings["gen_batch_size"], settings["sampler"], settings["seed"])  # fmt: skip
+    _, scores, _ = evaluation.run_inference(
+        lm,
+        test_rows,
+        template,
+        SEQUENCE_LENGTH,
+        settings["max_new_tokens"],
+        settings["gen_batch_size"],
+        settings["sampler"],
+        settings["seed"],
+    )
     return scores
 
 
@@ -195,39 +312,65 @@ test_groups = data.bootstrap_groups(test_rows)
 chosen_test = test_scores(chosen["name"])
 default_name = sweep.config_name(default_config)
 default_test = chosen_test if default_name == chosen["name"] else test_scores(default_name)
-vs_base = evaluation.paired_bootstrap(files.read_jsonl(out / "baseline_scores.jsonl"), chosen_test, N_BOOTSTRAP, SEED, test_groups)
+vs_base = evaluation.paired_bootstrap(
+    files.read_jsonl(out / "baseline_scores.jsonl"), chosen_test, N_BOOTSTRAP, SEED, test_groups
+)
 vs_default = evaluation.paired_bootstrap(default_test, chosen_test, N_BOOTSTRAP, SEED, test_groups)
-earlier = files.read_json(out / "sweep_test.json").get("evaluations", []) if (out / "sweep_test.json").exists() else []
-if earlier:  # a rerun (e.g. a larger grid) looks at the test split again: say so, and keep every evaluation
-    print(f"note: the test split was evaluated {len(earlier)} time(s) before in this run "
-          f"({', '.join(e['chosen'] for e in earlier)}); all are kept in sweep_test.json")  # fmt: skip
-evaluation_record = {"chosen": chosen["name"], "default": default_name, "vs_baseline": vs_base, "vs_default": vs_default}
+earlier = (
+    files.read_json(out / "sweep_test.json").get("evaluations", [])
+    if (out / "sweep_test.json").exists()
+    else []
+)
+# a rerun (e.g. a larger grid) looks at the test split again: say so, and keep every evaluation
+if earlier:
+    print(
+        f"note: the test split was evaluated {len(earlier)} time(s) before in this run "
+        f"({', '.join(e['chosen'] for e in earlier)}); all are kept in sweep_test.json"
+    )
+evaluation_record = {
+    "chosen": chosen["name"],
+    "default": default_name,
+    "vs_baseline": vs_base,
+    "vs_default": vs_default,
+}
 files.write_json(out / "sweep_test.json", {"evaluations": [*earlier, evaluation_record]})
 display(Markdown("**Chosen vs base model** (test)\n\n" + report.comparison_table(vs_base)))
-display(Markdown(f"**Chosen vs default `{default_name}`** (test; 'baseline' column = default)\n\n" + report.comparison_table(vs_default)))
+display(
+    Markdown(
+        f"**Chosen vs default `{default_name}`** (test; 'baseline' column = default)\n\n"
+        + report.comparison_table(vs_default)
+    )
+)
 test_sentence = sweep.test_sentence(chosen["name"], default_name, vs_base, vs_default)
 display(Markdown(test_sentence))
 
 # %% [markdown]
 # ## 6. Report
 # `sweep_report.md` gathers the table, the figure, the choice and the test result;
-# `sweep_choice.json` can be passed on: `python -m nbutils.pipeline --profile cpu --params runs/<RUN_ID>/sweep_choice.json`.
+# `sweep_choice.json` can be passed on: `python -m nbutils.pipeline --profile cpu --params
+# runs/<RUN_ID>/sweep_choice.json`.
 
 # %%
-report_path = files.write_text(out / "sweep_report.md", sweep.report_markdown(RUN_ID, results, choice, conclusion, test_sentence,
-                                                                              report.comparison_table(vs_base)))  # fmt: skip
+report_path = files.write_text(
+    out / "sweep_report.md",
+    sweep.report_markdown(
+        RUN_ID, results, choice, conclusion, test_sentence, report.comparison_table(vs_base)
+    ),
+)
 print(f"report: {report_path}")
 
 # %% [markdown]
 # ## Summary
-# Every configuration finished with a finite loss, the choice follows the rule, and the files are there.
+# Every configuration finished with a finite loss, the choice follows the rule, and the files are
+# there.
 
 # %%
 saved = files.read_json(out / "sweep_choice.json")
 assert len(results) == len(configs) and all(r["best_val_loss"] < float("inf") for r in results)
 assert saved["RANK"] == chosen["rank"] and saved["LORA_TARGETS"] == chosen["targets"]
 assert chosen["name"] in choice["candidates"] and chosen["trainable_params"] == min(
-    r["trainable_params"] for r in results if r["name"] in choice["candidates"])
+    r["trainable_params"] for r in results if r["name"] in choice["candidates"]
+)
 assert len((out / "sweep_results.csv").read_text().splitlines()) == len(results) + 1
 assert (out / "sweep.png").stat().st_size > 0 and report_path.read_text().startswith("# ")
 print(f"OK: {len(results)} configurations; chosen {chosen['name']}")

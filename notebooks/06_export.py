@@ -5,13 +5,16 @@
 # keras-hub preset, Hugging Face transformers safetensors, and a GGUF for llama.cpp / Ollama — and
 # prove each one computes what the trained model computed.
 #
-# - **Reads:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `probe.npz` (from 03), `data/processed/<DATASET>/` (from 01).
-# - **Writes:** `runs/<RUN_ID>/export/` (`keras/`, `transformers/`, `model.gguf`, `export_verification.json`).
+# - **Reads:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `probe.npz` (from 03),
+# `data/processed/<DATASET>/` (from 01).
+# - **Writes:** `runs/<RUN_ID>/export/` (`keras/`, `transformers/`, `model.gguf`,
+# `export_verification.json`).
 # - **Previous:** `04_evaluate` · **Next:** none
 
 # %%
 # Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the frameworks quietly.
+# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
+# frameworks quietly.
 import os
 
 if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -20,28 +23,51 @@ if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
     import subprocess
     import sys
 
-    marker = "requirements-kaggle.txt"  # at the top of the code dataset (both mount layouts are searched)
-    found = sorted(glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}"))
+    # at the top of the code dataset (both mount layouts are searched)
+    marker = "requirements-kaggle.txt"
+    found = sorted(
+        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
+    )
     if not found:
-        raise SystemExit("Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'.")
+        raise SystemExit(
+            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
+        )
     code = "/kaggle/working/gemma-lora"
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)  # contents only: inputs are read-only
+    # contents only: inputs are read-only
+    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
     shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    for archive in glob.glob(f"{code}/*.zip"):  # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    # `kaggle datasets create --dir-mode zip` uploads folders as zips
+    for archive in glob.glob(f"{code}/*.zip"):
         shutil.unpack_archive(archive, archive[: -len(".zip")])
-    for kind in ("data/processed", "runs"):  # earlier notebooks' kernel outputs, oldest first: the latest wins
-        for earlier in sorted(glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")):
+    # earlier notebooks' kernel outputs, oldest first: the latest wins
+    for kind in ("data/processed", "runs"):
+        for earlier in sorted(
+            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
+        ):
             shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", f"{code}/wheels"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        f"{code}/wheels",
+    ]
     subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
     sys.path.insert(0, code)
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")  # let JAX use the whole accelerator
-    print(f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels.")
+    # let JAX use the whole accelerator
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
+    print(
+        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
+    )
 
-from nbutils import quiet  # noqa: E402  (after the Kaggle set-up has put the code on sys.path)
+from nbutils import quiet
 
-quiet.load_frameworks()  # JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
+quiet.load_frameworks()
 
 # %%
 import numpy as np
@@ -53,14 +79,17 @@ from nbutils import data, export, files, gguf_port, models, prompts, report, run
 MODEL = "auto"  # the base model 03 trained on
 DATASET = "pycode-summary"
 RUN_ID = "manual"
-EXPORTS = "keras,transformers,gguf"  # any of these, comma-separated (each is a full copy of the model)
-TOLERANCE = 1e-3  # max |logit difference| allowed for a merged export (fp32 round-off of folding A·B into W)
+# any of these, comma-separated (each is a full copy of the model)
+EXPORTS = "keras,transformers,gguf"
+# max |logit difference| allowed for a merged export (fp32 round-off of folding A·B into W)
+TOLERANCE = 1e-3
 
 # %% [markdown]
 # ## 1. The trained model, rebuilt from its adapter
 # Notebook 03 saved a *probe*: two validation rows and the trained model's final hidden states on
 # them. Rebuilding base + adapter from `adapter.lora.h5` must give the **same** logits (tolerance 0:
-# same weights, same computation; checked when 03 trained in fp32 on one device). The rebuilt model's logits are
+# same weights, same computation; checked when 03 trained in fp32 on one device). The rebuilt
+# model's logits are
 # the reference for every export; the base model's show how much the adapter changes them, so a
 # check can tell a dropped adapter from round-off.
 
@@ -69,31 +98,45 @@ MODEL = models.choose_model(MODEL)
 exports = [e.strip() for e in EXPORTS.split(",") if e.strip()]
 unknown = set(exports) - {"keras", "transformers", "gguf"}
 if unknown:
-    raise ValueError(f"EXPORTS={EXPORTS!r}: unknown {', '.join(sorted(unknown))}; use keras, transformers and/or gguf.")
+    raise ValueError(
+        f"EXPORTS={EXPORTS!r}: unknown {', '.join(sorted(unknown))}; use keras, transformers and/or gguf."
+    )
 training.mixed_precision("off")  # checks in fp32, whatever the training precision was
 out, spec = runs.run_dir(RUN_ID), runs.read_step_output(RUN_ID, "03_lora_finetune")
 probe = export.load_probe(out / export.PROBE_FILE)
 inputs = {"token_ids": probe["token_ids"], "padding_mask": probe["padding_mask"]}
 splits, manifest = data.load_processed(DATASET)
 template = prompts.Template(spec["template"], spec["stop_token"])
-texts = [prompts.render_prompt(r, template) + r["output"] for r in splits["val"][:32]]  # for the tokenizer checks
+# for the tokenizer checks
+texts = [prompts.render_prompt(r, template) + r["output"] for r in splits["val"][:32]]
 
 lm = models.load_gemma(MODEL, sequence_length=spec["sequence_length"])
 base_logits = export.logits(lm, export.hidden_states(lm, inputs))
 training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
-reference = export.logits(lm, export.hidden_states(lm, inputs))  # the reference for every export below
-if probe["policy"] == "float32" and not probe["distributed"]:  # the rebuilt model must match the trained one exactly
-    checks = {"adapter_reloaded": export.compare(export.logits(lm, probe["hidden"]), reference, 0.0)}
-else:  # bf16 or sharded training computed differently from these single-device fp32 checks: nothing exact to compare
+# the reference for every export below
+reference = export.logits(lm, export.hidden_states(lm, inputs))
+# the rebuilt model must match the trained one exactly
+if probe["policy"] == "float32" and not probe["distributed"]:
+    checks = {
+        "adapter_reloaded": export.compare(export.logits(lm, probe["hidden"]), reference, 0.0)
+    }
+# bf16 or sharded training computed differently from these single-device fp32 checks: nothing exact
+# to compare
+else:
     why = f"trained under {probe['policy']}{' on a device mesh' if probe['distributed'] else ''}; checked in float32 on one device"
     checks = {"adapter_reloaded": {"skipped": why, "passed": None}}
 effect = float(np.max(np.abs(reference - base_logits)))
 empty = export.adapter_is_empty(lm.backbone)
-print(f"probe: {inputs['token_ids'].shape[0]} rows x {inputs['token_ids'].shape[1]} tokens; "
-      f"adapter changes the logits by up to {effect:.3g}")  # fmt: skip
+print(
+    f"probe: {inputs['token_ids'].shape[0]} rows x {inputs['token_ids'].shape[1]} tokens; "
+    f"adapter changes the logits by up to {effect:.3g}"
+)
 if empty:
-    print("the adapter is EMPTY (every B matrix is zero): the tuned model is the base model; the exports are of the base.")
-# Merged exports may differ from the unmerged model by fp32 round-off, never by the adapter itself: the
+    print(
+        "the adapter is EMPTY (every B matrix is zero): the tuned model is the base model; the exports are of the base."
+    )
+# Merged exports may differ from the unmerged model by fp32 round-off, never by the adapter itself:
+# the
 # tolerance is TOLERANCE or a tenth of the adapter's effect, whichever is smaller.
 tolerance = TOLERANCE if empty else min(TOLERANCE, effect / 10)
 print(f"tolerance for the merged exports: {tolerance:.3g}")
@@ -107,36 +150,53 @@ print(f"tolerance for the merged exports: {tolerance:.3g}")
 # %%
 merged = export.merged_copy(lm)
 del lm  # one model in memory fewer
-checks["merged_in_memory"] = export.compare(reference, export.logits(merged, export.hidden_states(merged, inputs)), tolerance)
+checks["merged_in_memory"] = export.compare(
+    reference, export.logits(merged, export.hidden_states(merged, inputs)), tolerance
+)
 folder = out / "export"
 
 # %% [markdown]
 # ## 3. Write each export, load it back, compare
-# - **keras-hub preset**: `save_to_preset`, reloaded with `keras_hub.models.CausalLM.from_preset(folder)`
+# - **keras-hub preset**: `save_to_preset`, reloaded with
+# `keras_hub.models.CausalLM.from_preset(folder)`
 #   (`models.load_gemma(folder)` calls it).
 # - **transformers**: `export_to_transformers` writes `config.json`, `model.safetensors` and the
 #   tokenizer; keras-hub's own transformers converter loads it back (`from_preset` on the folder).
-# - **GGUF** (f32, llama.cpp's Gemma 3 layout): written with the `gguf` package and read back with the
-#   project's GGUF port, the one that loads the embedded model. For the transformers and GGUF exports
+# - **GGUF** (f32, llama.cpp's Gemma 3 layout): written with the `gguf` package and read back with
+# the
+# project's GGUF port, the one that loads the embedded model. For the transformers and GGUF exports
 #   the tokenizer travels too, so it is checked: the same ids on 32 validation texts.
+
 
 # %%
 def check(name, reloaded):
     """Compare a reloaded export's logits (and tokenizer) with the trained model's."""
-    checks[name] = export.compare(reference, export.logits(reloaded, export.hidden_states(reloaded, inputs)), tolerance)
-    differing = export.differing_token_ids(merged.preprocessor.tokenizer, reloaded.preprocessor.tokenizer, texts)
-    checks[f"{name}_tokenizer"] = {"differing_texts": differing, "tolerance": 0, "passed": differing == 0}
+    checks[name] = export.compare(
+        reference, export.logits(reloaded, export.hidden_states(reloaded, inputs)), tolerance
+    )
+    differing = export.differing_token_ids(
+        merged.preprocessor.tokenizer, reloaded.preprocessor.tokenizer, texts
+    )
+    checks[f"{name}_tokenizer"] = {
+        "differing_texts": differing,
+        "tolerance": 0,
+        "passed": differing == 0,
+    }
 
 
 written = {}
 if "keras" in exports:
     written["keras"] = export.save_keras_preset(merged, folder / "keras")
-    check("keras_preset", models.load_gemma(str(written["keras"]), spec["sequence_length"]))  # from_preset(folder)
+    # from_preset(folder)
+    check("keras_preset", models.load_gemma(str(written["keras"]), spec["sequence_length"]))
 if "transformers" in exports:
     written["transformers"] = export.save_transformers(merged, folder / "transformers")
-    check("transformers", models.load_gemma(str(written["transformers"]), spec["sequence_length"]))  # keras-hub converts it
+    # keras-hub converts it
+    check("transformers", models.load_gemma(str(written["transformers"]), spec["sequence_length"]))
 if "gguf" in exports and gguf_port.exportable(merged.backbone):
-    written["gguf"] = gguf_port.write_gguf(merged, folder / "model.gguf", name=f"{MODEL} + LoRA ({RUN_ID})")
+    written["gguf"] = gguf_port.write_gguf(
+        merged, folder / "model.gguf", name=f"{MODEL} + LoRA ({RUN_ID})"
+    )
     check("gguf", models.gguf_causal_lm(written["gguf"]))
 elif "gguf" in exports:
     print(f"GGUF skipped: {gguf_port.not_exportable_reason(merged.backbone)}")
@@ -146,14 +206,33 @@ elif "gguf" in exports:
 # `export_verification.json` holds every check; a failed one stops the notebook here.
 
 # %%
-verification = {"checks": checks, "adapter": {"empty": empty, "max_abs_logit_change": effect, "rank": spec["rank"],
-                "targets": spec["targets"]}, "files": {k: {"path": str(p.relative_to(out)), "mb": export.folder_mb(p)}
-                for k, p in written.items()}, "probe_shape": list(inputs["token_ids"].shape)}  # fmt: skip
+verification = {
+    "checks": checks,
+    "adapter": {
+        "empty": empty,
+        "max_abs_logit_change": effect,
+        "rank": spec["rank"],
+        "targets": spec["targets"],
+    },
+    "files": {
+        k: {"path": str(p.relative_to(out)), "mb": export.folder_mb(p)} for k, p in written.items()
+    },
+    "probe_shape": list(inputs["token_ids"].shape),
+}
 files.write_json(folder / "export_verification.json", verification)
-display(Markdown(report.table([{"check": k, **c} for k, c in checks.items()], ("check", "max_abs_diff", "differing_texts", "tolerance", "passed"))))
+display(
+    Markdown(
+        report.table(
+            [{"check": k, **c} for k, c in checks.items()],
+            ("check", "max_abs_diff", "differing_texts", "tolerance", "passed"),
+        )
+    )
+)
 failed = [k for k, c in checks.items() if c["passed"] is False]
 if failed:
-    raise AssertionError(f"export check(s) failed: {', '.join(failed)} (see {folder / 'export_verification.json'})")
+    raise AssertionError(
+        f"export check(s) failed: {', '.join(failed)} (see {folder / 'export_verification.json'})"
+    )
 
 # %% [markdown]
 # ## Summary
@@ -163,7 +242,10 @@ if failed:
 # %%
 saved = files.read_json(folder / "export_verification.json")
 assert all(c["passed"] is not False for c in saved["checks"].values())
-assert "skipped" in saved["checks"]["adapter_reloaded"] or saved["checks"]["adapter_reloaded"]["max_abs_diff"] == 0.0
+assert (
+    "skipped" in saved["checks"]["adapter_reloaded"]
+    or saved["checks"]["adapter_reloaded"]["max_abs_diff"] == 0.0
+)
 assert set(written) == {e for e in exports if e != "gguf" or gguf_port.exportable(merged.backbone)}
 assert all(p.exists() for p in written.values())
 assert empty or tolerance < effect, "a dropped adapter would pass these checks"

@@ -1,7 +1,8 @@
 """Checks of nbutils.decoding against keras-hub's own generate function, on tiny random models.
 
-``tests/test_decoding.py`` runs them on the pinned stack; run as a script (by the same tests, with the
-Kaggle image's keras-hub 0.26) they run on both tiny models and print each model's cache layout as JSON.
+``tests/test_decoding.py`` runs them on the pinned stack; run as a script (by the same tests, with
+the Kaggle image's keras-hub 0.26) they run on both tiny models and print each model's cache layout
+as JSON.
 """
 
 from __future__ import annotations
@@ -23,16 +24,29 @@ def tiny_gemma2():
 
     keras.utils.set_random_seed(1)
     backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=1000, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=64,
-        intermediate_dim=128, head_dim=32, query_head_dim_normalize=False, use_post_ffw_norm=True,
-        use_post_attention_norm=True, final_logit_soft_cap=30.0, attention_logit_soft_cap=50.0,
-        use_sliding_window_attention=True, sliding_window_size=64)  # fmt: skip
+        vocabulary_size=1000,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=64,
+        intermediate_dim=128,
+        head_dim=32,
+        query_head_dim_normalize=False,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        final_logit_soft_cap=30.0,
+        attention_logit_soft_cap=50.0,
+        use_sliding_window_attention=True,
+        sliding_window_size=64,
+    )
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
 
 def tiny_model(family: str):
     """A tiny random model: Gemma 3 with 6 layers (5 sliding-window, 1 global) or Gemma 2."""
-    return models.tiny_gemma(sequence_length=64, num_layers=6) if family == "gemma3" else tiny_gemma2()
+    return (
+        models.tiny_gemma(sequence_length=64, num_layers=6) if family == "gemma3" else tiny_gemma2()
+    )
 
 
 def prompts_of(lengths, vocab: int) -> list[list[int]]:
@@ -42,10 +56,13 @@ def prompts_of(lengths, vocab: int) -> list[list[int]]:
 
 
 def keras_hub_tokens(lm, prompt: list[int], n: int) -> np.ndarray:
-    """The ``n`` tokens keras-hub's own compiled generate function decodes after one unpadded prompt (no stop token)."""
+    """The ``n`` tokens keras-hub's own compiled generate function decodes after one unpadded prompt
+    (no stop token)."""
     ids = np.zeros((1, len(prompt) + n), np.int32)
     ids[0, : len(prompt)] = prompt
-    return np.asarray(lm.make_generate_function()({"token_ids": ids, "padding_mask": ids != 0})["token_ids"])[0, len(prompt) :]
+    return np.asarray(
+        lm.make_generate_function()({"token_ids": ids, "padding_mask": ids != 0})["token_ids"]
+    )[0, len(prompt) :]
 
 
 def first_stop(tokens, stops) -> int:
@@ -54,29 +71,44 @@ def first_stop(tokens, stops) -> int:
 
 
 def check_batch_matches_keras_hub(lm) -> None:
-    """Prompts of 5, 40 and 70 tokens left-padded in one batch of 4 rows give keras-hub's greedy tokens per row; so do later batches."""
+    """Prompts of 5, 40 and 70 tokens left-padded in one batch of 4 rows give keras-hub's greedy
+    tokens per row; so do later batches."""
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS, vocab)
     end = decoding.prompt_end(prompt_ids)
     assert end == 96, end
     decode = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, end, n, [vocab - 1])
     lm.compile(sampler=evaluation.make_sampler("greedy"))
-    # then batches whose leading chunks hold padding only (skipped): 31 and 32 tokens of padding, and 76
+    # then batches whose leading chunks hold padding only (skipped): 31 and 32 tokens of padding,
+    # and 76
     for batch in (prompt_ids, prompts_of((65, 64), vocab), prompts_of((5, 20), vocab)):
         new = decode(batch)
         assert new.shape == (len(batch), n), new.shape
         for row, prompt in enumerate(batch):
-            np.testing.assert_array_equal(new[row], keras_hub_tokens(lm, prompt, n), err_msg=f"row of {len(prompt)} tokens")
+            np.testing.assert_array_equal(
+                new[row], keras_hub_tokens(lm, prompt, n), err_msg=f"row of {len(prompt)} tokens"
+            )
 
 
 def check_early_stop(lm) -> None:
-    """Rows stop on any stop id; decoding ends once the last row has stopped, also in a batch with unused rows."""
+    """Rows stop on any stop id; decoding ends once the last row has stopped, also in a batch with
+    unused rows."""
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS[:2], vocab)
-    plain = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, [vocab - 1])(prompt_ids)
-    stops, ends = next((s, e) for a in plain[0, 1:] for b in plain[1, 3:] for s in [{int(a), int(b)}]
-                       for e in [[first_stop(plain[r], s) for r in (0, 1)]] if 0 < e[0] < e[1] < n - 2)  # fmt: skip
-    new = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, sorted(stops))(prompt_ids)
+    plain = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, [vocab - 1])(
+        prompt_ids
+    )
+    stops, ends = next(
+        (s, e)
+        for a in plain[0, 1:]
+        for b in plain[1, 3:]
+        for s in [{int(a), int(b)}]
+        for e in [[first_stop(plain[r], s) for r in (0, 1)]]
+        if 0 < e[0] < e[1] < n - 2
+    )
+    new = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, sorted(stops))(
+        prompt_ids
+    )
     np.testing.assert_array_equal(new[:, : ends[1] + 1], plain[:, : ends[1] + 1])
     assert (new[:, ends[1] + 1 :] == 0).all(), new  # the loop ended when the second row stopped
     stop = int(plain[0, ends[0]])
@@ -85,9 +117,13 @@ def check_early_stop(lm) -> None:
 
 
 def check_seeded_sampling(lm) -> None:
-    """top-k sampling draws what keras-hub's generate draws from the same seed, repeats with it, and moves on between batches."""
+    """top-k sampling draws what keras-hub's generate draws from the same seed, repeats with it, and
+    moves on between batches."""
     prompt = prompts_of(LENGTHS[1:2], lm.backbone.vocabulary_size)
-    decoders = [decoding.make_decoder(lm, evaluation.make_sampler("top_k:50", seed), 1, 64, 10, [1]) for seed in (7, 7, 8)]
+    decoders = [
+        decoding.make_decoder(lm, evaluation.make_sampler("top_k:50", seed), 1, 64, 10, [1])
+        for seed in (7, 7, 8)
+    ]
     runs = [decode(prompt)[0] for decode in decoders]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert (runs[0] != runs[2]).any()
@@ -97,7 +133,8 @@ def check_seeded_sampling(lm) -> None:
 
 
 def check_forward(lm) -> str:
-    """compat.cached_forward + the output layer gives call_with_cache's logits; returns the model's cache layout."""
+    """compat.cached_forward + the output layer gives call_with_cache's logits; returns the model's
+    cache layout."""
     layout = compat.cache_layout(lm)
     ids = np.array(prompts_of([9], lm.backbone.vocabulary_size), np.int32)
     caches = compat.empty_caches(lm, 1, 16, layout)

@@ -1,5 +1,6 @@
-"""One training step of the tiny model under each DISTRIBUTION; run by test_distribution.py in a subprocess
-with XLA_FLAGS=--xla_force_host_platform_device_count=4. Prints one JSON line per set-up."""
+"""One training step of the tiny model under each DISTRIBUTION; run by test_distribution.py in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4. Prints one JSON line per
+set-up."""
 
 import json
 import math
@@ -11,12 +12,20 @@ import numpy as np
 import nbutils  # noqa: F401  (KERAS_BACKEND=jax)
 from nbutils import batches, devices, models, sequences, training
 
-ROWS = [{"id": str(i), "instruction": "Summarize.", "input": "x = 1\n" * (1 + 2 * i), "output": "word " * (1 + i)}
-        for i in range(8)]  # fmt: skip
+ROWS = [
+    {
+        "id": str(i),
+        "instruction": "Summarize.",
+        "input": "x = 1\n" * (1 + 2 * i),
+        "output": "word " * (1 + i),
+    }
+    for i in range(8)
+]
 
 
 def axes(sharding) -> list:
-    """A sharding's partition spec as a list without trailing Nones (jax versions print it differently)."""
+    """A sharding's partition spec as a list without trailing Nones (jax versions print it
+    differently)."""
     spec = list(getattr(sharding, "spec", []))
     while spec and spec[-1] is None:
         spec.pop()
@@ -24,8 +33,9 @@ def axes(sharding) -> list:
 
 
 def step(spec: str) -> dict:
-    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the most
-    entries one device's output-layer matmul runs on (the largest compiled size, from the step's HLO)."""
+    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the
+    most entries one device's output-layer matmul runs on (the largest compiled size, from the
+    step's HLO)."""
     import keras
 
     devices.use_distribution(spec)
@@ -37,16 +47,37 @@ def step(spec: str) -> dict:
         var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, "gemma", 128)
     trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2))
-    micro = [batches.make_batch(arrays, np.arange(0, 4)), batches.make_batch(arrays, np.arange(4, 8))]
+    micro = [
+        batches.make_batch(arrays, np.arange(0, 4)),
+        batches.make_batch(arrays, np.arange(4, 8)),
+    ]
     loss, state = trainer.update(micro, trainer.state())
     trainer.write_back(state)
-    compiled = trainer.grad_step.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0).compile().as_text()
-    out_dims = [[int(d) for d in dims.split(",")] for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled)]
-    head_rows = max((math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0)  # 0: vocabulary sharded
+    compiled = (
+        trainer.grad_step.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0)
+        .compile()
+        .as_text()
+    )
+    out_dims = [
+        [int(d) for d in dims.split(",")]
+        for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled)
+    ]
+    # 0: vocabulary sharded
+    head_rows = max(
+        (math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0
+    )
     specs = {v.path: axes(v.value.sharding) for v in lm.backbone.weights}
-    return {"spec": spec, "loss": loss, "adapter": [np.asarray(v.value).tolist() for v in trainer.trainable],
-            "shardings": specs, "batch_axes": axes(getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)), "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
-            "head_rows": head_rows}  # fmt: skip
+    return {
+        "spec": spec,
+        "loss": loss,
+        "adapter": [np.asarray(v.value).tolist() for v in trainer.trainable],
+        "shardings": specs,
+        "batch_axes": axes(
+            getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)
+        ),
+        "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
+        "head_rows": head_rows,
+    }
 
 
 if __name__ == "__main__":

@@ -5,29 +5,46 @@ import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
-import nbutils  # noqa: E402,F401  (sets KERAS_BACKEND=jax before Keras loads)
-from nbutils import paths  # noqa: E402
+import nbutils  # noqa: F401  (sets KERAS_BACKEND=jax before Keras loads)
+from nbutils import paths
 
 SHARED_ALPACA = paths.REPO_ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 IMAGE_PYTHON = paths.REPO_ROOT / ".venv-kaggle-image" / "bin" / "python"
-FAKE_KAGGLE = {"KAGGLE_USERNAME": "fake-user-5be1", "KAGGLE_KEY": "3f9c1e2ad7b64c0e9a5f8d2b1c7e4a60"}
+FAKE_KAGGLE = {
+    "KAGGLE_USERNAME": "fake-user-5be1",
+    "KAGGLE_KEY": "3f9c1e2ad7b64c0e9a5f8d2b1c7e4a60",
+}
 
 
 @pytest.fixture(scope="session")
 def image_smoke_run(tmp_path_factory):
-    """The smoke pipeline (01 -> 04 -> 06, run id ``image``) as a Kaggle user runs it: jax/keras/keras-hub/
-    TensorFlow at the Kaggle image's versions, Kaggle credentials in the environment. Returns its folder."""
+    """The smoke pipeline (01 -> 04 -> 06, run id ``image``) as a Kaggle user runs it:
+    jax/keras/keras-hub/ TensorFlow at the Kaggle image's versions, Kaggle credentials in the
+    environment. Returns its folder."""
     if not IMAGE_PYTHON.exists():
         pytest.skip("`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
     probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
-    versions = subprocess.run([str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True).stdout.split()
+    versions = subprocess.run(
+        [str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True
+    ).stdout.split()
     assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
     root = tmp_path_factory.mktemp("image-smoke")
-    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(root / "processed"), "NBUTILS_RUNS_DIR": str(root / "runs"), **FAKE_KAGGLE}
-    done = subprocess.run([str(IMAGE_PYTHON), "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "image"],
-                          env=env, capture_output=True, text=True, cwd=root, timeout=1200)  # fmt: skip
+    env = {
+        **os.environ,
+        "NBUTILS_PROCESSED_DIR": str(root / "processed"),
+        "NBUTILS_RUNS_DIR": str(root / "runs"),
+        **FAKE_KAGGLE,
+    }
+    done = subprocess.run(
+        [str(IMAGE_PYTHON), "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "image"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=1200,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return root
 

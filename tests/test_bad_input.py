@@ -1,5 +1,5 @@
-"""Bad input, case by case: each gets one line naming the culprit (file, row, parameter) and what to do,
-or a counted warning; nothing already written is lost."""
+"""Bad input, case by case: each gets one line naming the culprit (file, row, parameter) and what to
+do, or a counted warning; nothing already written is lost."""
 
 import errno
 import json
@@ -10,7 +10,9 @@ import pytest
 
 from nbutils import data, evaluation, files, gguf_port, models, paths, prompts, training
 
-GOOD = [{"instruction": f"Name colour {i}.", "input": "", "output": f"Colour {i}."} for i in range(6)]
+GOOD = [
+    {"instruction": f"Name colour {i}.", "input": "", "output": f"Colour {i}."} for i in range(6)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +23,9 @@ def processed_in_tmp(tmp_path, monkeypatch):
 def prepare(tokenizer, path, sequence_length=128, val_size=1, test_size=1):
     """Notebook 01's steps: load, validate, split."""
     rows, source = data.load_source("", str(path), tokenizer=tokenizer)
-    kept, counts = data.validate(rows, tokenizer, prompts.Template("gemma", "<eos>"), sequence_length, source["source"])
+    kept, counts = data.validate(
+        rows, tokenizer, prompts.Template("gemma", "<eos>"), sequence_length, source["source"]
+    )
     return data.split(kept, val_size, test_size, 0)[0], counts
 
 
@@ -34,18 +38,58 @@ def one_line(exc_info) -> str:
 DATA_FILES = {
     "empty file": ("e.json", b"  \n", r"e.json: the file is empty"),
     "invalid JSON": ("bad.json", b'[{"instruction": "x",', r"bad.json line 1: not valid JSON"),
-    "broken JSONL line": ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n{oops}\n', r"bad.jsonl line 2: not valid JSON"),
-    "top-level object": ("obj.json", json.dumps({"instruction": "a", "output": "b"}, indent=1).encode(), r"obj.json: the file is one JSON object, not a list"),
-    "rows under a key": ("wrapped.json", json.dumps({"data": GOOD}).encode(), r"wrapped.json: the rows are under the key 'data'"),
-    "missing columns": ("cols.json", json.dumps([{"question": "a", "answer": "b"}]).encode(), r"no row has the field 'instruction'"),
-    "all outputs empty": ("empty_out.json", json.dumps([{**r, "output": " "} for r in GOOD]).encode(), r"no usable rows left after validation \(\{'empty_output': 6\}\)"),
-    "only duplicates": ("dups.json", json.dumps([GOOD[0]] * 5).encode(), r"1 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3"),
-    "every row too long": ("long.json", json.dumps([{**r, "output": "word " * 300} for r in GOOD]).encode(), r"all 6 rows are longer than SEQUENCE_LENGTH=128 tokens.*raise SEQUENCE_LENGTH"),
-    "Latin-1 bytes": ("latin.json", '[{"instruction": "café", "output": "x"}]'.encode("latin-1"), r"latin.json: not UTF-8 text \(byte 0xe9 at offset 21\).*iconv"),
+    "broken JSONL line": (
+        "bad.jsonl",
+        b'{"instruction": "a", "output": "b"}\n{oops}\n',
+        r"bad.jsonl line 2: not valid JSON",
+    ),
+    "top-level object": (
+        "obj.json",
+        json.dumps({"instruction": "a", "output": "b"}, indent=1).encode(),
+        r"obj.json: the file is one JSON object, not a list",
+    ),
+    "rows under a key": (
+        "wrapped.json",
+        json.dumps({"data": GOOD}).encode(),
+        r"wrapped.json: the rows are under the key 'data'",
+    ),
+    "missing columns": (
+        "cols.json",
+        json.dumps([{"question": "a", "answer": "b"}]).encode(),
+        r"no row has the field 'instruction'",
+    ),
+    "all outputs empty": (
+        "empty_out.json",
+        json.dumps([{**r, "output": " "} for r in GOOD]).encode(),
+        r"no usable rows left after validation \(\{'empty_output': 6\}\)",
+    ),
+    "only duplicates": (
+        "dups.json",
+        json.dumps([GOOD[0]] * 5).encode(),
+        r"1 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3",
+    ),
+    "every row too long": (
+        "long.json",
+        json.dumps([{**r, "output": "word " * 300} for r in GOOD]).encode(),
+        r"all 6 rows are longer than SEQUENCE_LENGTH=128 tokens.*raise SEQUENCE_LENGTH",
+    ),
+    "Latin-1 bytes": (
+        "latin.json",
+        '[{"instruction": "café", "output": "x"}]'.encode("latin-1"),
+        r"latin.json: not UTF-8 text \(byte 0xe9 at offset 21\).*iconv",
+    ),
     "binary file": ("blob.json", bytes(range(256)) * 4, r"blob.json: a binary file, not text"),
-    "too few rows for three splits": ("two.json", json.dumps(GOOD[:2]).encode(), r"2 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3 \(train, val and test each non-empty\)"),
-    "CSV without the columns": ("t.csv", b"q,a\nx,y\n", r"t.csv: column\(s\) \['instruction', 'output'\] not in the header"),
-}  # fmt: skip
+    "too few rows for three splits": (
+        "two.json",
+        json.dumps(GOOD[:2]).encode(),
+        r"2 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3 \(train, val and test each non-empty\)",
+    ),
+    "CSV without the columns": (
+        "t.csv",
+        b"q,a\nx,y\n",
+        r"t.csv: column\(s\) \['instruction', 'output'\] not in the header",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", DATA_FILES)
@@ -58,10 +102,18 @@ def test_bad_data_files(tokenizer, tmp_path, case):
 
 
 def test_non_string_and_empty_fields_are_dropped_and_counted(tokenizer, tmp_path):
-    rows = GOOD + [{"instruction": "x", "output": 42}, {"instruction": ["a"], "output": "y"}, {"instruction": "z", "output": ""}]
+    rows = GOOD + [
+        {"instruction": "x", "output": 42},
+        {"instruction": ["a"], "output": "y"},
+        {"instruction": "z", "output": ""},
+    ]
     (tmp_path / "mixed.json").write_text(json.dumps(rows))
     splits, counts = prepare(tokenizer, tmp_path / "mixed.json")
-    assert counts["output_not_a_string"] == 1 and counts["instruction_not_a_string"] == 1 and counts["empty_output"] == 1
+    assert (
+        counts["output_not_a_string"] == 1
+        and counts["instruction_not_a_string"] == 1
+        and counts["empty_output"] == 1
+    )
     assert sum(len(s) for s in splits.values()) == 6  # the good rows, all kept
 
 
@@ -76,27 +128,39 @@ def test_unknown_dataset_and_missing_or_unreadable_path(tokenizer, tmp_path, mon
     def denied(self):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)  # tests run as root here, where chmod 000 would not stop a read
-    with pytest.raises(data.DataError, match=r"locked.json: cannot read it \(Permission denied\); check the path and its permissions") as err:
+    # tests run as root here, where chmod 000 would not stop a read
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(
+        data.DataError,
+        match=r"locked.json: cannot read it \(Permission denied\); check the path and its permissions",
+    ) as err:
         data.load_source("", str(tmp_path / "locked.json"))
     one_line(err)
 
 
 def test_grouped_split_that_would_leave_a_split_empty():
     rows = [{"id": str(i), "module": f"m{i % 2}"} for i in range(10)]
-    with pytest.raises(data.DataError, match=r"the 10 rows come in 2 modules, kept whole per split, which leaves the train split empty"):
+    with pytest.raises(
+        data.DataError,
+        match=r"the 10 rows come in 2 modules, kept whole per split, which leaves the train split empty",
+    ):
         data.split_rows(rows, 1, 1, seed=0, group_key="module")
 
 
 def test_sequence_length_below_the_template(tokenizer):
-    with pytest.raises(data.DataError, match=r"SEQUENCE_LENGTH=20 is below the \d+ tokens the smallest example needs") as err:
+    with pytest.raises(
+        data.DataError,
+        match=r"SEQUENCE_LENGTH=20 is below the \d+ tokens the smallest example needs",
+    ) as err:
         data.validate(GOOD, tokenizer, prompts.Template("gemma", "<eos>"), 20)
     one_line(err)
 
 
 def test_corrupted_gguf(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + os.urandom(300))
-    with pytest.raises(gguf_port.GGUFError, match=r"broken.gguf: not a readable GGUF file.*truncated or altered") as err:
+    with pytest.raises(
+        gguf_port.GGUFError, match=r"broken.gguf: not a readable GGUF file.*truncated or altered"
+    ) as err:
         models.gguf_causal_lm(tmp_path / "broken.gguf")
     one_line(err)
 
@@ -111,16 +175,30 @@ def saved_adapter(tmp_path):
 
 
 def test_missing_adapter_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.lora.h5 .*run notebooks/03_lora_finetune.ipynb first") as err:
+    with pytest.raises(
+        FileNotFoundError, match="missing.lora.h5 .*run notebooks/03_lora_finetune.ipynb first"
+    ) as err:
         training.load_adapter(models.load_gemma("tiny"), tmp_path / "missing.lora.h5", "tiny")
     one_line(err)
 
 
-@pytest.mark.parametrize("change,pattern", [
-    ({"model": "gemma3_1b"}, r"adapter was trained on model='gemma3_1b', not 'tiny'; set MODEL to match"),
-    ({"rank": 8}, r"weights \(rank 4, 14 layers\) do not match its spec \(rank 8, targets 'all'\)"),
-    ({"targets": "query,value"}, r"weights \(rank 4, 14 layers\) do not match its spec \(rank 4, targets 'query,value'\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (
+            {"model": "gemma3_1b"},
+            r"adapter was trained on model='gemma3_1b', not 'tiny'; set MODEL to match",
+        ),
+        (
+            {"rank": 8},
+            r"weights \(rank 4, 14 layers\) do not match its spec \(rank 8, targets 'all'\)",
+        ),
+        (
+            {"targets": "query,value"},
+            r"weights \(rank 4, 14 layers\) do not match its spec \(rank 4, targets 'query,value'\)",
+        ),
+    ],
+)
 def test_adapter_of_another_model_rank_or_target_set(saved_adapter, change, pattern):
     path, spec_path = saved_adapter
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), **change}))
@@ -129,14 +207,17 @@ def test_adapter_of_another_model_rank_or_target_set(saved_adapter, change, patt
     one_line(err)
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    ({"rank": 0}, r"RANK=0 must be a positive integer"),
-    ({"learning_rate": -1e-4}, r"LEARNING_RATE=-0.0001 must be a number in \(0, 1\)"),
-    ({"learning_rate": float("nan")}, r"LEARNING_RATE=nan must be a number in \(0, 1\)"),
-    ({"batch_size": 0}, r"BATCH_SIZE=0 must be a positive integer"),
-    ({"warmup_steps": -5}, r"WARMUP_STEPS=-5 must be an integer >= 0"),
-    ({"alpha": -1.0}, r"LORA_ALPHA=-1.0 must be a number >= 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"rank": 0}, r"RANK=0 must be a positive integer"),
+        ({"learning_rate": -1e-4}, r"LEARNING_RATE=-0.0001 must be a number in \(0, 1\)"),
+        ({"learning_rate": float("nan")}, r"LEARNING_RATE=nan must be a number in \(0, 1\)"),
+        ({"batch_size": 0}, r"BATCH_SIZE=0 must be a positive integer"),
+        ({"warmup_steps": -5}, r"WARMUP_STEPS=-5 must be an integer >= 0"),
+        ({"alpha": -1.0}, r"LORA_ALPHA=-1.0 must be a number >= 0"),
+    ],
+)
 def test_bad_training_parameters(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern) as err:
         training.TrainConfig(**kwargs)
@@ -144,7 +225,8 @@ def test_bad_training_parameters(kwargs, pattern):
 
 
 def test_rank_zero_through_keras_hub_enable_lora():
-    """Notebook 03 calls keras-hub's enable_lora itself: rank 0 is caught right after, not as a ZeroDivisionError later."""
+    """Notebook 03 calls keras-hub's enable_lora itself: rank 0 is caught right after, not as a
+    ZeroDivisionError later."""
     lm = models.load_gemma("tiny")
     lm.backbone.enable_lora(rank=0, target_layer_names=training.lora_layer_names("query,value"))
     with pytest.raises(ValueError, match="RANK=0 must be a positive integer"):
@@ -153,7 +235,9 @@ def test_rank_zero_through_keras_hub_enable_lora():
 
 @pytest.mark.parametrize("spec", ["beam", "top_k:abc", "top_k:0", "top_p:1.5", "greedy:3"])
 def test_unknown_or_malformed_sampler(spec):
-    with pytest.raises(ValueError, match=rf"SAMPLER='{spec}': use 'greedy', 'top_k:<k>' \(k >= 1\) or 'top_p:<p>'"):
+    with pytest.raises(
+        ValueError, match=rf"SAMPLER='{spec}': use 'greedy', 'top_k:<k>' \(k >= 1\) or 'top_p:<p>'"
+    ):
         evaluation.make_sampler(spec)
 
 
@@ -167,12 +251,16 @@ def test_no_space_left_keeps_the_previous_artifacts(tmp_path, monkeypatch):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "model.gguf").write_bytes(b"previous")
     monkeypatch.setattr(os, "replace", no_space)
-    with pytest.raises(OSError, match=r"cannot write .*metrics.json \(No space left on device\); its previous version, if any, is intact") as err:
+    with pytest.raises(
+        OSError,
+        match=r"cannot write .*metrics.json \(No space left on device\); its previous version, if any, is intact",
+    ) as err:
         files.write_json(tmp_path / "metrics.json", {"rouge": 0.9})
     one_line(err)
     calls = []
 
-    def second_move_fails(src, dst):  # the old folder is set aside, then moving the new one in fails
+    # the old folder is set aside, then moving the new one in fails
+    def second_move_fails(src, dst):
         calls.append(dst)
         return real_replace(src, dst) if len(calls) == 1 else no_space()
 
@@ -184,14 +272,31 @@ def test_no_space_left_keeps_the_previous_artifacts(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"rouge": 0.3}
     assert (tmp_path / "export" / "model.gguf").read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "metrics.json"]  # no temporary files left behind
+    # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "metrics.json"]
 
 
 def test_a_split_written_without_its_manifest_is_detected(tokenizer, tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(GOOD))
     splits, _ = prepare(tokenizer, tmp_path / "rows.json")
     lengths = ([10] * 6, [3] * 6)
-    data.write_processed("rows", splits, lengths, source={}, seed=0, template="gemma", stop_token="<eos>", rows_read=6, drops={})
-    files.write_text(data.processed_dir("rows") / "train.jsonl", files.to_jsonl(splits["train"][:1]))  # the manifest write never came
-    with pytest.raises(data.DataError, match=r"train.jsonl does not match manifest.json \(a write was interrupted.*re-run notebooks/01_prepare_data.ipynb"):
+    data.write_processed(
+        "rows",
+        splits,
+        lengths,
+        source={},
+        seed=0,
+        template="gemma",
+        stop_token="<eos>",
+        rows_read=6,
+        drops={},
+    )
+    # the manifest write never came
+    files.write_text(
+        data.processed_dir("rows") / "train.jsonl", files.to_jsonl(splits["train"][:1])
+    )
+    with pytest.raises(
+        data.DataError,
+        match=r"train.jsonl does not match manifest.json \(a write was interrupted.*re-run notebooks/01_prepare_data.ipynb",
+    ):
         data.load_processed("rows")

@@ -4,10 +4,9 @@ import json
 import socket
 
 import pytest
+from conftest import SHARED_ALPACA
 
 from nbutils import data, files, models, paths, prompts, pycode_task, sequences
-
-from conftest import SHARED_ALPACA
 
 ROWS = [
     {"instruction": "Give a synonym.", "input": "happy", "output": "Glad."},
@@ -30,8 +29,23 @@ def write(path, text):
     return path
 
 
-def prepare(tok, path="", *, dataset="", data_format="", columns=None, categories=None, test_path="", template="gemma",
-            stop_token="auto", model="", sequence_length=128, val_size=1, test_size=1, seed=0):  # fmt: skip
+def prepare(
+    tok,
+    path="",
+    *,
+    dataset="",
+    data_format="",
+    columns=None,
+    categories=None,
+    test_path="",
+    template="gemma",
+    stop_token="auto",
+    model="",
+    sequence_length=128,
+    val_size=1,
+    test_size=1,
+    seed=0,
+):
     """Notebook 01's steps in one call (load, validate, split, write), as the notebook runs them."""
     template = prompts.Template.for_model(template, model, stop_token)
     sequences.stop_token_id(tok, template)
@@ -39,13 +53,22 @@ def prepare(tok, path="", *, dataset="", data_format="", columns=None, categorie
     kept, drops = data.validate(rows, tok, template, sequence_length, source["source"])
     test_rows = None
     if test_path:
-        test_rows, source["test_file"] = data.load_test_file(test_path, tok, template, sequence_length, data_format,
-                                                             columns, categories)  # fmt: skip
+        test_rows, source["test_file"] = data.load_test_file(
+            test_path, tok, template, sequence_length, data_format, columns, categories
+        )
     splits, drops["also_in_TEST_PATH"] = data.split(kept, val_size, test_size, seed, test_rows)
     lengths = sequences.lengths(tok, [r for s in data.SPLITS for r in splits[s]], template)
-    return data.write_processed(data.dataset_name(dataset, str(path)), splits, lengths, source=source, seed=seed,
-                                template=template.style, stop_token=template.stop, rows_read=len(rows),
-                                drops=dict(sorted(drops.items())))  # fmt: skip
+    return data.write_processed(
+        data.dataset_name(dataset, str(path)),
+        splits,
+        lengths,
+        source=source,
+        seed=seed,
+        template=template.style,
+        stop_token=template.stop,
+        rows_read=len(rows),
+        drops=dict(sorted(drops.items())),
+    )
 
 
 # ------------------------------------------------------------------ formats
@@ -63,8 +86,15 @@ def test_alpaca_jsonl(tokenizer, tmp_path):
 
 
 def test_dolly_jsonl_with_category_filter(tokenizer, tmp_path):
-    dolly = [{"instruction": r["instruction"], "context": r.get("input", ""), "response": r["output"],
-              "category": "closed_qa" if i % 2 else "brainstorming"} for i, r in enumerate(ROWS)]  # fmt: skip
+    dolly = [
+        {
+            "instruction": r["instruction"],
+            "context": r.get("input", ""),
+            "response": r["output"],
+            "category": "closed_qa" if i % 2 else "brainstorming",
+        }
+        for i, r in enumerate(ROWS)
+    ]
     path = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in dolly))
     m = prepare(tokenizer, path, categories=["closed_qa"], val_size=0, test_size=1)
     assert m["source"]["format"] == "dolly"
@@ -78,7 +108,9 @@ def test_csv_tsv_with_column_mapping(tokenizer, tmp_path, sep, ext):
     lines = [sep.join(["question", "context", "answer"])]
     lines += [sep.join([r["instruction"], r.get("input", ""), r["output"]]) for r in ROWS]
     path = write(tmp_path / f"t.{ext}", "\n".join(lines) + "\n")
-    m = prepare(tokenizer, path, columns={"instruction": "question", "input": "context", "output": "answer"})
+    m = prepare(
+        tokenizer, path, columns={"instruction": "question", "input": "context", "output": "answer"}
+    )
     assert m["source"]["format"] == ext and sum(m["counts"].values()) == 6
 
 
@@ -93,15 +125,30 @@ def test_shared_alpaca_file_loads_999_rows():
 # ------------------------------------------------------------------ bad input (structural)
 
 
-@pytest.mark.parametrize("name,text,pattern", [
-    ("bad.json", "[{\"instruction\": \"x\",", r"bad.json line 1: not valid JSON"),
-    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops}\n', r"bad.jsonl line 2: not valid JSON"),
-    ("empty.json", "  \n", r"empty.json: the file is empty"),
-    ("none.json", "[]", r"none.json: no rows found"),
-    ("nofield.json", json.dumps([{"instruction": "a", "answer": "b"}]), r"no row has the field 'output'"),
-    ("rows.txt", "hello", r"rows.txt: cannot tell the format.*DATA_FORMAT"),
-    ("cols.csv", "q,a\nx,y\n", r"cols.csv: column\(s\) \['instruction', 'output'\] not in the header"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,text,pattern",
+    [
+        ("bad.json", '[{"instruction": "x",', r"bad.json line 1: not valid JSON"),
+        (
+            "bad.jsonl",
+            '{"instruction": "a", "output": "b"}\n{oops}\n',
+            r"bad.jsonl line 2: not valid JSON",
+        ),
+        ("empty.json", "  \n", r"empty.json: the file is empty"),
+        ("none.json", "[]", r"none.json: no rows found"),
+        (
+            "nofield.json",
+            json.dumps([{"instruction": "a", "answer": "b"}]),
+            r"no row has the field 'output'",
+        ),
+        ("rows.txt", "hello", r"rows.txt: cannot tell the format.*DATA_FORMAT"),
+        (
+            "cols.csv",
+            "q,a\nx,y\n",
+            r"cols.csv: column\(s\) \['instruction', 'output'\] not in the header",
+        ),
+    ],
+)
 def test_structural_errors_name_the_file(tokenizer, tmp_path, name, text, pattern):
     with pytest.raises(data.DataError, match=pattern):
         prepare(tokenizer, write(tmp_path / name, text))
@@ -124,24 +171,41 @@ def test_online_dataset_without_network_names_offline_choices(monkeypatch):
 
 
 def test_hub_dataset_read_with_the_datasets_library(monkeypatch, tokenizer):
-    """hf:owner/name goes through `datasets.load_dataset` (parquet and all), then the Alpaca checks."""
+    """hf:owner/name goes through `datasets.load_dataset` (parquet and all), then the Alpaca
+    checks."""
     import datasets
 
-    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5)] + [{"instruction": "x", "input": "", "output": ""}]
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5)] + [
+        {"instruction": "x", "input": "", "output": ""}
+    ]
     asked = []
     monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: True)
-    monkeypatch.setattr(datasets, "load_dataset", lambda h, split: asked.append((h, split)) or datasets.Dataset.from_list(records))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda h, split: asked.append((h, split)) or datasets.Dataset.from_list(records),
+    )
     rows, info = data.load_online("hf:someone/alpaca-like")
-    assert asked == [("someone/alpaca-like", "train")] and info["format"] == "alpaca" and info["source"] == "hf:someone/alpaca-like"
-    assert [r["id"] for r in rows][:2] == ["someone/alpaca-like:0", "someone/alpaca-like:1"] and len(rows) == 6
+    assert (
+        asked == [("someone/alpaca-like", "train")]
+        and info["format"] == "alpaca"
+        and info["source"] == "hf:someone/alpaca-like"
+    )
+    assert [r["id"] for r in rows][:2] == [
+        "someone/alpaca-like:0",
+        "someone/alpaca-like:1",
+    ] and len(rows) == 6
     kept, counts = data.validate(rows, tokenizer, "gemma", 64, "hf:someone/alpaca-like")
-    assert len(kept) == 5 and sum(counts.values()) == 1  # the empty output is dropped and counted, not silently
+    # the empty output is dropped and counted, not silently
+    assert len(kept) == 5 and sum(counts.values()) == 1
 
     def missing(h, split):
         raise FileNotFoundError(f"Dataset '{h}' doesn't exist on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", missing)
-    with pytest.raises(data.DataError, match="hf:someone/nothing.*could not provide it.*doesn't exist"):
+    with pytest.raises(
+        data.DataError, match="hf:someone/nothing.*could not provide it.*doesn't exist"
+    ):
         data.load_online("hf:someone/nothing")
 
 
@@ -158,34 +222,56 @@ def test_row_problems_are_dropped_and_counted(tokenizer, tmp_path):
         "not an object",
     ]
     m = prepare(tokenizer, write(tmp_path / "mixed.json", json.dumps(rows)))
-    assert m["drops"] == {"duplicate": 1, "empty_output": 1, "instruction_not_a_string": 1,
-                          "missing_output": 1, "not_an_object": 1, "too_long": 1,
-                          "truncated_prompt (kept)": 0, "also_in_TEST_PATH": 0}  # fmt: skip
+    assert m["drops"] == {
+        "duplicate": 1,
+        "empty_output": 1,
+        "instruction_not_a_string": 1,
+        "missing_output": 1,
+        "not_an_object": 1,
+        "too_long": 1,
+        "truncated_prompt (kept)": 0,
+        "also_in_TEST_PATH": 0,
+    }
     assert sum(m["counts"].values()) == 6
 
 
 def test_truncation_cuts_prompt_never_response(tokenizer):
-    row = {"instruction": "Summarize.", "input": "lorem ipsum dolor " * 200, "output": "A long text about lorem."}
+    row = {
+        "instruction": "Summarize.",
+        "input": "lorem ipsum dolor " * 200,
+        "output": "A long text about lorem.",
+    }
     fitted, truncated = data.fit_to_length(row, tokenizer, "gemma", 96)
     assert truncated and fitted["output"] == row["output"]
     p, t = sequences.encode_example(tokenizer, fitted, "gemma")
     assert len(p) + len(t) <= 96 and t[-1] == 1  # <eos>, the default stop token
     assert t[:-1] == sequences.tokenize_batch(tokenizer, [row["output"]])[0]
     # a response that alone overflows the budget drops the row instead of cutting it
-    assert data.fit_to_length({**row, "output": "x " * 200}, tokenizer, "gemma", 96) == (None, False)
+    assert data.fit_to_length({**row, "output": "x " * 200}, tokenizer, "gemma", 96) == (
+        None,
+        False,
+    )
 
 
 # ------------------------------------------------------------------ splits and determinism
 
 
 def test_same_seed_gives_byte_identical_outputs(tokenizer, tmp_path):
-    rows = [{"instruction": f"Task {i}", "input": f"value {i * 7}", "output": f"Answer {i}."} for i in range(40)]
+    rows = [
+        {"instruction": f"Task {i}", "input": f"value {i * 7}", "output": f"Answer {i}."}
+        for i in range(40)
+    ]
     path = write(tmp_path / "det.json", json.dumps(rows))
     out = data.processed_dir("det")
     snapshots = []
     for _ in range(2):
         prepare(tokenizer, path, val_size=0.2, test_size=0.2, seed=3)
-        snapshots.append({f: (out / f).read_bytes() for f in ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json")})
+        snapshots.append(
+            {
+                f: (out / f).read_bytes()
+                for f in ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json")
+            }
+        )
     assert snapshots[0] == snapshots[1]
     prepare(tokenizer, path, val_size=0.2, test_size=0.2, seed=4)
     assert (out / "test.jsonl").read_bytes() != snapshots[0]["test.jsonl"]
@@ -195,13 +281,19 @@ def test_grouped_split_keeps_modules_apart():
     rows = [{"id": str(i), "module": f"m{i % 13}"} for i in range(300)]
     splits = data.split_rows(rows, 0.15, 0.15, seed=0, group_key="module")
     modules = {s: {r["module"] for r in rs} for s, rs in splits.items()}
-    assert not (modules["train"] & modules["test"] or modules["train"] & modules["val"] or modules["val"] & modules["test"])
+    assert not (
+        modules["train"] & modules["test"]
+        or modules["train"] & modules["val"]
+        or modules["val"] & modules["test"]
+    )
     assert sum(len(v) for v in splits.values()) == 300 and all(splits.values())
 
 
 def test_test_path_replaces_the_test_split(tokenizer, tmp_path):
     main = write(tmp_path / "main.json", json.dumps(ROWS))
-    held = write(tmp_path / "held.json", json.dumps([ROWS[0], {"instruction": "New task", "output": "New."}]))
+    held = write(
+        tmp_path / "held.json", json.dumps([ROWS[0], {"instruction": "New task", "output": "New."}])
+    )
     m = prepare(tokenizer, main, test_path=str(held), val_size=1)
     assert m["counts"]["test"] == 2 and m["drops"]["also_in_TEST_PATH"] == 1
     assert m["counts"]["train"] + m["counts"]["val"] == 5
@@ -209,7 +301,11 @@ def test_test_path_replaces_the_test_split(tokenizer, tmp_path):
 
 def test_builtin_task_mines_the_stdlib(tokenizer):
     rows, info = pycode_task.mine_stdlib(tokenizer, max_source_tokens=192)
-    assert len(rows) > 2000 and info["python_version"] and sum(info["per_module"].values()) == len(rows)
+    assert (
+        len(rows) > 2000
+        and info["python_version"]
+        and sum(info["per_module"].values()) == len(rows)
+    )
     assert not any("/test" in r["id"] or r["id"].startswith(("test/", "idlelib/")) for r in rows)
     for r in rows[:200]:
         assert '"""' not in r["input"].split("\n", 2)[1] and 3 <= len(r["output"].split()) <= 30
@@ -220,20 +316,31 @@ def test_pycode_source_drops_docstring_and_dedents():
 
     src = 'class A:\n    @property\n    def f(self):\n        """Return the thing.\n\n        More."""\n        return 1\n'
     node = ast.parse(src).body[0].body[0]
-    assert pycode_task.source_without_docstring(src.splitlines(keepends=True), node) == "@property\ndef f(self):\n    return 1"
-    assert pycode_task.first_sentence("Return the thing. More words.\n\nDetails.") == "Return the thing."
+    assert (
+        pycode_task.source_without_docstring(src.splitlines(keepends=True), node)
+        == "@property\ndef f(self):\n    return 1"
+    )
+    assert (
+        pycode_task.first_sentence("Return the thing. More words.\n\nDetails.")
+        == "Return the thing."
+    )
 
 
 # ------------------------------------------------------------------ the template
 
 
-@pytest.mark.parametrize("template,stop_id", [("gemma", 1), ("alpaca", 1), (prompts.Template("gemma", "<end_of_turn>"), 106)])
+@pytest.mark.parametrize(
+    "template,stop_id",
+    [("gemma", 1), ("alpaca", 1), (prompts.Template("gemma", "<end_of_turn>"), 106)],
+)
 def test_targets_end_with_the_single_stop_token(tokenizer, template, stop_id):
     for row in ROWS:
         p, t = sequences.encode_example(tokenizer, {**row, "input": row.get("input", "")}, template)
         style = prompts.as_template(template).style
         assert t[-1] == stop_id and stop_id not in t[:-1] and p[0] == 2
-        assert prompts.render_prompt(row, style).endswith("model\n" if style == "gemma" else "### Response:\n")
+        assert prompts.render_prompt(row, style).endswith(
+            "model\n" if style == "gemma" else "### Response:\n"
+        )
 
 
 def test_unknown_template_is_a_clear_error():
@@ -242,7 +349,11 @@ def test_unknown_template_is_a_clear_error():
 
 
 def test_stop_token_choice(tokenizer, tmp_path):
-    assert prompts.Template("gemma").stop == prompts.auto_stop_token("gemma", "gemma3_270m_local") == "<eos>"
+    assert (
+        prompts.Template("gemma").stop
+        == prompts.auto_stop_token("gemma", "gemma3_270m_local")
+        == "<eos>"
+    )
     assert prompts.Template.for_model("gemma", "gemma3_instruct_1b").stop == "<end_of_turn>"
     assert prompts.auto_stop_token("gemma", "gemma3_instruct_1b") == "<end_of_turn>"
     assert prompts.auto_stop_token("alpaca", "gemma3_instruct_1b") == "<eos>"

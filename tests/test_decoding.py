@@ -1,16 +1,17 @@
-"""Batched decoding with left-padded prompts (nbutils.decoding) against keras-hub's own generate function.
+"""Batched decoding with left-padded prompts (nbutils.decoding) against keras-hub's own generate
+function.
 
-The checks live in ``_decoding_checks.py`` so that the Kaggle image's stack (keras-hub 0.26, another cache
-layout for Gemma 3) runs them too.
+The checks live in ``_decoding_checks.py`` so that the Kaggle image's stack (keras-hub 0.26, another
+cache layout for Gemma 3) runs them too.
 """
 
 import json
 import subprocess
 
-import pytest
-
 import _decoding_checks as checks
+import pytest
 from conftest import IMAGE_PYTHON
+
 from nbutils import decoding, evaluation, paths
 
 
@@ -22,25 +23,37 @@ def lm(request):
 
 @pytest.mark.parametrize("check", checks.CHECKS, ids=lambda c: c.__name__)
 def test_decoding(lm, check):
-    """Left-padded batches decode keras-hub's tokens, stop early, and sample as keras-hub does (see the checks)."""
+    """Left-padded batches decode keras-hub's tokens, stop early, and sample as keras-hub does (see
+    the checks)."""
     check(lm)
 
 
 def test_cache_layout_and_forward_match_call_with_cache(lm):
-    """keras-hub 0.32's Gemma 3 takes (key, value) pairs, Gemma 2 one stacked array; the forward matches call_with_cache."""
+    """keras-hub 0.32's Gemma 3 takes (key, value) pairs, Gemma 2 one stacked array; the forward
+    matches call_with_cache."""
     import keras_hub
 
     expected = "pairs" if isinstance(lm, keras_hub.models.Gemma3CausalLM) else "stacked"
-    assert checks.check_forward(lm) == expected, "keras-hub changed its cache layout: see compat.cache_layout"
+    assert checks.check_forward(lm) == expected, (
+        "keras-hub changed its cache layout: see compat.cache_layout"
+    )
 
 
-@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
+@pytest.mark.skipif(
+    not IMAGE_PYTHON.exists(),
+    reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)",
+)
 def test_decoding_on_the_kaggle_image_stack():
     """The same checks with keras-hub 0.26, whose Gemma 3 keeps its cache as one stacked array."""
     script = paths.REPO_ROOT / "tests" / "_decoding_checks.py"
-    done = subprocess.run([str(IMAGE_PYTHON), str(script)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(IMAGE_PYTHON), str(script)], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"gemma3": "stacked", "gemma2": "stacked"}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "gemma3": "stacked",
+        "gemma2": "stacked",
+    }
 
 
 def test_decoder_refuses_what_it_cannot_decode(lm):

@@ -1,4 +1,5 @@
-"""DISTRIBUTION: data parallel and a 2x2 mesh give the step of one device; the layout map shards what it says."""
+"""DISTRIBUTION: data parallel and a 2x2 mesh give the step of one device; the layout map shards
+what it says."""
 
 import json
 import os
@@ -16,18 +17,29 @@ SCRIPT = Path(__file__).with_name("_distributed_step.py")
 
 @pytest.fixture(scope="module")
 def steps():
-    """One update on 1 device, on a 4x1 data mesh and on a 2x2 mesh (4 host devices, one subprocess)."""
+    """One update on 1 device, on a 4x1 data mesh and on a 2x2 mesh (4 host devices, one
+    subprocess)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "none", "data", "model:2x2"], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "none", "data", "model:2x2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return {d["spec"]: d for d in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))}
+    return {
+        d["spec"]: d
+        for d in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))
+    }
 
 
 @pytest.mark.parametrize("spec", ["data", "model:2x2"])
 def test_distributed_step_equals_one_device(steps, spec):
-    # fp32 sums in another order (per-device partial sums, then an all-reduce) change the loss by ~1e-7
-    # relative. Adam's first step is lr·g/(|g| + 1e-7): where a gradient is near 1e-7 that reordering moves
+    # fp32 sums in another order (per-device partial sums, then an all-reduce) change the loss by
+    # ~1e-7
+    # relative. Adam's first step is lr·g/(|g| + 1e-7): where a gradient is near 1e-7 that
+    # reordering moves
     # the step by up to ~1e-6, i.e. 1e-4 of the 1e-2 step, hence atol 5e-6 on the updated adapter.
     one, many = steps["none"], steps[spec]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
@@ -38,7 +50,8 @@ def test_distributed_step_equals_one_device(steps, spec):
 
 
 def test_each_device_runs_the_output_layer_on_its_own_rows(steps):
-    """Data parallel over 4 devices: each device's 262k-word matmul covers its quarter of the entries, not all."""
+    """Data parallel over 4 devices: each device's 262k-word matmul covers its quarter of the
+    entries, not all."""
     assert steps["data"]["head_rows"] * 4 == steps["none"]["head_rows"] == 64  # 4 rows x 16 entries
 
 
@@ -50,15 +63,21 @@ def test_layout_map_shards_the_kernels(steps):
     assert shardings["decoder_block_1/attention/attention_output/kernel"] == [None, None, "model"]
     assert shardings["decoder_block_0/ffw_gating_2/kernel"] == [None, "model"]
     assert shardings["decoder_block_1/ffw_linear/kernel"] == ["model"]
-    assert shardings["decoder_block_0/attention/query/lora_kernel_a"] == []  # adapters and norms: replicated
+    # adapters and norms: replicated
+    assert shardings["decoder_block_0/attention/query/lora_kernel_a"] == []
     assert shardings["final_normalization/scale"] == []
     assert steps["data"]["shardings"]["decoder_block_0/ffw_linear/kernel"] == []
-    assert steps["data"]["batch_axes"] == steps["model:2x2"]["batch_axes"] == ["batch"]  # rows split over devices
-    assert steps["model:2x2"]["adapter_devices"] == 4  # the adapter lives on the mesh, not copied to one device
+    # rows split over devices
+    assert steps["data"]["batch_axes"] == steps["model:2x2"]["batch_axes"] == ["batch"]
+    # the adapter lives on the mesh, not copied to one device
+    assert steps["model:2x2"]["adapter_devices"] == 4
 
 
 def test_distribution_values():
-    assert devices.parse_distribution("auto", 1) is None and devices.parse_distribution("none", 8) is None
+    assert (
+        devices.parse_distribution("auto", 1) is None
+        and devices.parse_distribution("none", 8) is None
+    )
     assert devices.parse_distribution("auto", 8) == (8, 1) == devices.parse_distribution("data", 8)
     assert devices.parse_distribution("model:2x4", 8) == (2, 4)
     with pytest.raises(ValueError, match="needs 4 devices; JAX sees 8"):

@@ -1,4 +1,5 @@
-"""What a reader sees: clean executed notebooks, and docs/ pages that cannot drift from the sources."""
+"""What a reader sees: clean executed notebooks, and docs/ pages that cannot drift from the
+sources."""
 
 import subprocess
 import sys
@@ -6,13 +7,16 @@ import sys
 import jupytext
 import nbformat
 import pytest
-
-from nbutils import docs, paths, pipeline, quiet
-
 from conftest import FAKE_KAGGLE
 from test_kaggle import secret_leaks
 
-FORBIDDEN_CHARS = {"\x1b": "an ANSI escape code", "\x08": "a backspace", "\r": "a carriage return (a redrawn bar)"}
+from nbutils import docs, paths, pipeline, quiet
+
+FORBIDDEN_CHARS = {
+    "\x1b": "an ANSI escape code",
+    "\x08": "a backspace",
+    "\r": "a carriage return (a redrawn bar)",
+}
 
 
 def noisy(line: str) -> bool:
@@ -25,7 +29,9 @@ def output_problems(nb_path) -> list[str]:
     problems = []
     for i, cell in enumerate(nbformat.read(nb_path, as_version=4).cells):
         for out in cell.get("outputs", []):
-            text = out.get("text") or "".join(v for k, v in out.get("data", {}).items() if k == "text/plain")
+            text = out.get("text") or "".join(
+                v for k, v in out.get("data", {}).items() if k == "text/plain"
+            )
             for char, what in FORBIDDEN_CHARS.items():
                 if char in text:
                     problems.append(f"{nb_path.name} cell {i}: {what}")
@@ -36,29 +42,50 @@ def output_problems(nb_path) -> list[str]:
 
 
 def test_executed_notebooks_have_clean_outputs_and_no_secrets(image_smoke_run):
-    """What a Kaggle user sees: the smoke run on the Kaggle image's stack (TensorFlow and JAX both loaded)."""
+    """What a Kaggle user sees: the smoke run on the Kaggle image's stack (TensorFlow and JAX both
+    loaded)."""
     run = image_smoke_run / "runs" / "image"
     notebooks = sorted(run.glob("*.ipynb"))
     assert [p.stem for p in notebooks] == list(pipeline.SERIES)
     problems = [p for nb in notebooks for p in output_problems(nb)]
     assert not problems, "\n".join(problems[:20])
-    printed = "".join(o.get("text", "") for nb in notebooks for c in nbformat.read(nb, as_version=4).cells for o in c.get("outputs", []))
+    printed = "".join(
+        o.get("text", "")
+        for nb in notebooks
+        for c in nbformat.read(nb, as_version=4).cells
+        for o in c.get("outputs", [])
+    )
     assert "generating: 8/8 rows (100%)" in printed  # progress as plain lines
     assert not secret_leaks(image_smoke_run, list(FAKE_KAGGLE.values()))
 
 
 def test_the_output_check_finds_noise(tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
-        nbformat.v4.new_output("stream", name="stdout", text="fine\rredrawn 50%\n"),
-        nbformat.v4.new_output("stream", name="stdout", text="I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\n"),
-    ])])  # fmt: skip
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "x",
+                outputs=[
+                    nbformat.v4.new_output("stream", name="stdout", text="fine\rredrawn 50%\n"),
+                    nbformat.v4.new_output(
+                        "stream",
+                        name="stdout",
+                        text="I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\n",
+                    ),
+                ],
+            )
+        ]
+    )
     nbformat.write(nb, tmp_path / "x.ipynb")
     problems = output_problems(tmp_path / "x.ipynb")
     assert len(problems) == 2 and "carriage return" in problems[0] and "port.cc" in problems[1]
 
 
 def notebook_code(name: str) -> list[str]:
-    return [c.source.strip() for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells if c.cell_type == "code"]
+    return [
+        c.source.strip()
+        for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells
+        if c.cell_type == "code"
+    ]
 
 
 def test_rendered_pages_hold_the_code_outputs_and_images(image_smoke_run, tmp_path, monkeypatch):
@@ -67,17 +94,23 @@ def test_rendered_pages_hold_the_code_outputs_and_images(image_smoke_run, tmp_pa
     assert [p.stem for p in pages] == list(pipeline.SERIES)
     for page in pages:
         text = page.read_text()
-        assert text.startswith("> Rendered from run `image` (profile `smoke`") and "accelerator" in text
+        assert (
+            text.startswith("> Rendered from run `image` (profile `smoke`")
+            and "accelerator" in text
+        )
         assert docs.code_cells(text) == notebook_code(page.stem), page.name
-    assert list((tmp_path / "03_lora_finetune_files").glob("*.png"))  # the loss curve, as an image file
+    # the loss curve, as an image file
+    assert list((tmp_path / "03_lora_finetune_files").glob("*.png"))
     edited = pages[2].read_text().replace("training.train_lora(", "training.train_lora_v2(")
     assert docs.code_cells(edited) != notebook_code(pages[2].stem)  # a changed line is seen
 
 
 def page_output_problems(markdown: str) -> list[str]:
-    """Output lines of a rendered page (indented, outside code fences) that are noise, warnings or redraws."""
+    """Output lines of a rendered page (indented, outside code fences) that are noise, warnings or
+    redraws."""
     problems, fenced = [], False
-    for line in markdown.split("\n"):  # not splitlines(): a carriage return inside a line is a problem
+    # not splitlines(): a carriage return inside a line is a problem
+    for line in markdown.split("\n"):
         fenced = fenced != line.startswith("```")
         if not fenced and line.startswith("    ") and line.strip():
             out = line[4:]
@@ -88,15 +121,20 @@ def page_output_problems(markdown: str) -> list[str]:
 
 @pytest.mark.parametrize("name", pipeline.SERIES)
 def test_committed_pages_show_clean_outputs(name):
-    """What a reader of docs/ sees: the outputs of the `make run` they were rendered from (the pinned stack)."""
-    problems = page_output_problems((docs.DOCS_DIR / f"{name}.md").read_bytes().decode())  # keeps any \r
+    """What a reader of docs/ sees: the outputs of the `make run` they were rendered from (the
+    pinned stack)."""
+    # keeps any \r
+    problems = page_output_problems((docs.DOCS_DIR / f"{name}.md").read_bytes().decode())
     assert not problems, problems[:10]
 
 
 def test_the_page_check_sees_output_lines():
     code = "```python\nx = 1\n    y = 2  # indented code is not output\n```\n\n"
     assert page_output_problems(code + "    fine\n") == []
-    assert page_output_problems(code + "    W0000 00:00:1.2 7 computation_placer.cc:177] computation placer already registered\n")
+    assert page_output_problems(
+        code
+        + "    W0000 00:00:1.2 7 computation_placer.cc:177] computation placer already registered\n"
+    )
     assert page_output_problems(code + "    generating: 50%\r100%\n")
 
 
@@ -104,7 +142,9 @@ def test_the_page_check_sees_output_lines():
 def test_committed_pages_match_the_notebook_sources(name):
     page = docs.DOCS_DIR / f"{name}.md"
     assert page.exists(), f"docs/{name}.md is missing: run `make run` then `make docs`"
-    assert docs.code_cells(page.read_text()) == notebook_code(name), f"docs/{name}.md is older than notebooks/{name}.py: run `make docs` on a new run"
+    assert docs.code_cells(page.read_text()) == notebook_code(name), (
+        f"docs/{name}.md is older than notebooks/{name}.py: run `make docs` on a new run"
+    )
 
 
 def test_readme_links_the_pages_in_order():
@@ -115,12 +155,14 @@ def test_readme_links_the_pages_in_order():
 
 
 def test_native_stderr_filter_drops_known_noise_and_passes_the_rest():
-    code = ("import os, sys\nfrom nbutils import quiet\nwith quiet.native_stderr_filtered():\n"
-            "    os.write(2, b'I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\\n')\n"
-            "    os.write(2, b'E0000 00:00:1.6 51 cuda_dnn.cc:8579] Unable to register cuDNN factory: Attempting to register factory\\n')\n"
-            "    os.write(2, b'a real problem\\n')\n"
-            "    os.write(2, b'normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\\n')\n"
-            "print('after', file=sys.stderr)\n")  # fmt: skip
+    code = (
+        "import os, sys\nfrom nbutils import quiet\nwith quiet.native_stderr_filtered():\n"
+        "    os.write(2, b'I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "    os.write(2, b'E0000 00:00:1.6 51 cuda_dnn.cc:8579] Unable to register cuDNN factory: Attempting to register factory\\n')\n"
+        "    os.write(2, b'a real problem\\n')\n"
+        "    os.write(2, b'normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\\n')\n"
+        "print('after', file=sys.stderr)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "a real problem\nafter\n", done.stderr
 
@@ -135,8 +177,13 @@ def test_progress_lines_print_each_quarter_once(capsys, monkeypatch):
         bar.update(20)
     bar.close()
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(",")[0] for line in lines] == [  # batches of 20: a line at the first update past each quarter
-        "generating: 60/200 rows (30%)", "generating: 100/200 rows (50%)", "generating: 160/200 rows (80%)", "generating: 200/200 rows (100%)"]  # fmt: skip
+    # batches of 20: a line at the first update past each quarter
+    assert [line.split(",")[0] for line in lines] == [
+        "generating: 60/200 rows (30%)",
+        "generating: 100/200 rows (50%)",
+        "generating: 160/200 rows (80%)",
+        "generating: 200/200 rows (100%)",
+    ]
     silent = progress.bar(10, "training", "update", enabled=False)
     silent.update(10)
     assert capsys.readouterr().out == ""

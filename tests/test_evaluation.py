@@ -6,8 +6,18 @@ import pytest
 from nbutils import evaluation, prompts, sequences
 
 ROWS = [
-    {"id": "a", "instruction": "Summarize.", "input": "def f(x):\n    return x + 1", "output": "Add one to x."},
-    {"id": "b", "instruction": "Summarize.", "input": "def g():\n    pass", "output": "Do nothing at all."},
+    {
+        "id": "a",
+        "instruction": "Summarize.",
+        "input": "def f(x):\n    return x + 1",
+        "output": "Add one to x.",
+    },
+    {
+        "id": "b",
+        "instruction": "Summarize.",
+        "input": "def g():\n    pass",
+        "output": "Do nothing at all.",
+    },
     {"id": "c", "instruction": "Name a colour.", "input": "", "output": "Blue."},
 ]
 
@@ -17,8 +27,12 @@ def pred(i, ref, hyp, stopped=True, n=3):
 
 
 def test_scores_of_known_strings():
-    s = evaluation.score_rows([pred(0, "Return the sum of a and b.", "return the sum of A and B"),
-                               pred(1, "Open the file.", "Close the socket now", stopped=False, n=9)])  # fmt: skip
+    s = evaluation.score_rows(
+        [
+            pred(0, "Return the sum of a and b.", "return the sum of A and B"),
+            pred(1, "Open the file.", "Close the socket now", stopped=False, n=9),
+        ]
+    )
     assert s[0]["exact_match"] == 1.0 and s[0]["rougeL_f1"] == pytest.approx(1.0)
     assert s[1]["exact_match"] == 0.0 and 0 < s[1]["rougeL_f1"] < 0.5
     agg = evaluation.aggregate(s)
@@ -26,7 +40,8 @@ def test_scores_of_known_strings():
 
 
 def test_chrf_is_sacrebleus_corpus_chrf():
-    """Not the mean of sentence scores: character n-gram statistics summed over the corpus, as sacrebleu does."""
+    """Not the mean of sentence scores: character n-gram statistics summed over the corpus, as
+    sacrebleu does."""
     from sacrebleu.metrics import CHRF
 
     refs = ["Return the sum of a and b.", "Open the file for reading.", "Close the socket.", "x"]
@@ -35,21 +50,29 @@ def test_chrf_is_sacrebleus_corpus_chrf():
     corpus = CHRF().corpus_score(hyps, [refs]).score / 100
     sentence_mean = np.mean([CHRF().sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)])
     assert evaluation.aggregate(s)["chrf"] == pytest.approx(corpus, abs=1e-9)
-    assert abs(corpus - sentence_mean) > 1e-3  # the two differ on this data, so the test tells them apart
+    # the two differ on this data, so the test tells them apart
+    assert abs(corpus - sentence_mean) > 1e-3
     idx = np.array([0, 0, 2])
     assert evaluation.aggregate(s, idx)["chrf"] == pytest.approx(
-        CHRF().corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score / 100, abs=1e-9)
+        CHRF().corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score / 100, abs=1e-9
+    )
 
 
 def test_cluster_bootstrap_is_wider_when_rows_in_a_group_move_together():
-    """20 groups of 10 rows; the tuned model wins whole groups or loses them: rows are not independent."""
+    """20 groups of 10 rows; the tuned model wins whole groups or loses them: rows are not
+    independent."""
     refs = [f"compute the checksum of block {i}" for i in range(200)]
     groups = [f"m{i // 10}" for i in range(200)]
     base = evaluation.score_rows([pred(i, r, "something unrelated") for i, r in enumerate(refs)])
-    tuned = evaluation.score_rows([pred(i, r, r if (i // 10) % 2 else "unrelated") for i, r in enumerate(refs)])
+    tuned = evaluation.score_rows(
+        [pred(i, r, r if (i // 10) % 2 else "unrelated") for i, r in enumerate(refs)]
+    )
     cmp = evaluation.paired_bootstrap(base, tuned, 400, seed=0, groups=groups)["rougeL_f1"]
-    width = lambda ci: ci[1] - ci[0]  # noqa: E731
-    assert cmp["ci95"] == cmp["ci95_clusters"] and "cluster bootstrap over 20 groups" == cmp["ci_method"]
+    width = lambda ci: ci[1] - ci[0]
+    assert (
+        cmp["ci95"] == cmp["ci95_clusters"]
+        and "cluster bootstrap over 20 groups" == cmp["ci_method"]
+    )
     assert width(cmp["ci95_clusters"]) > 2 * width(cmp["ci95_rows"])
     rows_only = evaluation.paired_bootstrap(base, tuned, 400, seed=0)["rougeL_f1"]
     assert rows_only["ci95"] == cmp["ci95_rows"] and "ci95_clusters" not in rows_only
@@ -68,7 +91,9 @@ def test_bootstrap_of_identical_systems_is_zero():
 def test_bootstrap_detects_a_real_gain_and_brackets_the_difference():
     refs = [f"compute the checksum of block {i}" for i in range(40)]
     base = evaluation.score_rows([pred(i, r, "something unrelated") for i, r in enumerate(refs)])
-    tuned = evaluation.score_rows([pred(i, r, r if i % 4 else "checksum") for i, r in enumerate(refs)])
+    tuned = evaluation.score_rows(
+        [pred(i, r, r if i % 4 else "checksum") for i, r in enumerate(refs)]
+    )
     cmp = evaluation.paired_bootstrap(base, tuned, 500, seed=0)
     assert cmp["rougeL_f1"]["ci95"][0] > 0.5
     for v in cmp.values():
@@ -84,7 +109,8 @@ def test_bootstrap_refuses_unpaired_rows():
 
 @pytest.mark.parametrize("vocab,block", [(1000, 512), (1024, 512), (37, 8), (5, 8)])
 def test_first_argmax_is_argmax_with_its_tie_rule(vocab, block):
-    """The blockwise argmax picks numpy's index everywhere: ties (first wins), -inf rows, NaN, padded vocabularies."""
+    """The blockwise argmax picks numpy's index everywhere: ties (first wins), -inf rows, NaN,
+    padded vocabularies."""
     rng = np.random.default_rng(vocab)
     x = rng.integers(0, 4, (6, vocab)).astype(np.float32)  # many exact ties
     x[1] = -np.inf
@@ -104,7 +130,13 @@ def test_greedy_sampler_matches_keras_hubs(tiny_lm):
     outs = []
     for sampler in (keras_hub.samplers.GreedySampler(), evaluation.make_sampler("greedy")):
         tiny_lm.compile(sampler=sampler)
-        outs.append(np.asarray(tiny_lm.make_generate_function()({"token_ids": token_ids, "padding_mask": token_ids != 0})["token_ids"]))
+        outs.append(
+            np.asarray(
+                tiny_lm.make_generate_function()(
+                    {"token_ids": token_ids, "padding_mask": token_ids != 0}
+                )["token_ids"]
+            )
+        )
     assert isinstance(evaluation.make_sampler("greedy"), keras_hub.samplers.GreedySampler)
     np.testing.assert_array_equal(outs[1], outs[0])
 
@@ -119,12 +151,19 @@ def test_sampler_spec():
 
 
 def test_generation_records_tokens_and_stop(tiny_lm):
-    preds = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=2, progress=False)
-    one_by_one = evaluation.generate(tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=1, progress=False)
-    assert preds == one_by_one  # sorted into batches by length, each answer comes back to its own row
+    preds = evaluation.generate(
+        tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=2, progress=False
+    )
+    one_by_one = evaluation.generate(
+        tiny_lm, ROWS, "gemma", max_new_tokens=5, batch_size=1, progress=False
+    )
+    # sorted into batches by length, each answer comes back to its own row
+    assert preds == one_by_one
     assert [p["id"] for p in preds] == ["a", "b", "c"]
     for p in preds:
-        assert 0 <= p["n_tokens"] <= 5 and p["prompt"] == prompts.render_prompt(ROWS[["a", "b", "c"].index(p["id"])])
+        assert 0 <= p["n_tokens"] <= 5 and p["prompt"] == prompts.render_prompt(
+            ROWS[["a", "b", "c"].index(p["id"])]
+        )
         assert p["stopped"] or p["n_tokens"] == 5
 
 
@@ -136,7 +175,8 @@ def test_response_loss_matches_a_direct_computation():
 
     lm = models.load_gemma("tiny", sequence_length=64)
     embeddings = lm.backbone.token_embedding.embeddings
-    embeddings.assign(embeddings * 40.0)  # a random tiny model is nearly uniform: make per-token losses differ
+    # a random tiny model is nearly uniform: make per-token losses differ
+    embeddings.assign(embeddings * 40.0)
     tiny_lm = lm
     losses = evaluation.response_losses(tiny_lm, ROWS, "gemma", 64, batch_size=2)
     tok = tiny_lm.preprocessor.tokenizer
@@ -144,7 +184,9 @@ def test_response_loss_matches_a_direct_computation():
         p, t = sequences.encode_example(tok, row, "gemma")
         ids = np.array([p + t])
         hidden = tiny_lm.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)})
-        logp = np.asarray(keras.ops.log_softmax(tiny_lm.backbone.token_embedding(hidden, reverse=True), axis=-1))[0]
+        logp = np.asarray(
+            keras.ops.log_softmax(tiny_lm.backbone.token_embedding(hidden, reverse=True), axis=-1)
+        )[0]
         expected = -sum(logp[len(p) - 1 + k, t[k]] for k in range(len(t)))
         assert got["loss_tokens"] == len(t)
         assert got["loss_sum"] == pytest.approx(expected, rel=1e-4)

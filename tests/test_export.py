@@ -1,12 +1,23 @@
-"""Exports (notebook 06): the merge, the GGUF writer (the inverse of the import port) and the probe."""
+"""Exports (notebook 06): the merge, the GGUF writer (the inverse of the import port) and the
+probe."""
 
 import numpy as np
 import pytest
 
 from nbutils import export, gguf_port, models, training
 
-ROWS = [{"instruction": "Summarize the code.", "input": "def f(x):\n    return x + 1", "output": "Add one to x."},
-        {"instruction": "Summarize the code.", "input": "class A:\n    pass", "output": "An empty class."}]  # fmt: skip
+ROWS = [
+    {
+        "instruction": "Summarize the code.",
+        "input": "def f(x):\n    return x + 1",
+        "output": "Add one to x.",
+    },
+    {
+        "instruction": "Summarize the code.",
+        "input": "class A:\n    pass",
+        "output": "An empty class.",
+    },
+]
 
 
 @pytest.fixture()
@@ -27,8 +38,8 @@ def probe_logits(lm, inputs):
 
 
 def test_keras_hub_transformers_exporter_drops_an_unmerged_adapter(tuned, tmp_path):
-    """Why notebook 06 merges first: keras-hub's exporter reads raw kernels. If upstream starts merging
-    LoRA itself this test fails, and the merge step becomes unnecessary (harmless)."""
+    """Why notebook 06 merges first: keras-hub's exporter reads raw kernels. If upstream starts
+    merging LoRA itself this test fails, and the merge step becomes unnecessary (harmless)."""
     import keras_hub
 
     inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
@@ -43,24 +54,38 @@ def test_merged_copy_computes_the_adapted_model_and_every_export_reloads_it(tune
     inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
     reference = probe_logits(tuned, inputs)
     merged = export.merged_copy(tuned)
-    assert not export.lora_layers(merged.backbone) and len(merged.backbone.weights) < len(tuned.backbone.weights)
+    assert not export.lora_layers(merged.backbone) and len(merged.backbone.weights) < len(
+        tuned.backbone.weights
+    )
     assert export.compare(reference, probe_logits(merged, inputs), 1e-5)["passed"]
     reloaded = {
-        "keras": keras_hub.models.CausalLM.from_preset(str(export.save_keras_preset(merged, tmp_path / "keras"))),
-        "transformers": keras_hub.models.CausalLM.from_preset(str(export.save_transformers(merged, tmp_path / "hf"))),
+        "keras": keras_hub.models.CausalLM.from_preset(
+            str(export.save_keras_preset(merged, tmp_path / "keras"))
+        ),
+        "transformers": keras_hub.models.CausalLM.from_preset(
+            str(export.save_transformers(merged, tmp_path / "hf"))
+        ),
         "gguf": models.gguf_causal_lm(gguf_port.write_gguf(merged, tmp_path / "m.gguf")),
     }
     texts = ["def f(x):\n    return  x", "héllo <start_of_turn>user wörld 12345"]
     for name, lm in reloaded.items():
         check = export.compare(reference, probe_logits(lm, inputs), 1e-5)
         assert check["passed"] and check["max_abs_diff"] < 1e-5, (name, check)
-        assert export.differing_token_ids(tuned.preprocessor.tokenizer, lm.preprocessor.tokenizer, texts) == 0, name
-    assert export.compare(reference, reference.copy(), 0.0)["passed"]  # compare() itself: equal passes at 0 ...
-    assert not export.compare(reference, reference + 2e-5, 1e-5)["passed"]  # ... a larger difference fails
+        assert (
+            export.differing_token_ids(
+                tuned.preprocessor.tokenizer, lm.preprocessor.tokenizer, texts
+            )
+            == 0
+        ), name
+    # compare() itself: equal passes at 0 ...
+    assert export.compare(reference, reference.copy(), 0.0)["passed"]
+    # ... a larger difference fails
+    assert not export.compare(reference, reference + 2e-5, 1e-5)["passed"]
 
 
 def test_gguf_writer_inverts_the_import_port_on_the_real_model(real_lm, gguf_reader):
-    """Every tensor the exporter writes has the name, shape and values (dequantized) of llama.cpp's own file."""
+    """Every tensor the exporter writes has the name, shape and values (dequantized) of llama.cpp's
+    own file."""
     from gguf.quants import dequantize
 
     written = gguf_port.gguf_tensors(real_lm.backbone)
@@ -69,15 +94,26 @@ def test_gguf_writer_inverts_the_import_port_on_the_real_model(real_lm, gguf_rea
     for name, array in written.items():
         t = original[name]
         expected = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        np.testing.assert_allclose(array, expected, rtol=0, atol=1e-6, err_msg=name)  # norms: (w - 1) + 1 in fp32
+        # norms: (w - 1) + 1 in fp32
+        np.testing.assert_allclose(array, expected, rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_unsupported_sizes_are_not_exported_to_gguf(tuned, tmp_path):
     import keras_hub
 
-    wide = keras_hub.models.Gemma3Backbone(vocabulary_size=300, image_size=None, num_layers=1, num_query_heads=2,
-                                           num_key_value_heads=1, hidden_dim=32, intermediate_dim=64, head_dim=16)  # fmt: skip
-    assert not gguf_port.exportable(wide) and "1 blocks x 32" in gguf_port.not_exportable_reason(wide)
+    wide = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=300,
+        image_size=None,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
+    )
+    assert not gguf_port.exportable(wide) and "1 blocks x 32" in gguf_port.not_exportable_reason(
+        wide
+    )
     lm = keras_hub.models.Gemma3CausalLM(backbone=wide, preprocessor=tuned.preprocessor)
     with pytest.raises(gguf_port.GGUFError, match="use the keras or transformers export"):
         gguf_port.write_gguf(lm, tmp_path / "x.gguf")
@@ -86,19 +122,24 @@ def test_unsupported_sizes_are_not_exported_to_gguf(tuned, tmp_path):
 
 def test_probe_round_trip_and_errors(tuned, tmp_path):
     inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
-    assert inputs["token_ids"].shape[1] == inputs["padding_mask"].sum(axis=1).max()  # trimmed to the longest row
+    # trimmed to the longest row
+    assert inputs["token_ids"].shape[1] == inputs["padding_mask"].sum(axis=1).max()
     probe = export.load_probe(export.save_probe(tuned, inputs, tmp_path / "probe.npz"))
     assert probe["policy"] == "float32" and probe["distributed"] is False
     np.testing.assert_array_equal(probe["hidden"], export.hidden_states(tuned, inputs))
     with pytest.raises(FileNotFoundError, match="re-run notebooks/03_lora_finetune.ipynb"):
         export.load_probe(tmp_path / "missing.npz")
     np.savez(tmp_path / "partial.npz", token_ids=inputs["token_ids"])
-    with pytest.raises(ValueError, match="partial.npz: expected arrays token_ids, padding_mask, hidden, policy, distributed"):
+    with pytest.raises(
+        ValueError,
+        match="partial.npz: expected arrays token_ids, padding_mask, hidden, policy, distributed",
+    ):
         export.load_probe(tmp_path / "partial.npz")
 
 
 def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(tuned, gguf_reader, tmp_path):
-    """The written tokenizer fields equal llama.cpp's own file field for field; the model keys are the same set."""
+    """The written tokenizer fields equal llama.cpp's own file field for field; the model keys are
+    the same set."""
     path = gguf_port.write_gguf(export.merged_copy(tuned), tmp_path / "tiny.gguf")
     written = gguf_port.read_gguf(path)
     ours = {k: f.contents() for k, f in written.fields.items() if k.startswith("tokenizer.")}
@@ -109,5 +150,5 @@ def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(tuned, gguf_reader, 
             np.testing.assert_array_equal(np.float32(ours[key]), np.float32(theirs[key]))
         else:
             assert ours[key] == theirs[key], key
-    model_keys = lambda r: {k for k in r.fields if k.startswith("gemma3.")}  # noqa: E731
+    model_keys = lambda r: {k for k in r.fields if k.startswith("gemma3.")}
     assert model_keys(written) == model_keys(gguf_reader)

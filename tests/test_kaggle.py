@@ -1,4 +1,5 @@
-"""Kaggle: rendered kernels obey the CLI's rules, the code dataset, the setup cell, paths, MODEL="auto"."""
+"""Kaggle: rendered kernels obey the CLI's rules, the code dataset, the setup cell, paths,
+MODEL="auto"."""
 
 import json
 import os
@@ -14,13 +15,23 @@ from conftest import FAKE_KAGGLE, IMAGE_PYTHON
 
 from nbutils import devices, kaggle, models, paths, pipeline
 
-CFG = {"username": "alice", "slug_prefix": "gemma-lora", "accelerator": "gpu-t4", "model": "gemma3_1b",
-       "internet": False, "private": True}  # fmt: skip
+CFG = {
+    "username": "alice",
+    "slug_prefix": "gemma-lora",
+    "accelerator": "gpu-t4",
+    "model": "gemma3_1b",
+    "internet": False,
+    "private": True,
+}
 
 
 def setup_cell(name: str) -> str:
     """The first code cell of a notebook source."""
-    return next(c.source for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells if c.cell_type == "code")
+    return next(
+        c.source
+        for c in jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py").cells
+        if c.cell_type == "code"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +42,34 @@ def rendered(tmp_path_factory):
 
 def test_render_writes_valid_kernels_that_chain(rendered):
     assert list(rendered) == ["run_all", *pipeline.NOTEBOOKS]
-    metas = {name: json.loads((f / "kernel-metadata.json").read_text()) for name, f in rendered.items()}
+    metas = {
+        name: json.loads((f / "kernel-metadata.json").read_text()) for name, f in rendered.items()
+    }
     for name, meta in metas.items():
         kaggle.check_kernel_metadata(meta, rendered[name])  # raises on any broken rule
         assert meta["model_sources"] == ["keras/gemma3/keras/gemma3_1b/3"]
-        assert meta["dataset_sources"] == ["alice/gemma-lora-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
+        assert (
+            meta["dataset_sources"] == ["alice/gemma-lora-code"]
+            and meta["machine_shape"] == "NvidiaTeslaT4"
+        )
         assert meta["enable_gpu"] and not meta["enable_tpu"] and meta["enable_internet"] is False
     assert len({m["id"] for m in metas.values()}) == len(pipeline.NOTEBOOKS) + 1
     first_two = [metas["01_prepare_data"]["id"], metas["02_baseline_inference"]["id"]]
-    assert metas["03_lora_finetune"]["kernel_sources"] == first_two == metas["05_experiments"]["kernel_sources"]
+    assert (
+        metas["03_lora_finetune"]["kernel_sources"]
+        == first_two
+        == metas["05_experiments"]["kernel_sources"]
+    )
     assert metas["04_evaluate"]["kernel_sources"] == [*first_two, metas["03_lora_finetune"]["id"]]
     nb = nbformat.read(rendered["03_lora_finetune"] / "03_lora_finetune.ipynb", as_version=4)
-    injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
-    assert "MODEL = \"gemma3_1b\"" in injected and "GRAD_ACCUM = 4" in injected and "REQUIRE_ACCELERATOR = True" in injected
+    injected = next(
+        c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])
+    )
+    assert (
+        'MODEL = "gemma3_1b"' in injected
+        and "GRAD_ACCUM = 4" in injected
+        and "REQUIRE_ACCELERATOR = True" in injected
+    )
     run_all = nbformat.read(rendered["run_all"] / "run_all.ipynb", as_version=4)
     assert run_all.cells[1].source == setup_cell("01_prepare_data")
     assert "pipeline.run('kaggle', {'MODEL': 'gemma3_1b'})" in run_all.cells[2].source
@@ -60,17 +86,26 @@ def test_tpu_and_cpu_accelerators(tmp_path):
     assert not meta["enable_gpu"] and not meta["enable_tpu"] and "machine_shape" not in meta
 
 
-@pytest.mark.parametrize("change, complaint", [
-    ({"id": "alice/abc"}, "must be owner/slug"),
-    ({"title": "Another title"}, "must be ≥ 5 characters and slug to"),
-    ({"code_file": "missing.ipynb"}, "is not a file relative to"),
-    ({"model_sources": ["keras/gemma3/keras/gemma3_1b"]}, "must have 5 parts, the last an integer version"),
-    ({"model_sources": ["keras/gemma3/keras/gemma3_1b/latest"]}, "the last an integer version"),
-    ({"dataset_sources": ["gemma-lora-code"]}, "dataset_sources entry 'gemma-lora-code' must have 2 parts"),
-    ({"enable_gpu": "yes"}, "enable_gpu must be true or false"),
-    ({"kernel_type": "lab"}, "language/kernel_type invalid"),
-    ({"enable_tpu": True}, "cannot both be true"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        ({"id": "alice/abc"}, "must be owner/slug"),
+        ({"title": "Another title"}, "must be ≥ 5 characters and slug to"),
+        ({"code_file": "missing.ipynb"}, "is not a file relative to"),
+        (
+            {"model_sources": ["keras/gemma3/keras/gemma3_1b"]},
+            "must have 5 parts, the last an integer version",
+        ),
+        ({"model_sources": ["keras/gemma3/keras/gemma3_1b/latest"]}, "the last an integer version"),
+        (
+            {"dataset_sources": ["gemma-lora-code"]},
+            "dataset_sources entry 'gemma-lora-code' must have 2 parts",
+        ),
+        ({"enable_gpu": "yes"}, "enable_gpu must be true or false"),
+        ({"kernel_type": "lab"}, "language/kernel_type invalid"),
+        ({"enable_tpu": True}, "cannot both be true"),
+    ],
+)
 def test_each_cli_rule_is_checked(rendered, change, complaint):
     meta = {**json.loads((rendered["run_all"] / "kernel-metadata.json").read_text()), **change}
     with pytest.raises(kaggle.KaggleConfigError, match=complaint):
@@ -84,11 +119,13 @@ def test_config_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(kaggle.KaggleConfigError, match='set "username" to your Kaggle user name'):
         kaggle.read_config(path)
     assert kaggle.read_config(path, username="bob")["username"] == "bob"
-    for change, complaint in [({"accelerator": "gpu-p100"}, "accelerator 'gpu-p100' is unknown"),
-                              ({"model": "llama3"}, "model 'llama3' is not a keras-hub preset"),
-                              ({"gpu": True}, r"unknown key\(s\) \['gpu'\]"),
-                              ({"internet": "false"}, "'internet' must be true or false"),
-                              ({"slug_prefix": "Gemma_LoRA"}, "slug_prefix 'Gemma_LoRA' may hold only")]:  # fmt: skip
+    for change, complaint in [
+        ({"accelerator": "gpu-p100"}, "accelerator 'gpu-p100' is unknown"),
+        ({"model": "llama3"}, "model 'llama3' is not a keras-hub preset"),
+        ({"gpu": True}, r"unknown key\(s\) \['gpu'\]"),
+        ({"internet": "false"}, "'internet' must be true or false"),
+        ({"slug_prefix": "Gemma_LoRA"}, "slug_prefix 'Gemma_LoRA' may hold only"),
+    ]:
         path.write_text(json.dumps({**CFG, **change}))
         with pytest.raises(kaggle.KaggleConfigError, match=complaint):
             kaggle.read_config(path)
@@ -98,7 +135,8 @@ def test_config_errors_name_the_fix(tmp_path, monkeypatch):
     path.write_text('{"username": "alice",}')
     with pytest.raises(kaggle.KaggleConfigError, match="not valid JSON"):
         kaggle.read_config(path)
-    assert kaggle.read_config(kaggle.CONFIG, username="bob")["accelerator"] in kaggle.ACCELERATORS  # the shipped file
+    # the shipped file
+    assert kaggle.read_config(kaggle.CONFIG, username="bob")["accelerator"] in kaggle.ACCELERATORS
 
 
 def test_bundle_is_a_valid_dataset_without_the_image_stack(tmp_path):
@@ -109,52 +147,92 @@ def test_bundle_is_a_valid_dataset_without_the_image_stack(tmp_path):
     assert (out / "nbutils" / "training.py").is_file() and not list(out.rglob("__pycache__"))
     assert sorted(p.stem for p in (out / "notebooks").glob("*.ipynb")) == list(pipeline.NOTEBOOKS)
     names = [r.split("==")[0].lower() for r in kaggle.requirements()]
-    assert "sacrebleu" in names and not {"jax", "jaxlib", "keras", "keras-hub", "tensorflow", "ipykernel"} & set(names)
+    assert "sacrebleu" in names and not {
+        "jax",
+        "jaxlib",
+        "keras",
+        "keras-hub",
+        "tensorflow",
+        "ipykernel",
+    } & set(names)
 
 
 def test_setup_cell_is_the_same_everywhere_and_does_nothing_locally():
     cells = {name: setup_cell(name) for name in pipeline.NOTEBOOKS}
     assert len(set(cells.values())) == 1, "the setup cells differ"
     env = {k: v for k, v in os.environ.items() if k != "KAGGLE_KERNEL_RUN_TYPE"}
-    done = subprocess.run([sys.executable, "-c", cells["01_prepare_data"]], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", cells["01_prepare_data"]], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout == ""
 
 
 def test_setup_cell_on_a_simulated_kaggle(tmp_path):
-    """Both mount layouts, the code as folders or as --dir-mode zips, earlier kernels' outputs copied."""
+    """Both mount layouts, the code as folders or as --dir-mode zips, earlier kernels' outputs
+    copied."""
     root = tmp_path / "kaggle"
     dataset = root / "input" / "datasets" / "alice" / "gemma-lora-code"
     (dataset / "wheels").mkdir(parents=True)
-    (dataset / "requirements-kaggle.txt").write_text("numpy  # already installed: nothing to fetch\n")
-    with zipfile.ZipFile(dataset / "nbutils.zip", "w") as z:  # what `kaggle datasets create --dir-mode zip` uploads
+    (dataset / "requirements-kaggle.txt").write_text(
+        "numpy  # already installed: nothing to fetch\n"
+    )
+    # what `kaggle datasets create --dir-mode zip` uploads
+    with zipfile.ZipFile(dataset / "nbutils.zip", "w") as z:
         z.writestr("__init__.py", "")
         z.writestr("marker.py", "VALUE = 42\n")
-        z.writestr("quiet.py", "def load_frameworks():\n    pass\n")  # the real one imports JAX/Keras: not needed here
-    earlier = root / "input" / "notebooks" / "alice" / "gemma-lora-01-prepare-data" / "data" / "processed" / "ds"
+        # the real one imports JAX/Keras: not needed here
+        z.writestr("quiet.py", "def load_frameworks():\n    pass\n")
+    earlier = (
+        root
+        / "input"
+        / "notebooks"
+        / "alice"
+        / "gemma-lora-01-prepare-data"
+        / "data"
+        / "processed"
+        / "ds"
+    )
     earlier.mkdir(parents=True)
     (earlier / "manifest.json").write_text("{}")
     (root / "working").mkdir()
-    source = setup_cell("01_prepare_data").replace("/kaggle/", f"{root}/") + "\nfrom nbutils import marker\nprint(marker.VALUE)"
+    source = (
+        setup_cell("01_prepare_data").replace("/kaggle/", f"{root}/")
+        + "\nfrom nbutils import marker\nprint(marker.VALUE)"
+    )
     env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive"}
-    done = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("42") and "Kaggle: code from" in done.stdout
     assert (root / "working" / "data" / "processed" / "ds" / "manifest.json").is_file()
     shutil.rmtree(dataset)
-    done = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode != 0 and "Attach this series' code dataset first" in done.stderr
 
 
 def test_on_kaggle_outputs_go_under_kaggle_working_and_auto_picks_the_preset():
-    code = ("from nbutils import paths, models; print(paths.RUNS_DIR, paths.PROCESSED_DIR, paths.ON_KAGGLE);"
-            "print(models.choose_model('auto'))")  # fmt: skip
+    code = (
+        "from nbutils import paths, models; print(paths.RUNS_DIR, paths.PROCESSED_DIR, paths.ON_KAGGLE);"
+        "print(models.choose_model('auto'))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBUTILS_")}
-    done = subprocess.run([sys.executable, "-c", code], env={**env, "KAGGLE_KERNEL_RUN_TYPE": "Batch"},
-                          capture_output=True, text=True, cwd=paths.REPO_ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "KAGGLE_KERNEL_RUN_TYPE": "Batch"},
+        capture_output=True,
+        text=True,
+        cwd=paths.REPO_ROOT,
+    )
     lines = done.stdout.splitlines()
-    assert lines[0] == "/kaggle/working/runs /kaggle/working/data/processed True", done.stderr[-1000:]
+    assert lines[0] == "/kaggle/working/runs /kaggle/working/data/processed True", done.stderr[
+        -1000:
+    ]
     assert lines[-1] == models.AUTO_PRESET
-    assert models.choose_model("auto") == models.LOCAL_MODEL  # here: the embedded package is installed
+    # here: the embedded package is installed
+    assert models.choose_model("auto") == models.LOCAL_MODEL
     assert models.choose_model("gemma3_1b") == "gemma3_1b"
 
 
@@ -162,18 +240,28 @@ def test_unaccepted_license_says_where_to_accept_it(monkeypatch):
     import keras_hub
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/models/keras/gemma3")
+        raise RuntimeError(
+            "403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/models/keras/gemma3"
+        )
 
     monkeypatch.setattr(models, "_check_reachable", lambda model: None)
     monkeypatch.setattr(keras_hub.models.CausalLM, "from_preset", refuse)
-    with pytest.raises(models.ModelLoadError, match="https://www.kaggle.com/models/keras/gemma3 .*accept"):
+    with pytest.raises(
+        models.ModelLoadError, match="https://www.kaggle.com/models/keras/gemma3 .*accept"
+    ):
         models.load_gemma("gemma3_1b")
 
 
 def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
-    small, large = devices.memory_estimate(tiny_lm, 2, 64, 16), devices.memory_estimate(tiny_lm, 4, 64, 16)
+    small, large = (
+        devices.memory_estimate(tiny_lm, 2, 64, 16),
+        devices.memory_estimate(tiny_lm, 4, 64, 16),
+    )
     assert small["logits"] == pytest.approx(2 * 16 * 262144 * 4 * 3 / 1e9)
-    assert large["activations"] == pytest.approx(2 * small["activations"]) and large["weights"] == small["weights"]
+    assert (
+        large["activations"] == pytest.approx(2 * small["activations"])
+        and large["weights"] == small["weights"]
+    )
     assert small["total"] < large["total"] < small["device"]
     assert "fits" in devices.memory_table(small)
     monkeypatch.setattr(devices, "backend", lambda: "cpu")
@@ -183,33 +271,53 @@ def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
 
 
 def test_smoke_pipeline_on_the_kaggle_image_stack(image_smoke_run):
-    """01 -> 04 -> 06 (smoke) with jax/keras/keras-hub/TensorFlow at the Kaggle image's versions; with Kaggle
-    credentials in the environment, none of them reaches any file the run writes."""
+    """01 -> 04 -> 06 (smoke) with jax/keras/keras-hub/TensorFlow at the Kaggle image's versions;
+    with Kaggle credentials in the environment, none of them reaches any file the run writes."""
     run = image_smoke_run / "runs" / "image"
     comparison = json.loads((run / "metrics.json").read_text())["comparison"]
     assert 0 <= comparison["rougeL_f1"]["tuned"] <= 1 and comparison["response_loss"]["tuned"] > 0
     assert json.loads((run / "export" / "export_verification.json").read_text())["checks"]
     leaks = secret_leaks(image_smoke_run, list(FAKE_KAGGLE.values()))
-    assert len(list(image_smoke_run.rglob("*.ipynb"))) == 5 and not leaks, leaks  # scanned: executed notebooks, logs, config, data
+    # scanned: executed notebooks, logs, config, data
+    assert len(list(image_smoke_run.rglob("*.ipynb"))) == 5 and not leaks, leaks
 
 
 FAKE_KAGGLE_KEY = FAKE_KAGGLE["KAGGLE_KEY"]
 
 
 def secret_leaks(folder, secrets: list[str]) -> list[str]:
-    """Files under ``folder`` that contain any of ``secrets`` (bytes, so binaries are scanned too)."""
-    return [str(p) for p in folder.rglob("*") if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)]
+    """Files under ``folder`` that contain any of ``secrets`` (bytes, so binaries are scanned
+    too)."""
+    return [
+        str(p)
+        for p in folder.rglob("*")
+        if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)
+    ]
 
 
-@pytest.mark.skipif(not IMAGE_PYTHON.exists(), reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
+@pytest.mark.skipif(
+    not IMAGE_PYTHON.exists(),
+    reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)",
+)
 def test_distribution_on_the_kaggle_image_stack():
-    """keras.distribution as the TPU profile uses it, on keras 3.13 / jax 0.7: the same update on 1, 4x1 and 2x2."""
+    """keras.distribution as the TPU profile uses it, on keras 3.13 / jax 0.7: the same update on 1,
+    4x1 and 2x2."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     script = paths.REPO_ROOT / "tests" / "_distributed_step.py"
-    done = subprocess.run([str(IMAGE_PYTHON), str(script), "none", "data", "model:2x2"], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [str(IMAGE_PYTHON), str(script), "none", "data", "model:2x2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = {d["spec"]: d for d in map(json.loads, (line for line in done.stdout.splitlines() if line.startswith("{")))}
+    steps = {
+        d["spec"]: d
+        for d in map(
+            json.loads, (line for line in done.stdout.splitlines() if line.startswith("{"))
+        )
+    }
     for spec in ("data", "model:2x2"):
         assert steps[spec]["loss"] == pytest.approx(steps["none"]["loss"], rel=1e-5)
         assert steps[spec]["batch_axes"] == ["batch"]

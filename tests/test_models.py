@@ -16,7 +16,7 @@ TEXTS = [
     "digits 0123456789 and 3.14159e-10, -42",
     "runs of spaces:  two,   three,        eight.",
     "\ttabs\t\tand\nnewlines\n\n\nand both \t\n mixed",
-    "def add(a, b):\n    \"\"\"Add.\"\"\"\n    return a + b  # sum\n\nclass A:\n        pass\n",
+    'def add(a, b):\n    """Add."""\n    return a + b  # sum\n\nclass A:\n        pass\n',
     " leading and trailing spaces ",
     "<html><table><tr><td>cell</td></tr></table></html>",
 ]
@@ -40,7 +40,10 @@ def test_tokenizer_round_trip(tokenizer, text):
 
 
 def test_special_token_ids(tokenizer):
-    ids = {p: tokenizer.token_to_id(p) for p in ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]}
+    ids = {
+        p: tokenizer.token_to_id(p)
+        for p in ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    }
     assert ids == {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106}
 
 
@@ -56,9 +59,17 @@ def test_whitespace_runs_are_single_pieces(tokenizer):
 
 def test_gguf_metadata_matches_gemma3_270m(gguf_reader):
     cfg = gguf_port.backbone_config(gguf_reader)
-    expected = dict(num_layers=18, hidden_dim=640, intermediate_dim=2048, num_query_heads=4,
-                    num_key_value_heads=1, head_dim=256, sliding_window_size=512,
-                    layer_norm_epsilon=1e-6, vocabulary_size=262144)  # fmt: skip
+    expected = dict(
+        num_layers=18,
+        hidden_dim=640,
+        intermediate_dim=2048,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window_size=512,
+        layer_norm_epsilon=1e-6,
+        vocabulary_size=262144,
+    )
     assert {k: cfg[k] for k in expected} == expected
 
 
@@ -82,7 +93,9 @@ def mean_token_loss(lm, text: str) -> float:
 def test_real_model_loss_far_below_random(real_lm, tiny_lm):
     real, rand = mean_token_loss(real_lm, PARAGRAPH), mean_token_loss(tiny_lm, PARAGRAPH)
     memorised = mean_token_loss(real_lm, DECLARATION)
-    print(f"paragraph loss: real {real:.2f} nats/token, random-weight {rand:.2f}; memorised text {memorised:.2f}")
+    print(
+        f"paragraph loss: real {real:.2f} nats/token, random-weight {rand:.2f}; memorised text {memorised:.2f}"
+    )
     # Seen here: real 3.76, random 12.48 (about ln 262144, a uniform guess), memorised text 0.64.
     assert real < 4.5 and rand > 10.0 and memorised < 1.5
 
@@ -93,11 +106,15 @@ def test_cached_load_matches_fresh_conversion(real_lm, gguf_reader):
     reader = gguf_reader
     fresh = keras_hub.models.Gemma3Backbone(**gguf_port.backbone_config(reader), dtype="float32")
     gguf_port.load_weights(fresh, reader)
-    probe = {"token_ids": np.array([[2, 818, 5279, 529, 7001, 563, 0, 0]]),
-             "padding_mask": np.array([[1, 1, 1, 1, 1, 1, 0, 0]])}  # fmt: skip
+    probe = {
+        "token_ids": np.array([[2, 818, 5279, 529, 7001, 563, 0, 0]]),
+        "padding_mask": np.array([[1, 1, 1, 1, 1, 1, 0, 0]]),
+    }
     cached = models.load_gemma(models.LOCAL_MODEL)  # a second load, from the preset cache
     np.testing.assert_array_equal(np.asarray(fresh(probe)), np.asarray(cached.backbone(probe)))
-    np.testing.assert_array_equal(np.asarray(real_lm.backbone(probe)), np.asarray(cached.backbone(probe)))
+    np.testing.assert_array_equal(
+        np.asarray(real_lm.backbone(probe)), np.asarray(cached.backbone(probe))
+    )
 
 
 def test_truncated_gguf_file_is_a_clear_error(tmp_path):
@@ -175,7 +192,9 @@ def test_remote_preset_in_the_local_cache_needs_no_network(monkeypatch, tmp_path
         models.resolve_preset("gemma3_270m")
     import keras_hub
 
-    kaggle_handle = keras_hub.models.CausalLM.presets["gemma3_270m"]["kaggle_handle"].removeprefix("kaggle://")
+    kaggle_handle = keras_hub.models.CausalLM.presets["gemma3_270m"]["kaggle_handle"].removeprefix(
+        "kaggle://"
+    )
     folder = tmp_path / cache.get_cached_path(handle.parse_model_handle(kaggle_handle))
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
@@ -188,8 +207,11 @@ def test_tokenizer_alone_needs_no_weight_conversion(monkeypatch, tmp_path):
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / src.name).symlink_to(src)
     tok = models.local_tokenizer()
-    assert tok.token_to_id("<end_of_turn>") == 106 and tok.detokenize(tok("def f(x):")) == "def f(x):"
-    assert not list(tmp_path.glob(f"{models.LOCAL_MODEL}-*/config.json"))  # no 270M conversion happened
+    assert (
+        tok.token_to_id("<end_of_turn>") == 106 and tok.detokenize(tok("def f(x):")) == "def f(x):"
+    )
+    # no 270M conversion happened
+    assert not list(tmp_path.glob(f"{models.LOCAL_MODEL}-*/config.json"))
     assert list(tmp_path.glob("*.tokenizer.model"))
 
 
@@ -204,17 +226,23 @@ class FakeField:
 @pytest.mark.parametrize("blocks,width,rope", [(26, 1152, False), (18, 640, True)])
 def test_unverified_gemma3_sizes_are_refused(gguf_reader, blocks, width, rope):
     fields = dict(gguf_reader.fields)
-    fields["gemma3.block_count"], fields["gemma3.embedding_length"] = FakeField(blocks), FakeField(width)
+    fields["gemma3.block_count"], fields["gemma3.embedding_length"] = (
+        FakeField(blocks),
+        FakeField(width),
+    )
     if rope:
         fields["gemma3.rope.scaling.factor"] = FakeField(8.0)
     fake = type("Reader", (), {"fields": fields})()
-    with pytest.raises(gguf_port.GGUFError, match=rf"{blocks} blocks x {width} is not supported.*Gemma 3 270M"):
+    with pytest.raises(
+        gguf_port.GGUFError, match=rf"{blocks} blocks x {width} is not supported.*Gemma 3 270M"
+    ):
         gguf_port.backbone_config(fake)
     assert gguf_port.backbone_config(gguf_reader)["num_layers"] == 18  # the verified one passes
 
 
 def test_loading_a_model_frees_a_dropped_one():
-    """A dropped Keras model lives on in reference cycles; load_gemma collects it before building the next one."""
+    """A dropped Keras model lives on in reference cycles; load_gemma collects it before building
+    the next one."""
     gc.disable()  # only load_gemma's own collection may free it
     try:
         dropped = weakref.ref(models.load_gemma(models.TINY_MODEL, sequence_length=16))

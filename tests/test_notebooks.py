@@ -1,4 +1,5 @@
-"""The notebooks: paired sources, no committed outputs, and every notebook executed under nbval (smoke profiles)."""
+"""The notebooks: paired sources, no committed outputs, and every notebook executed under nbval
+(smoke profiles)."""
 
 import datetime
 import json
@@ -19,8 +20,14 @@ NOTEBOOKS = [paths.NOTEBOOKS_DIR / f"{name}.ipynb" for name in pipeline.NOTEBOOK
 def test_notebook_pair_in_sync_and_clean(nb):
     paired = jupytext.read(nb.with_suffix(".py"))
     committed = jupytext.read(nb)
-    assert [c.source for c in committed.cells] == [c.source for c in paired.cells], f"run `make sync` for {nb.name}"
-    assert not any(c.get("outputs") or c.get("execution_count") for c in committed.cells if c.cell_type == "code")
+    assert [c.source for c in committed.cells] == [c.source for c in paired.cells], (
+        f"run `make sync` for {nb.name}"
+    )
+    assert not any(
+        c.get("outputs") or c.get("execution_count")
+        for c in committed.cells
+        if c.cell_type == "code"
+    )
     tags = [c.metadata.get("tags", []) for c in committed.cells]
     assert sum("parameters" in t for t in tags) == 1
 
@@ -34,28 +41,56 @@ def prepare(tmp_path, names, params: dict) -> list[str]:
         nb = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
         accepted = pm.inspect_notebook(str(nb))
         target = tmp_path / nb.name
-        pm.execute_notebook(str(nb), str(target), parameters=pipeline.for_notebook(params, accepted),
-                            prepare_only=True, progress_bar=False)  # fmt: skip
+        pm.execute_notebook(
+            str(nb),
+            str(target),
+            parameters=pipeline.for_notebook(params, accepted),
+            prepare_only=True,
+            progress_bar=False,
+        )
         prepared.append(str(target))
     return prepared
 
 
 def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
-    """Execute prepared notebooks in order under nbval (--nbval-lax: every cell must run without error)."""
-    env = {**os.environ, "NBUTILS_PROCESSED_DIR": str(tmp_path / "processed"), "NBUTILS_RUNS_DIR": str(tmp_path / "runs")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                           "--nbval-cell-timeout=600", *prepared], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    """Execute prepared notebooks in order under nbval (--nbval-lax: every cell must run without
+    error)."""
+    env = {
+        **os.environ,
+        "NBUTILS_PROCESSED_DIR": str(tmp_path / "processed"),
+        "NBUTILS_RUNS_DIR": str(tmp_path / "runs"),
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nbval-lax",
+            "--nbval-cell-timeout=600",
+            *prepared,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
-    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in the
-    environment reach none of the files written."""
+    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in
+    the environment reach none of the files written."""
     from conftest import FAKE_KAGGLE
     from test_kaggle import secret_leaks
 
     for name, value in FAKE_KAGGLE.items():
         monkeypatch.setenv(name, value)
-    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}))
+    proc = nbval(
+        tmp_path,
+        prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}),
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
     assert "| ROUGE-L F1 |" in report
@@ -64,7 +99,8 @@ def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
 
 
 def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
-    """01 -> 02 -> 05 (sweep-smoke) under nbval; a rerun with a larger grid trains only the new configuration."""
+    """01 -> 02 -> 05 (sweep-smoke) under nbval; a rerun with a larger grid trains only the new
+    configuration."""
     import papermill as pm
 
     params = {**pipeline.PROFILES["sweep-smoke"], "RUN_ID": "sweep"}
@@ -72,21 +108,31 @@ def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     sweep_dir = tmp_path / "runs" / "sweep" / "sweep"
     first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
-    assert len(first) == 3 and (tmp_path / "runs" / "sweep" / "sweep_report.md").read_text().startswith("# LoRA sweep")
-    assert "r2-query+value-lr0.0005-a2-int8" in first  # the int8 default: trained, then tested on an int8 base
+    assert len(first) == 3 and (
+        tmp_path / "runs" / "sweep" / "sweep_report.md"
+    ).read_text().startswith("# LoRA sweep")
+    # the int8 default: trained, then tested on an int8 base
+    assert "r2-query+value-lr0.0005-a2-int8" in first
     rerun = tmp_path / "rerun"
     rerun.mkdir()
     params["SWEEP"] = {"rank": [2, 4, 1]}
     nb = prepare(rerun, ["05_experiments"], params)[0]
-    monkeypatch.setenv("NBUTILS_PROCESSED_DIR", str(tmp_path / "processed"))  # the kernel inherits these
+    # the kernel inherits these
+    monkeypatch.setenv("NBUTILS_PROCESSED_DIR", str(tmp_path / "processed"))
     monkeypatch.setenv("NBUTILS_RUNS_DIR", str(tmp_path / "runs"))
     pm.execute_notebook(nb, nb, progress_bar=False, cwd=str(rerun))
     executed = nbformat.read(rerun / "05_experiments.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
-    assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first  # finished ones untouched
+    # finished ones untouched
+    assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
     assert len(list(sweep_dir.iterdir())) == 4
-    assert len(json.loads((tmp_path / "runs" / "sweep" / "sweep_test.json").read_text())["evaluations"]) == 2
+    assert (
+        len(
+            json.loads((tmp_path / "runs" / "sweep" / "sweep_test.json").read_text())["evaluations"]
+        )
+        == 2
+    )
 
 
 def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):
@@ -129,14 +175,25 @@ def test_resume_skips_finished_notebooks_and_resumes_training(tmp_path, monkeypa
         pipeline.resume("nope")
     run = tmp_path / "r1"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"profile": "smoke", "parameters": {"RANK": 4, "RUN_ID": "r1"}}))
-    (run / "timings.json").write_text(json.dumps({"01_prepare_data": 1.0, "02_baseline_inference": 2.0}))
+    (run / "config.json").write_text(
+        json.dumps({"profile": "smoke", "parameters": {"RANK": 4, "RUN_ID": "r1"}})
+    )
+    (run / "timings.json").write_text(
+        json.dumps({"01_prepare_data": 1.0, "02_baseline_inference": 2.0})
+    )
     calls = []
-    monkeypatch.setattr(pipeline, "execute", lambda run_id, series, params, accepted, done: calls.append((series, params, done)))
+    monkeypatch.setattr(
+        pipeline,
+        "execute",
+        lambda run_id, series, params, accepted, done: calls.append((series, params, done)),
+    )
     pipeline.resume("r1")
     series, params, done = calls[0]
-    assert series == pipeline.SERIES and params == {"RANK": 4, "RUN_ID": "r1", "RESUME": True} and set(done) == {
-        "01_prepare_data", "02_baseline_inference"}  # fmt: skip
+    assert (
+        series == pipeline.SERIES
+        and params == {"RANK": 4, "RUN_ID": "r1", "RESUME": True}
+        and set(done) == {"01_prepare_data", "02_baseline_inference"}
+    )
     (run / "timings.json").write_text(json.dumps({name: 1.0 for name in pipeline.SERIES}))
     with pytest.raises(SystemExit, match="runs/r1 is finished; nothing to resume"):
         pipeline.resume("r1")
@@ -144,7 +201,10 @@ def test_resume_skips_finished_notebooks_and_resumes_training(tmp_path, monkeypa
 
 def test_unknown_parameter_is_refused_with_the_closest_names(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)
-    with pytest.raises(SystemExit, match="-p LERNING_RATE: no notebook has this parameter; did you mean LEARNING_RATE"):
+    with pytest.raises(
+        SystemExit,
+        match="-p LERNING_RATE: no notebook has this parameter; did you mean LEARNING_RATE",
+    ):
         pipeline.run("smoke", {"LERNING_RATE": 1e-3})
     assert not any(tmp_path.iterdir())  # refused before any run folder was written
 
@@ -157,4 +217,6 @@ def test_every_profile_parameter_is_accepted_by_a_notebook():
 
 def test_readme_profile_table_comes_from_the_profiles():
     readme = (paths.REPO_ROOT / "README.md").read_text()
-    assert pipeline.profiles_table() in readme, "README's profile table is stale: paste `python -m nbutils.pipeline --profiles`"
+    assert pipeline.profiles_table() in readme, (
+        "README's profile table is stale: paste `python -m nbutils.pipeline --profiles`"
+    )

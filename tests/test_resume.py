@@ -1,4 +1,5 @@
-"""Checkpoints and resume: a run killed (SIGKILL) and stopped (SIGTERM) ends exactly where an uninterrupted run ends."""
+"""Checkpoints and resume: a run killed (SIGKILL) and stopped (SIGTERM) ends exactly where an
+uninterrupted run ends."""
 
 import csv
 import shutil
@@ -17,20 +18,30 @@ SCRIPT = Path(__file__).with_name("_resumable_training.py")
 
 
 def start(out: Path, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"the training process ended before {path.name}: {proc.communicate()[1][-2000:]}"
+        assert proc.poll() is None, (
+            f"the training process ended before {path.name}: {proc.communicate()[1][-2000:]}"
+        )
         assert time.time() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.05)
 
 
 def log_values(out: Path) -> list[tuple]:
     with open(out / "train_log.csv", newline="") as f:
-        return [(r["step"], r["train_loss"], r["val_loss"], r["learning_rate"]) for r in csv.DictReader(f)]
+        return [
+            (r["step"], r["train_loss"], r["val_loss"], r["learning_rate"])
+            for r in csv.DictReader(f)
+        ]
 
 
 def adapter(out: Path) -> list[np.ndarray]:
@@ -40,8 +51,11 @@ def adapter(out: Path) -> list[np.ndarray]:
 
 def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    with open(tmp_path / "straight.err", "w") as err:  # runs beside the interrupted one (deterministic: order is free)
-        uninterrupted = subprocess.Popen([sys.executable, str(SCRIPT), str(straight)], stdout=subprocess.DEVNULL, stderr=err)
+    # runs beside the interrupted one (deterministic: order is free)
+    with open(tmp_path / "straight.err", "w") as err:
+        uninterrupted = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(straight)], stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
         wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
@@ -50,25 +64,34 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert not (broken / "final_adapter.npz").exists()
         assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
 
-        proc = start(broken, "--resume", "--slow")  # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
+        # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
+        proc = start(broken, "--resume", "--slow")
         wait_for(broken / "checkpoints" / "update-000008" / "progress.json", proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode != 0 and not (broken / "final_adapter.npz").exists()
         stopped = training.latest_checkpoint(broken / "checkpoints")
-        assert f"SIGTERM received: stopped after update {int(stopped.name[-6:])}/12, checkpoint {stopped}" in err.splitlines()[-1]
+        assert (
+            f"SIGTERM received: stopped after update {int(stopped.name[-6:])}/12, checkpoint {stopped}"
+            in err.splitlines()[-1]
+        )
         assert "RESUME: continuing after update 4" in out
 
         proc = start(broken, "--resume")  # 3. resumed to the end
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
-        assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["update-000004", "update-000008"]  # keep 2
+        # keep 2
+        assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == [
+            "update-000004",
+            "update-000008",
+        ]
     finally:
         uninterrupted.kill()  # a no-op once it has ended
     assert f"RESUME: continuing after update {int(stopped.name[-6:])}" in out
     for a, b in zip(adapter(straight), adapter(broken), strict=True):
-        np.testing.assert_array_equal(a, b)  # exact: same XLA programs on the same CPU, same data order
+        # exact: same XLA programs on the same CPU, same data order
+        np.testing.assert_array_equal(a, b)
     assert log_values(straight) == log_values(broken) and len(log_values(broken)) == 12
 
 
@@ -77,24 +100,52 @@ def test_resume_refuses_other_parameters_or_data(tmp_path):
     arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
     run = {"update": 1, "best": 1.0, "waited": 0, "history": {}, "data_sha256": "abc"}
     training.save_checkpoint(tmp_path / "checkpoints", run, arrays, [], cfg)
-    other = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=0.5)
-    with pytest.raises(ValueError, match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=0.5; resume with the same"):
+    other = training.TrainConfig(
+        rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2, learning_rate=0.5
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"update-000001: made with LEARNING_RATE=0.0002 but now LEARNING_RATE=0.5; resume with the same",
+    ):
         training._resume(tmp_path / "checkpoints", other, "abc", None, None, {}, None)
-    same = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2)  # CHECKPOINT_EVERY may change
+    # CHECKPOINT_EVERY may change
+    same = training.TrainConfig(
+        rank=4, targets="all", max_steps=2, checkpoint_every=5, batch_size=2
+    )
     with pytest.raises(ValueError, match=r"update-000001: made on other training/validation data"):
         training._resume(tmp_path / "checkpoints", same, "another", None, None, {}, None)
 
 
 def test_a_fresh_run_clears_old_checkpoints_and_rotation_keeps_the_newest(tmp_path):
-    cfg = training.TrainConfig(rank=4, targets="all", checkpoint_every=1, keep_checkpoints=2, batch_size=2)
+    cfg = training.TrainConfig(
+        rank=4, targets="all", checkpoint_every=1, keep_checkpoints=2, batch_size=2
+    )
     arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
-    for update in (250, 1, 2, 3):  # an old run's 250 must not outlive the new ones once the new run rotates
+    # an old run's 250 must not outlive the new ones once the new run rotates
+    for update in (250, 1, 2, 3):
         if update == 1:
-            shutil.rmtree(tmp_path / "checkpoints")  # what train_lora does for a fresh run (resume=False)
-        training.save_checkpoint(tmp_path / "checkpoints", {"update": update, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["update-000002", "update-000003"]
-    training.save_checkpoint(tmp_path / "checkpoints", {"update": 1, "best": 1.0, "waited": 0, "history": {}}, arrays, [], cfg)
-    assert (tmp_path / "checkpoints" / "update-000001").exists()  # never deletes the one just written
+            # what train_lora does for a fresh run (resume=False)
+            shutil.rmtree(tmp_path / "checkpoints")
+        training.save_checkpoint(
+            tmp_path / "checkpoints",
+            {"update": update, "best": 1.0, "waited": 0, "history": {}},
+            arrays,
+            [],
+            cfg,
+        )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "update-000002",
+        "update-000003",
+    ]
+    training.save_checkpoint(
+        tmp_path / "checkpoints",
+        {"update": 1, "best": 1.0, "waited": 0, "history": {}},
+        arrays,
+        [],
+        cfg,
+    )
+    # never deletes the one just written
+    assert (tmp_path / "checkpoints" / "update-000001").exists()
 
 
 def test_training_from_scratch_removes_another_runs_checkpoints(tmp_path):
@@ -103,7 +154,14 @@ def test_training_from_scratch_removes_another_runs_checkpoints(tmp_path):
     stale = tmp_path / "checkpoints" / "update-000999"
     stale.mkdir(parents=True)
     (stale / "progress.json").write_text("{}")
-    cfg = training.TrainConfig(rank=4, max_steps=3, eval_every=3, batch_size=4, checkpoint_every=1, warmup_steps=0)
-    rows = [{"instruction": "Say it.", "input": f"item {i}", "output": f"It is {i}."} for i in range(8)]
+    cfg = training.TrainConfig(
+        rank=4, max_steps=3, eval_every=3, batch_size=4, checkpoint_every=1, warmup_steps=0
+    )
+    rows = [
+        {"instruction": "Say it.", "input": f"item {i}", "output": f"It is {i}."} for i in range(8)
+    ]
     training.train_lora(lm, training.adamw(cfg, 3), rows, rows[:4], cfg, "gemma", 128, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "update-000001",
+        "update-000002",
+    ]

@@ -7,8 +7,15 @@ import pytest
 
 from nbutils import compat, evaluation, models, sequences, training
 
-ROWS = [{"id": str(i), "instruction": "Summarize.", "input": f"def f{i}(x):\n    return x * {i}",
-         "output": f"Multiply x by {i}."} for i in range(12)]  # fmt: skip
+ROWS = [
+    {
+        "id": str(i),
+        "instruction": "Summarize.",
+        "input": f"def f{i}(x):\n    return x * {i}",
+        "output": f"Multiply x by {i}.",
+    }
+    for i in range(12)
+]
 
 
 @pytest.fixture
@@ -21,28 +28,38 @@ def adamw(cfg, n_train):
     import keras
 
     schedule = training.lr_schedule(cfg, training.plan(cfg, n_train)["updates"])
-    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, global_clipnorm=cfg.clipnorm)
+    return keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=cfg.weight_decay, global_clipnorm=cfg.clipnorm
+    )
 
 
 def test_lora_targets_and_alpha(tiny):
     s = training.enable_lora(tiny, 4, "all", alpha=16)
-    enabled = [lyr for lyr in compat.all_layers(tiny.backbone) if getattr(lyr, "lora_enabled", False)]
+    enabled = [
+        lyr for lyr in compat.all_layers(tiny.backbone) if getattr(lyr, "lora_enabled", False)
+    ]
     assert len(enabled) == 2 * 7 and all(lyr.lora_alpha == 16 for lyr in enabled)
     assert {lyr.name for lyr in enabled} == set(training.LORA_TARGETS.values())
-    assert s["trainable_params"] == sum(int(np.prod(v.shape)) for lyr in enabled for v in (lyr.lora_kernel_a, lyr.lora_kernel_b))
+    assert s["trainable_params"] == sum(
+        int(np.prod(v.shape)) for lyr in enabled for v in (lyr.lora_kernel_a, lyr.lora_kernel_b)
+    )
     assert 0 < s["trainable_share_pct"] < 1
     with pytest.raises(ValueError, match="LORA_TARGETS='query,mlp'.*'attention' or 'all'"):
         training.lora_layer_names("query,mlp")
 
 
 def test_alpha_scales_the_adapter_contribution(tiny):
-    """Same adapter weights: doubling alpha doubles each LoRA layer's delta, and the backbone sees alpha."""
+    """Same adapter weights: doubling alpha doubles each LoRA layer's delta, and the backbone sees
+    alpha."""
     tiny.backbone.enable_lora(4, target_layer_names=training.lora_layer_names("all"))
     layers = training.configure_lora(tiny.backbone, alpha=4.0, seed=1)
     rng = np.random.default_rng(0)
     for lyr in layers:
         lyr.lora_kernel_b.assign(rng.normal(size=lyr.lora_kernel_b.shape).astype("float32") * 0.1)
-    probe = {"token_ids": np.array([[2, 100, 200, 300, 400]]), "padding_mask": np.ones((1, 5), bool)}
+    probe = {
+        "token_ids": np.array([[2, 100, 200, 300, 400]]),
+        "padding_mask": np.ones((1, 5), bool),
+    }
     layer = next(lyr for lyr in layers if lyr.name == "query")
     x = rng.normal(size=(1, 5, tiny.backbone.hidden_dim)).astype("float32")
     outputs = {}
@@ -53,7 +70,8 @@ def test_alpha_scales_the_adapter_contribution(tiny):
     outputs = {a: (y - frozen, h) for a, (y, h) in outputs.items()}
     np.testing.assert_allclose(outputs[8.0][0], 2 * outputs[4.0][0], rtol=1e-4, atol=1e-6)
     assert np.abs(outputs[4.0][0]).max() > 1e-3
-    assert np.abs(outputs[8.0][1] - outputs[4.0][1]).max() > 1e-4  # the backbone output depends on alpha
+    # the backbone output depends on alpha
+    assert np.abs(outputs[8.0][1] - outputs[4.0][1]).max() > 1e-4
 
 
 def test_arrays_mask_exactly_the_response(tokenizer):
@@ -61,7 +79,9 @@ def test_arrays_mask_exactly_the_response(tokenizer):
     for i, row in enumerate(ROWS[:2]):
         p, t = sequences.encode_example(tokenizer, row, "gemma")
         assert a["token_ids"][i, : len(p) + len(t)].tolist() == p + t
-        assert a["response_mask"][i].tolist() == [False] * len(p) + [True] * len(t) + [False] * (64 - len(p) - len(t))
+        assert a["response_mask"][i].tolist() == [False] * len(p) + [True] * len(t) + [False] * (
+            64 - len(p) - len(t)
+        )
         assert a["token_ids"][i][a["response_mask"][i]][-1] == 1  # <eos>
 
 
@@ -69,20 +89,33 @@ def test_training_changes_only_the_adapter_and_lowers_loss(tiny, tmp_path):
     training.enable_lora(tiny, 8, "all", 16)
     frozen_before = {v.path: np.array(v) for v in tiny.backbone.non_trainable_weights}
     adapter_before = {v.path: np.array(v) for v in tiny.backbone.trainable_weights}
-    assert len(frozen_before) == len(tiny.backbone.non_trainable_weights) > 20  # keyed by unique paths
+    # keyed by unique paths
+    assert len(frozen_before) == len(tiny.backbone.non_trainable_weights) > 20
     assert all("lora" in p for p in adapter_before) and len(adapter_before) == 2 * 2 * 7
-    cfg = training.TrainConfig(rank=8, targets="all", alpha=16, learning_rate=3e-3, warmup_steps=1, max_steps=12,
-                               eval_every=4, batch_size=4, patience=5)  # fmt: skip
+    cfg = training.TrainConfig(
+        rank=8,
+        targets="all",
+        alpha=16,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        max_steps=12,
+        eval_every=4,
+        batch_size=4,
+        patience=5,
+    )
     before = evaluation.response_losses(tiny, ROWS, "gemma", 64)
-    result = training.train_lora(tiny, adamw(cfg, len(ROWS)), ROWS, ROWS[:4], cfg, "gemma", 64, tmp_path)
+    result = training.train_lora(
+        tiny, adamw(cfg, len(ROWS)), ROWS, ROWS[:4], cfg, "gemma", 64, tmp_path
+    )
     after = evaluation.response_losses(tiny, ROWS, "gemma", 64)
-    mean = lambda ls: sum(r["loss_sum"] for r in ls) / sum(r["loss_tokens"] for r in ls)  # noqa: E731
+    mean = lambda ls: sum(r["loss_sum"] for r in ls) / sum(r["loss_tokens"] for r in ls)
     assert mean(after) < mean(before) - 0.05, (mean(before), mean(after))
     frozen_after = {v.path: np.array(v) for v in tiny.backbone.non_trainable_weights}
     for (path, a), (path_after, b) in zip(frozen_before.items(), frozen_after.items(), strict=True):
         assert path == path_after and np.array_equal(a, b), path
     adapter_after = {v.path: np.array(v) for v in tiny.backbone.trainable_weights}
-    assert all(not np.array_equal(adapter_before[p], adapter_after[p]) for p in adapter_before)  # every A and B moved
+    # every A and B moved
+    assert all(not np.array_equal(adapter_before[p], adapter_after[p]) for p in adapter_before)
     log = (tmp_path / "train_log.csv").read_text().splitlines()
     assert log[0] == ",".join(training.LOG_COLUMNS) and len(log) == 1 + result["updates_run"] == 13
     schedule = training.lr_schedule(cfg, 12)
@@ -96,7 +129,9 @@ def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
         v.assign(np.random.default_rng(0).normal(size=v.shape).astype("float32") * 0.05)
     cfg = training.TrainConfig(rank=4, targets="query,value", alpha=8)
     splits = {"train": "t", "val": "v", "test": "x"}
-    path, spec_path = training.save_adapter(tiny, tmp_path / "a.lora.h5", training.adapter_spec(cfg, "tiny", "gemma", 64, splits))
+    path, spec_path = training.save_adapter(
+        tiny, tmp_path / "a.lora.h5", training.adapter_spec(cfg, "tiny", "gemma", 64, splits)
+    )
     probe = {"token_ids": np.array([[2, 100, 200, 300]]), "padding_mask": np.ones((1, 4), bool)}
     expected = np.asarray(tiny.backbone(probe))
 
