@@ -32,6 +32,14 @@ class DataError(ValueError):
     """A data file that cannot be used as a whole (the message names the file and the fix)."""
 
 
+class ValidRows(list):
+    """:func:`validate`'s kept rows, carrying where they came from and the counts of the rows it
+    dropped, so that the split's errors can name both."""
+
+    where: str = ""
+    drops: dict = {}
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -47,6 +55,7 @@ def detect_format(path: Path, forced: str = "", records: list | None = None) -> 
     if ext in (".csv", ".tsv"):
         return ext[1:]
     if ext not in (".json", ".jsonl"):
+        refuse_binary(path, read_head(path))  # e.g. rows.jsonl.gz: say it is compressed
         raise DataError(
             f"{path}: cannot tell the format from extension {ext!r}; "
             f"set DATA_FORMAT to one of {', '.join(FORMATS)}."
@@ -54,6 +63,52 @@ def detect_format(path: Path, forced: str = "", records: list | None = None) -> 
     records = read_json_records(path) if records is None else records
     keys = set().union(*(r.keys() for r in records[:200] if isinstance(r, dict)))
     return "dolly" if {"response", "context"} & keys and "output" not in keys else "alpaca"
+
+
+# leading bytes of binary formats a data file is sometimes mistaken for: (signature, name, what to do)
+BINARY_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first: gunzip"),
+    (b"PK\x03\x04", "zip archive (or .xlsx/.docx)", "extract or export the data file from it"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first: unxz"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first: unzstd"),
+    (b"7z\xbc\xaf\x27\x1c", "7-Zip archive", "extract the data file from it"),
+    (b"PAR1", "Parquet", "export it to JSON Lines or CSV"),
+    (b"SQLite format 3\x00", "SQLite database", "export the table to JSON Lines or CSV"),
+    (b"\x89PNG\r\n\x1a\n", "PNG image", "check that the path names the data file"),
+    (b"\xff\xd8\xff", "JPEG image", "check that the path names the data file"),
+    (b"%PDF-", "PDF document", "check that the path names the data file"),
+)
+TEXT_FORMATS = "a UTF-8 Alpaca/Dolly JSON or JSONL file, or a CSV/TSV file"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def binary_kind(raw: bytes) -> tuple[str, str] | None:
+    """``(what it is, what to do)`` when ``raw`` (a file's bytes, or its first 8 KB) is binary rather
+    than text: a known signature, or a NUL byte in the first 8 KB that is not UTF-16 text."""
+    for magic, kind, fix in BINARY_SIGNATURES:
+        if raw.startswith(magic):
+            return f"{kind} data", fix
+    if b"\0" in raw[:8192] and not raw.startswith(UTF16_BOMS):
+        return "NUL bytes in the first 8 KB", "check that the path names the data file"
+    return None
+
+
+def refuse_binary(path: Path, raw: bytes) -> None:
+    """A one-line error, without the text-encoding hint, when ``raw`` is a binary file."""
+    binary = binary_kind(raw)
+    if binary:
+        raise DataError(
+            f"{path}: a binary file ({binary[0]}), not text; expected {TEXT_FORMATS} ({binary[1]})."
+        )
+
+
+def read_head(path: Path) -> bytes:
+    """A file's first 8 KB (nothing when it cannot be read: reading it whole reports why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8192)
+    except OSError:
+        return b""
 
 
 def read_text(path: Path) -> str:
@@ -65,17 +120,18 @@ def read_text(path: Path) -> str:
         raise DataError(
             f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions."
         ) from None
+    refuse_binary(path, raw)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        what = (
-            "a binary file, not text"
-            if b"\0" in raw[:8192]
-            else (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
-        )
+        if raw.startswith(UTF16_BOMS):
+            what, encoding = "UTF-16 text, not UTF-8", "utf-16"
+        else:
+            what = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+            encoding = "latin1"
         raise DataError(
             f"{path}: {what}; give a UTF-8 JSON/JSONL/CSV/TSV file (convert e.g. with "
-            "`iconv -f latin1 -t utf-8`)."
+            f"`iconv -f {encoding} -t utf-8`)."
         ) from None
 
 
@@ -311,8 +367,9 @@ def fit_to_length(row: dict, tokenizer, template, sequence_length: int) -> tuple
 
 def validate(
     rows: list[dict], tokenizer, template, sequence_length: int, where: str = "the data"
-) -> tuple[list[dict], collections.Counter]:
-    """Keep usable rows (truncating prompts where needed); count every dropped or truncated row."""
+) -> tuple[ValidRows, collections.Counter]:
+    """Keep usable rows (truncating prompts where needed); count every dropped or truncated row.
+    The kept rows carry ``where`` and the counts (see :class:`ValidRows`) for :func:`split`."""
     check_sequence_length(tokenizer, template, sequence_length)
     counts: collections.Counter = collections.Counter()
     usable, seen = [], set()
@@ -343,9 +400,18 @@ def validate(
         )
     if not kept:
         raise DataError(
-            f"{where}: no usable rows left after validation ({dict(counts)}); see the reasons and fix the data."
+            f"{where}: no usable rows left after validation {dropped(counts)}; see the reasons and fix the data."
         )
+    kept = ValidRows(kept)
+    kept.where, kept.drops = where, counts
     return kept, counts
+
+
+def dropped(counts: dict) -> str:
+    """The dropped rows' counts by reason, as the validation errors quote them:
+    ``({'duplicate': 4})``, or ``(none dropped)``; truncated rows that were kept are left out."""
+    drops = {k: v for k, v in counts.items() if v and not k.endswith("(kept)")}
+    return f"({drops})" if drops else "(none dropped)"
 
 
 def check_sequence_length(tokenizer, template, sequence_length: int) -> None:
@@ -384,8 +450,11 @@ def stable_hash(text: str, seed: int) -> int:
     return int(files.sha256_bytes(f"{seed}:{text}".encode())[:15], 16)
 
 
-def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:
-    """Val and test counts from fractions (< 1; at least one row when above 0) or counts (>= 1)."""
+def split_sizes(
+    n: int, val_size: float, test_size: float, where: str = "", drops: dict | None = None
+) -> tuple[int, int]:
+    """Val and test counts from fractions (< 1; at least one row when above 0) or counts (>= 1);
+    errors name ``where`` the rows came from and, with ``drops``, why the others were dropped."""
     for name, size in (("VAL_SIZE", val_size), ("TEST_SIZE", test_size)):
         if not isinstance(size, (int, float)) or size < 0:
             raise DataError(
@@ -395,18 +464,29 @@ def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int]:
     n_val, n_test = as_count(val_size), as_count(test_size)
     if n_val + n_test >= n:
         splits = "train, val and test" if n_test else "train and val"
+        after = "after validation" if drops is None else f"after validation {dropped(drops)}"
         raise DataError(
-            f"{n} usable row(s) remain after validation, but VAL_SIZE={val_size} and TEST_SIZE={test_size} need "
+            f"{where + ': ' if where else ''}{n} usable row(s) remain {after}, but VAL_SIZE={val_size} "
+            f"and TEST_SIZE={test_size} need "
             f"{n_val + n_test + 1} ({splits} each non-empty); add rows or lower VAL_SIZE/TEST_SIZE."
         )
     return n_val, n_test
 
 
 def split_rows(
-    rows: list[dict], val_size: float, test_size: float, seed: int, group_key: str | None = None
+    rows: list[dict],
+    val_size: float,
+    test_size: float,
+    seed: int,
+    group_key: str | None = None,
+    where: str | None = None,
+    drops: dict | None = None,
 ) -> dict[str, list[dict]]:
-    """Seeded train/val/test split; with ``group_key`` whole groups stay in one split."""
-    n_val, n_test = split_sizes(len(rows), val_size, test_size)
+    """Seeded train/val/test split; with ``group_key`` whole groups stay in one split. Errors name
+    ``where`` and ``drops`` (by default those that :func:`validate`'s rows carry)."""
+    where = getattr(rows, "where", "") if where is None else where
+    drops = getattr(rows, "drops", None) if drops is None else drops
+    n_val, n_test = split_sizes(len(rows), val_size, test_size, where, drops)
     if group_key is None or not rows or group_key not in rows[0]:
         order = np.random.default_rng(seed).permutation(len(rows))
         shuffled = [rows[i] for i in order]
@@ -435,8 +515,9 @@ def split_rows(
     ]
     if empty:
         raise DataError(
-            f"the {len(rows)} rows come in {len(groups)} {group_key}s, kept whole per split, which leaves the "
-            f"{'/'.join(empty)} split empty; add rows or lower VAL_SIZE/TEST_SIZE."
+            f"{where + ': ' if where else ''}the {len(rows)} rows come in {len(groups)} {group_key}s, "
+            f"kept whole per split, which leaves the {'/'.join(empty)} split empty; add rows or lower "
+            "VAL_SIZE/TEST_SIZE."
         )
     return splits
 
@@ -469,9 +550,12 @@ def split(
         return split_rows(rows, val_size, test_size, seed, GROUP_KEY), 0
     test_keys = {(r["instruction"], r["input"]) for r in test_rows}
     rest = [r for r in rows if (r["instruction"], r["input"]) not in test_keys]
-    return {**split_rows(rest, val_size, 0, seed, GROUP_KEY), "test": test_rows}, len(rows) - len(
-        rest
-    )
+    drops = getattr(rows, "drops", None)
+    if drops is not None and len(rest) < len(rows):
+        drops = {**drops, "also_in_TEST_PATH": len(rows) - len(rest)}
+    where = getattr(rows, "where", "")
+    splits = split_rows(rest, val_size, 0, seed, GROUP_KEY, where, drops)
+    return {**splits, "test": test_rows}, len(rows) - len(rest)
 
 
 # ---------------------------------------------------------------- sources

@@ -78,7 +78,7 @@ def render(run_id: str, out_dir: Path = DOCS_DIR) -> list[Path]:
     """Every notebook of the run's series as a page under ``out_dir``."""
     run = paths.RUNS_DIR / run_id
     config = files.read_json(run / "config.json")
-    series = pipeline.PROFILE_SERIES.get(config["profile"], pipeline.SERIES)
+    series = pipeline.PROFILES[config["profile"]].series
     missing = [n for n in series if not (run / f"{n}.ipynb").exists()]
     if missing:
         raise SystemExit(

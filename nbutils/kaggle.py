@@ -213,7 +213,7 @@ def run_all_notebook(profile: str, overrides: dict) -> nbformat.NotebookNode:
         cells=[
             nbformat.v4.new_markdown_cell(
                 "# Gemma LoRA fine-tuning with keras-hub on JAX: the whole series\n\n"
-                f"Runs notebooks {', '.join(pipeline.PROFILE_SERIES.get(profile, pipeline.SERIES))} in order with "
+                f"Runs notebooks {', '.join(pipeline.PROFILES[profile].series)} in order with "
                 f"papermill (profile `{profile}`). "
                 "The executed notebooks, adapter, plots and `report.md` land in `/kaggle/working/runs/<run_id>/`, "
                 "kept as this kernel's output."
@@ -252,7 +252,7 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
         name: f"{cfg['username']}/{slugify(kernel_title(cfg, name))}"
         for name in ("run_all", *pipeline.NOTEBOOKS)
     }
-    accepted, written = pipeline.accepted_parameters(), []
+    written = []
     for name in ids:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
                     str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"),
                     str(tmp),
                     prepare_only=True,
-                    parameters=pipeline.for_notebook(params, accepted[name]),
+                    parameters=pipeline.for_notebook(params, name),
                     progress_bar=False,
                 )
         series = pipeline.SWEEP_SERIES if name == pipeline.SWEEP_SERIES[-1] else pipeline.SERIES
@@ -297,6 +297,8 @@ def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> P
         for name in pipeline.NOTEBOOKS:
             shutil.copy2(paths.NOTEBOOKS_DIR / f"{name}.ipynb", tmp / "notebooks")
         shutil.copy2(REQUIREMENTS, tmp / REQUIREMENTS.name)
+        # beside the zipped folders, where every notebook's setup cell finds it
+        shutil.copy2(paths.REPO_ROOT / "nbutils" / "kaggle_setup.py", tmp / "kaggle_setup.py")
         (tmp / "wheels").mkdir()
         if wheels and requirements():
             # With their dependencies: pip installs only those the image lacks (it keeps the image's

@@ -67,6 +67,17 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
     return out
 
 
+def parameters(config: dict) -> dict:
+    """A configuration as notebook 03's parameters (no checkpoints: a configuration is short)."""
+    return {
+        "RANK": config["rank"],
+        "LORA_TARGETS": config["targets"],
+        "LORA_ALPHA": config["alpha"],
+        "LEARNING_RATE": config["learning_rate"],
+        "CHECKPOINT_EVERY": 0,
+    }
+
+
 def config_name(config: dict) -> str:
     """A folder name that says what the configuration is, e.g. ``r8-query+value-lr0.0005-a8``."""
     name = f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{config['alpha']:g}"

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import batches, compat, devices, files, heap, objective, progress, prompts, sequences
+from nbutils import (
+    batches,
+    compat,
+    config,
+    devices,
+    files,
+    heap,
+    objective,
+    progress,
+    prompts,
+    sequences,
+)
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
 LORA_TARGETS = {
@@ -40,32 +51,57 @@ LOG_COLUMNS = [
     "tokens_per_s",
     "useful_tokens_per_s",
 ]
+FIELD_PARAMETERS = {
+    "rank": "RANK",
+    "targets": "LORA_TARGETS",
+    "alpha": "LORA_ALPHA",
+    "learning_rate": "LEARNING_RATE",
+    "weight_decay": "WEIGHT_DECAY",
+    "warmup_steps": "WARMUP_STEPS",
+    "schedule": "SCHEDULE",
+    "clipnorm": "CLIPNORM",
+    "batch_size": "BATCH_SIZE",
+    "grad_accum": "GRAD_ACCUM",
+    "epochs": "EPOCHS",
+    "max_steps": "MAX_STEPS",
+    "eval_every": "EVAL_EVERY",
+    "patience": "PATIENCE",
+    "seed": "SEED",
+    "checkpoint_every": "CHECKPOINT_EVERY",
+    "keep_checkpoints": "KEEP_CHECKPOINTS",
+    "max_batch_tokens": "MAX_BATCH_TOKENS",
+}
 TARGET_GROUPS = {"attention": "query,key,value,output", "all": ",".join(LORA_TARGETS)}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every knob of a fine-tuning run (the notebook's parameters)."""
+    """Every knob of a fine-tuning run; defaults and meanings are the parameters' in ``config``."""
 
-    rank: int = 8
-    targets: str = "query,value"
-    alpha: float = 0.0  # 0 means alpha = rank (scale 1)
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # or "linear"
-    clipnorm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int = 0  # optimizer updates; 0 means EPOCHS over the train split
-    eval_every: int = 25
-    patience: int = 3
-    seed: int = 0
-    checkpoint_every: int = 0  # updates between checkpoints under <out_dir>/checkpoints; 0: none
-    keep_checkpoints: int = 2
-    # run a batch with more tokens (rows x width) as smaller micro-batches; 0: whole
-    max_batch_tokens: int = 0
+    rank: int = config.default("RANK")
+    targets: str = config.default("LORA_TARGETS")
+    alpha: float = config.default("LORA_ALPHA")
+    learning_rate: float = config.default("LEARNING_RATE")
+    weight_decay: float = config.default("WEIGHT_DECAY")
+    warmup_steps: int = config.default("WARMUP_STEPS")
+    schedule: str = config.default("SCHEDULE")
+    clipnorm: float = config.default("CLIPNORM")
+    batch_size: int = config.default("BATCH_SIZE")
+    grad_accum: int = config.default("GRAD_ACCUM")
+    epochs: int = config.default("EPOCHS")
+    max_steps: int = config.default("MAX_STEPS")
+    eval_every: int = config.default("EVAL_EVERY")
+    patience: int = config.default("PATIENCE")
+    seed: int = config.default("SEED")
+    checkpoint_every: int = config.default("CHECKPOINT_EVERY")
+    keep_checkpoints: int = config.default("KEEP_CHECKPOINTS")
+    max_batch_tokens: int = config.default("MAX_BATCH_TOKENS")
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> TrainConfig:
+        """The configuration from a notebook's parameters (``globals()``): each field from its
+        parameter, e.g. ``rank`` from ``RANK``, the others at their defaults."""
+        return cls(**{f: params[p] for f, p in FIELD_PARAMETERS.items() if p in params})
 
     def __post_init__(self) -> None:
         """One-line errors for values that cannot train (each names the notebook parameter)."""

@@ -13,90 +13,42 @@
 # - **Previous:** none (start here) · **Next:** `02_baseline_inference`
 
 # %%
-# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
-# frameworks quietly.
-import os
+import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-    import glob
-    import shutil
-    import subprocess
-    import sys
-
-    # at the top of the code dataset (both mount layouts are searched)
-    marker = "requirements-kaggle.txt"
-    found = sorted(
-        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
-    )
-    if not found:
-        raise SystemExit(
-            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
-        )
-    code = "/kaggle/working/gemma-lora"
-    # contents only: inputs are read-only
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
-    shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    # `kaggle datasets create --dir-mode zip` uploads folders as zips
-    for archive in glob.glob(f"{code}/*.zip"):
-        shutil.unpack_archive(archive, archive[: -len(".zip")])
-    # earlier notebooks' kernel outputs, oldest first: the latest wins
-    for kind in ("data/processed", "runs"):
-        for earlier in sorted(
-            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
-        ):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        f"{code}/wheels",
-    ]
-    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
-    sys.path.insert(0, code)
-    os.environ["KERAS_BACKEND"] = "jax"
-    # let JAX use the whole accelerator
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    print(
-        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
-    )
-
-from nbutils import quiet
-
-# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
-quiet.load_frameworks()
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
+    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+    import kaggle_setup  # noqa: F401
+from nbutils import frameworks  # noqa: F401
 
 # %%
 from IPython.display import Image, display
 
-from nbutils import data, models, plots, prompts, sequences
+from nbutils import (
+    data,
+    models,
+    plots,
+    prompts,
+    sequences,
+)
 
 # %% tags=["parameters"]
-# whose tokenizer measures lengths: "auto", "gemma3_270m_local", "tiny", a keras-hub preset…
-MODEL = "auto"
-# used when DATA_PATH is empty: "pycode-summary", "hf:<owner>/<name>", "kaggle:<owner>/<dataset>"
-DATASET = "pycode-summary"
-DATA_PATH = ""  # your own file: Alpaca .json/.jsonl, Dolly .jsonl, or .csv/.tsv (format detected)
-DATA_FORMAT = ""  # force one of "alpaca", "dolly", "csv", "tsv"
-COLUMNS = {}  # CSV/TSV only: {"instruction": "<column>", "input": "<column>", "output": "<column>"}
-CATEGORIES = ""  # Dolly only: comma-separated categories to keep, e.g. "summarization,closed_qa"
-TEST_PATH = ""  # optional separate test file that replaces the test split
-TEMPLATE = "gemma"  # "gemma" (chat turns) or "alpaca" (### Instruction / ### Response)
-# "<eos>" for base models, "<end_of_turn>" for instruction-tuned ones; or name one
-STOP_TOKEN = "auto"
-# prompt + response tokens; longer rows get their prompt truncated or are dropped
-SEQUENCE_LENGTH = 256
-VAL_SIZE = 0.1  # fraction (< 1) or row count
-TEST_SIZE = 0.1
-MAX_TRAIN = 0  # caps for quick CPU runs; 0 means no cap
-MAX_VAL = 0
-MAX_TEST = 0
+MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
+DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
+DATA_PATH = ""  # your own file: Alpaca .json/.jsonl, Dolly .jsonl, .csv/.tsv
+DATA_FORMAT = ""  # force a format ('' detects it)
+COLUMNS = {}  # CSV/TSV: {'instruction': <column>, 'input': <column>, 'output': <column>}
+CATEGORIES = ""  # Dolly: comma-separated categories to keep
+TEST_PATH = ""  # a separate file that replaces the test split
+TEMPLATE = "gemma"  # prompt template for training and generation
+STOP_TOKEN = "auto"  # 'auto': <eos> for base models, <end_of_turn> for instruct; or a token
+SEQUENCE_LENGTH = 256  # prompt + response tokens; longer prompts are truncated
+VAL_SIZE = 0.1  # validation split: a fraction (< 1) or a row count
+TEST_SIZE = 0.1  # test split: a fraction (< 1) or a row count
+MAX_TRAIN = 0  # cap on training rows (0: no cap)
+MAX_VAL = 0  # cap on validation rows (0: no cap)
+MAX_TEST = 0  # cap on test rows (0: no cap)
 MAX_SOURCE_TOKENS = 192  # built-in task: skip functions whose source is longer
-SEED = 0
+SEED = 0  # seeds the split, the adapters, the data order and sampling
 
 # %% [markdown]
 # ## 1. The prompt template

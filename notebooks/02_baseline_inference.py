@@ -10,62 +10,12 @@
 # - **Previous:** `01_prepare_data` · **Next:** `03_lora_finetune`
 
 # %%
-# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
-# frameworks quietly.
-import os
+import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-    import glob
-    import shutil
-    import subprocess
-    import sys
-
-    # at the top of the code dataset (both mount layouts are searched)
-    marker = "requirements-kaggle.txt"
-    found = sorted(
-        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
-    )
-    if not found:
-        raise SystemExit(
-            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
-        )
-    code = "/kaggle/working/gemma-lora"
-    # contents only: inputs are read-only
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
-    shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    # `kaggle datasets create --dir-mode zip` uploads folders as zips
-    for archive in glob.glob(f"{code}/*.zip"):
-        shutil.unpack_archive(archive, archive[: -len(".zip")])
-    # earlier notebooks' kernel outputs, oldest first: the latest wins
-    for kind in ("data/processed", "runs"):
-        for earlier in sorted(
-            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
-        ):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        f"{code}/wheels",
-    ]
-    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
-    sys.path.insert(0, code)
-    os.environ["KERAS_BACKEND"] = "jax"
-    # let JAX use the whole accelerator
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    print(
-        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
-    )
-
-from nbutils import quiet
-
-# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
-quiet.load_frameworks()
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
+    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+    import kaggle_setup  # noqa: F401
+from nbutils import frameworks  # noqa: F401
 
 # %%
 import json
@@ -73,18 +23,25 @@ import math
 
 from IPython.display import Markdown, display
 
-from nbutils import data, evaluation, files, models, prompts, runs, sequences
+from nbutils import (
+    data,
+    evaluation,
+    files,
+    models,
+    prompts,
+    runs,
+    sequences,
+)
 
 # %% tags=["parameters"]
-# embedded 270M offline / keras-hub preset on Kaggle; or "gemma3_270m_local", "tiny", "gemma3_1b", …
-MODEL = "auto"
-DATASET = "pycode-summary"  # folder name under data/processed written by notebook 01
+MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
+DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
 RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
-MAX_TEST_ROWS = 0  # 0 means the whole test split
-MAX_NEW_TOKENS = 48  # answer length cap; the base model rarely stops on its own
-SAMPLER = "greedy"  # or "top_k:50" / "top_p:0.9" (seeded)
-GEN_BATCH_SIZE = 16
-SEED = 0
+SEED = 0  # seeds the split, the adapters, the data order and sampling
+MAX_TEST_ROWS = 0  # test rows to answer (0: the whole split)
+MAX_NEW_TOKENS = 48  # answer length cap
+SAMPLER = "greedy"  # 'greedy', 'top_k:<k>' or 'top_p:<p>' (seeded)
+GEN_BATCH_SIZE = 16  # prompts decoded together
 
 # %% [markdown]
 # ## 1. Test rows and the model

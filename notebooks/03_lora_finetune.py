@@ -11,62 +11,12 @@
 # - **Previous:** `02_baseline_inference` · **Next:** `04_evaluate`
 
 # %%
-# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
-# frameworks quietly.
-import os
+import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-    import glob
-    import shutil
-    import subprocess
-    import sys
-
-    # at the top of the code dataset (both mount layouts are searched)
-    marker = "requirements-kaggle.txt"
-    found = sorted(
-        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
-    )
-    if not found:
-        raise SystemExit(
-            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
-        )
-    code = "/kaggle/working/gemma-lora"
-    # contents only: inputs are read-only
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
-    shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    # `kaggle datasets create --dir-mode zip` uploads folders as zips
-    for archive in glob.glob(f"{code}/*.zip"):
-        shutil.unpack_archive(archive, archive[: -len(".zip")])
-    # earlier notebooks' kernel outputs, oldest first: the latest wins
-    for kind in ("data/processed", "runs"):
-        for earlier in sorted(
-            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
-        ):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        f"{code}/wheels",
-    ]
-    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
-    sys.path.insert(0, code)
-    os.environ["KERAS_BACKEND"] = "jax"
-    # let JAX use the whole accelerator
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    print(
-        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
-    )
-
-from nbutils import quiet
-
-# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
-quiet.load_frameworks()
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
+    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+    import kaggle_setup  # noqa: F401
+from nbutils import frameworks  # noqa: F401
 
 # %%
 import csv
@@ -91,39 +41,32 @@ from nbutils import (
 )
 
 # %% tags=["parameters"]
-MODEL = "auto"  # embedded 270M offline / keras-hub preset on Kaggle; or any name 02 accepts
-DATASET = "pycode-summary"
-RUN_ID = "manual"
-RANK = 8  # LoRA rank r: adapter matrices are (d x r) and (r x k)
-# keras-hub's default; or "attention", "all", or a list like "query,key,value,output,gate,up,down"
-LORA_TARGETS = "query,value"
-LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
-LEARNING_RATE = 2e-4
-WEIGHT_DECAY = 0.01
-WARMUP_STEPS = 10
-SCHEDULE = "cosine"  # or "linear"
-CLIPNORM = 1.0  # clip the global norm of all adapter gradients; 0 turns it off
-BATCH_SIZE = 4
-GRAD_ACCUM = 1  # batches per optimizer update (the loss is the mean over all their response tokens)
-# a batch with more tokens (rows x width) runs as smaller steps of the same update: less memory; 0:
-# whole
-MAX_BATCH_TOKENS = 0
-EPOCHS = 1
-MAX_STEPS = 0  # optimizer updates; 0 means EPOCHS passes over the train split
+MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
+DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
+RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
+SEED = 0  # seeds the split, the adapters, the data order and sampling
+RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
+LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
+LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha = rank
+LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
+WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
+WARMUP_STEPS = 10  # linear warmup updates
+SCHEDULE = "cosine"  # decay after warmup
+CLIPNORM = 1.0  # clip the global norm of all adapter gradients (0: off)
+BATCH_SIZE = 4  # rows per batch
+GRAD_ACCUM = 1  # batches per optimizer update
+MAX_BATCH_TOKENS = 0  # run a batch over this many tokens as smaller steps of one update (0: whole)
+EPOCHS = 1  # passes over the train split (when MAX_STEPS is 0)
+MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
 EVAL_EVERY = 25  # validation loss every this many updates
-# early stopping: evaluations without improvement before stopping (the best adapter is kept)
-PATIENCE = 3
-# updates between checkpoints (adapter, optimizer, progress) in runs/<RUN_ID>/checkpoints; 0: none
-CHECKPOINT_EVERY = 50
-KEEP_CHECKPOINTS = 2  # the newest ones kept
-RESUME = False  # True: continue from the latest checkpoint of RUN_ID (same parameters)
-MAX_VAL_ROWS = 0  # 0 means the whole val split
-MIXED_PRECISION = "auto"  # bf16 on GPU/TPU, fp32 on CPU; or "on" / "off"
-# "auto" (data parallel over all local devices when there are several), "none", "data", "model:2x4"
-DISTRIBUTION = "auto"
-# True: stop at once when JAX sees only the CPU (the Kaggle profiles set it)
-REQUIRE_ACCELERATOR = False
-SEED = 0
+PATIENCE = 3  # early stopping: evaluations without improvement
+CHECKPOINT_EVERY = 50  # updates between checkpoints (0: none)
+KEEP_CHECKPOINTS = 2  # newest checkpoints kept
+RESUME = False  # continue from RUN_ID's latest checkpoint
+MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
+MIXED_PRECISION = "auto"  # 'auto': bf16 on GPU/TPU, fp32 on CPU
+DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
+REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 
 # %% [markdown]
 # ## 1. Model and adapters
@@ -168,33 +111,10 @@ print(
 # there), summed over the response tokens and divided by their count in the whole update:
 
 # %%
-cfg = training.TrainConfig(
-    rank=RANK,
-    targets=LORA_TARGETS,
-    alpha=LORA_ALPHA,
-    learning_rate=LEARNING_RATE,
-    weight_decay=WEIGHT_DECAY,
-    warmup_steps=WARMUP_STEPS,
-    schedule=SCHEDULE,
-    clipnorm=CLIPNORM,
-    batch_size=BATCH_SIZE,
-    grad_accum=GRAD_ACCUM,
-    epochs=EPOCHS,
-    max_steps=MAX_STEPS,
-    eval_every=EVAL_EVERY,
-    patience=PATIENCE,
-    seed=SEED,
-    checkpoint_every=CHECKPOINT_EVERY,
-    keep_checkpoints=KEEP_CHECKPOINTS,
-    max_batch_tokens=MAX_BATCH_TOKENS,
-)
+cfg = training.TrainConfig.from_parameters(globals())  # RANK, LEARNING_RATE, ... as set above
 plan = training.plan(cfg, len(splits["train"]))
-optimizer = keras.optimizers.AdamW(
-    learning_rate=training.lr_schedule(cfg, plan["updates"]),
-    weight_decay=WEIGHT_DECAY,
-    global_clipnorm=CLIPNORM or None,
-)
-optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+optimizer = training.adamw(cfg, plan["updates"])
+print(inspect.getsource(training.adamw))
 print(inspect.getsource(objective.scored_nll))
 print(
     f"{plan['updates']} updates of {BATCH_SIZE} x {GRAD_ACCUM} rows; validation every {EVAL_EVERY} updates"

@@ -11,74 +11,34 @@
 # configurations)
 
 # %%
-# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
-# frameworks quietly.
-import os
+import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-    import glob
-    import shutil
-    import subprocess
-    import sys
-
-    # at the top of the code dataset (both mount layouts are searched)
-    marker = "requirements-kaggle.txt"
-    found = sorted(
-        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
-    )
-    if not found:
-        raise SystemExit(
-            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
-        )
-    code = "/kaggle/working/gemma-lora"
-    # contents only: inputs are read-only
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
-    shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    # `kaggle datasets create --dir-mode zip` uploads folders as zips
-    for archive in glob.glob(f"{code}/*.zip"):
-        shutil.unpack_archive(archive, archive[: -len(".zip")])
-    # earlier notebooks' kernel outputs, oldest first: the latest wins
-    for kind in ("data/processed", "runs"):
-        for earlier in sorted(
-            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
-        ):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        f"{code}/wheels",
-    ]
-    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
-    sys.path.insert(0, code)
-    os.environ["KERAS_BACKEND"] = "jax"
-    # let JAX use the whole accelerator
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    print(
-        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
-    )
-
-from nbutils import quiet
-
-# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
-quiet.load_frameworks()
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
+    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+    import kaggle_setup  # noqa: F401
+from nbutils import frameworks  # noqa: F401
 
 # %%
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, evaluation, files, models, plots, prompts, report, runs, training
+from nbutils import (
+    data,
+    evaluation,
+    files,
+    models,
+    plots,
+    prompts,
+    report,
+    runs,
+    training,
+)
 
 # %% tags=["parameters"]
-MODEL = "auto"  # the model 02 and 03 used
-DATASET = "pycode-summary"
-RUN_ID = "manual"
-N_BOOTSTRAP = 1000  # paired bootstrap resamples of the test rows (or of their modules)
-SEED = 0
+MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
+DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
+RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
+SEED = 0  # seeds the split, the adapters, the data order and sampling
+N_BOOTSTRAP = 1000  # paired bootstrap resamples
 
 # %% [markdown]
 # ## 1. Base model + adapter, with 02's settings

@@ -11,62 +11,12 @@
 # none
 
 # %%
-# Setup, the same in every notebook: on Kaggle, install this series' code from its attached dataset
-# and pick up earlier notebooks' outputs (elsewhere that part does nothing); then load the
-# frameworks quietly.
-import os
+import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-    import glob
-    import shutil
-    import subprocess
-    import sys
-
-    # at the top of the code dataset (both mount layouts are searched)
-    marker = "requirements-kaggle.txt"
-    found = sorted(
-        glob.glob(f"/kaggle/input/*/{marker}") + glob.glob(f"/kaggle/input/*/*/*/{marker}")
-    )
-    if not found:
-        raise SystemExit(
-            "Attach this series' code dataset first (Add Input → Datasets); see README 'Run on Kaggle'."
-        )
-    code = "/kaggle/working/gemma-lora"
-    # contents only: inputs are read-only
-    copy = dict(dirs_exist_ok=True, copy_function=shutil.copyfile)
-    shutil.copytree(os.path.dirname(found[0]), code, **copy)
-    # `kaggle datasets create --dir-mode zip` uploads folders as zips
-    for archive in glob.glob(f"{code}/*.zip"):
-        shutil.unpack_archive(archive, archive[: -len(".zip")])
-    # earlier notebooks' kernel outputs, oldest first: the latest wins
-    for kind in ("data/processed", "runs"):
-        for earlier in sorted(
-            glob.glob(f"/kaggle/input/*/{kind}") + glob.glob(f"/kaggle/input/*/*/*/{kind}")
-        ):
-            shutil.copytree(earlier, f"/kaggle/working/{kind}", **copy)
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        f"{code}/wheels",
-    ]
-    subprocess.run([*pip, "-r", f"{code}/requirements-kaggle.txt"], check=True)
-    sys.path.insert(0, code)
-    os.environ["KERAS_BACKEND"] = "jax"
-    # let JAX use the whole accelerator
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    print(
-        f"Kaggle: code from {os.path.dirname(found[0])} in {code}; missing packages installed from its wheels."
-    )
-
-from nbutils import quiet
-
-# JAX, Keras, keras-hub: their start-up log lines filtered out, real errors kept
-quiet.load_frameworks()
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
+    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+    import kaggle_setup  # noqa: F401
+from nbutils import frameworks  # noqa: F401
 
 # %%
 from IPython.display import Image, Markdown, display
@@ -86,34 +36,31 @@ from nbutils import (
 )
 
 # %% tags=["parameters"]
-MODEL = "auto"  # the model 02 used
-DATASET = "pycode-summary"
-RUN_ID = "manual"
-# a grid, or a list of configurations
-SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}
-# Keys: rank, targets, learning_rate, alpha, quantize ("" or "int8": the frozen base weights in
-# int8, QLoRA-style)
-# keras-hub's default, compared with the chosen one on test
-DEFAULT_CONFIG = {"rank": 8, "targets": "query,value"}
-LEARNING_RATE = 5e-4  # used where a configuration does not set "learning_rate"
-LORA_ALPHA = 0  # used where a configuration does not set "alpha"; 0 means alpha equal to the rank
-WEIGHT_DECAY = 0.01
-WARMUP_STEPS = 10
-SCHEDULE = "cosine"
-CLIPNORM = 1.0
-BATCH_SIZE = 4
-GRAD_ACCUM = 1
-EPOCHS = 1
-MAX_STEPS = 100  # the shared budget: optimizer updates per configuration (0 means EPOCHS passes)
-EVAL_EVERY = 25
-PATIENCE = 3
-# 0 means the whole val split (validation ROUGE-L generates an answer for each row)
-MAX_VAL_ROWS = 0
-N_BOOTSTRAP = 1000
-MIXED_PRECISION = "auto"
-DISTRIBUTION = "auto"  # as in notebook 03
-REQUIRE_ACCELERATOR = False
-SEED = 0
+MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
+DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
+RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
+SEED = 0  # seeds the split, the adapters, the data order and sampling
+RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
+LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
+LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha = rank
+LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
+WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
+WARMUP_STEPS = 10  # linear warmup updates
+SCHEDULE = "cosine"  # decay after warmup
+CLIPNORM = 1.0  # clip the global norm of all adapter gradients (0: off)
+BATCH_SIZE = 4  # rows per batch
+GRAD_ACCUM = 1  # batches per optimizer update
+EPOCHS = 1  # passes over the train split (when MAX_STEPS is 0)
+MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
+EVAL_EVERY = 25  # validation loss every this many updates
+PATIENCE = 3  # early stopping: evaluations without improvement
+MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
+MIXED_PRECISION = "auto"  # 'auto': bf16 on GPU/TPU, fp32 on CPU
+DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
+REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
+N_BOOTSTRAP = 1000  # paired bootstrap resamples
+SWEEP = {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}  # grid or config list
+QUANTIZE = ""  # base weights where a configuration does not say ('' float, 'int8' QLoRA-style)
 
 # %% [markdown]
 # ## 1. The grid and the shared budget
@@ -141,15 +88,16 @@ template, SEQUENCE_LENGTH = (
 )
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
 out = runs.run_dir(RUN_ID)
+# where a configuration does not say, notebook 03's parameters: they also make the default one
 defaults = {
-    "rank": 8,
-    "targets": "query,value",
+    "rank": RANK,
+    "targets": LORA_TARGETS,
     "learning_rate": LEARNING_RATE,
     "alpha": LORA_ALPHA,
-    "quantize": "",
+    "quantize": QUANTIZE,
 }
 configs = sweep.expand(SWEEP, defaults)
-default_config = sweep.expand([DEFAULT_CONFIG], defaults)[0]
+default_config = sweep.expand([{}], defaults)[0]
 if default_config not in configs:
     configs.append(default_config)  # trained too, so the test comparison has it
 budget = {
@@ -196,23 +144,7 @@ def train_config(config: dict, folder) -> dict:
         # before enable_lora, as keras.io's QLoRA recipe does
         training.quantize_base(lm, config["quantize"])
     params = training.enable_lora(lm, config["rank"], config["targets"], config["alpha"], seed=SEED)
-    cfg = training.TrainConfig(
-        rank=config["rank"],
-        targets=config["targets"],
-        alpha=config["alpha"],
-        learning_rate=config["learning_rate"],
-        weight_decay=WEIGHT_DECAY,
-        warmup_steps=WARMUP_STEPS,
-        schedule=SCHEDULE,
-        clipnorm=CLIPNORM,
-        batch_size=BATCH_SIZE,
-        grad_accum=GRAD_ACCUM,
-        epochs=EPOCHS,
-        max_steps=MAX_STEPS,
-        eval_every=EVAL_EVERY,
-        patience=PATIENCE,
-        seed=SEED,
-    )
+    cfg = training.TrainConfig.from_parameters({**globals(), **sweep.parameters(config)})
     optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
     result = training.train_lora(
         lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder

@@ -2,8 +2,12 @@
 do, or a counted warning; nothing already written is lost."""
 
 import errno
+import gzip
+import io
 import json
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +70,8 @@ DATA_FILES = {
     "only duplicates": (
         "dups.json",
         json.dumps([GOOD[0]] * 5).encode(),
-        r"1 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3",
+        r"dups.json: 1 usable row\(s\) remain after validation \(\{'duplicate': 4\}\), but VAL_SIZE=1 "
+        r"and TEST_SIZE=1 need 3",
     ),
     "every row too long": (
         "long.json",
@@ -78,11 +83,22 @@ DATA_FILES = {
         '[{"instruction": "café", "output": "x"}]'.encode("latin-1"),
         r"latin.json: not UTF-8 text \(byte 0xe9 at offset 21\).*iconv",
     ),
-    "binary file": ("blob.json", bytes(range(256)) * 4, r"blob.json: a binary file, not text"),
+    "UTF-16 text": (
+        "u16.json",
+        json.dumps(GOOD).encode("utf-16"),
+        r"u16.json: UTF-16 text, not UTF-8.*`iconv -f utf-16 -t utf-8`",
+    ),
+    "binary file": (
+        "blob.json",
+        bytes(range(256)) * 4,
+        r"blob.json: a binary file \(NUL bytes in the first 8 KB\), not text; expected a UTF-8 "
+        r"Alpaca/Dolly JSON or JSONL file, or a CSV/TSV file",
+    ),
     "too few rows for three splits": (
         "two.json",
         json.dumps(GOOD[:2]).encode(),
-        r"2 usable row\(s\) remain after validation, but VAL_SIZE=1 and TEST_SIZE=1 need 3 \(train, val and test each non-empty\)",
+        r"two.json: 2 usable row\(s\) remain after validation \(none dropped\), but VAL_SIZE=1 and "
+        r"TEST_SIZE=1 need 3 \(train, val and test each non-empty\)",
     ),
     "CSV without the columns": (
         "t.csv",
@@ -99,6 +115,70 @@ def test_bad_data_files(tokenizer, tmp_path, case):
     with pytest.raises(data.DataError, match=pattern) as err:
         prepare(tokenizer, tmp_path / name)
     one_line(err)
+
+
+def test_split_error_names_the_file_and_why_rows_were_dropped(tokenizer, tmp_path):
+    """Too few rows left for the split: the message names the file and the drop counts by reason,
+    like the 'no usable rows' error, including the rows that a TEST_PATH file took."""
+    rows = [GOOD[0], GOOD[0], {**GOOD[1], "output": " "}, {**GOOD[2], "output": ""}]
+    rows += [{"instruction": "x"}, {"instruction": 3, "output": "y"}]
+    (tmp_path / "mostly_dropped.json").write_text(json.dumps(rows))
+    expected = (
+        f"{tmp_path / 'mostly_dropped.json'}: 1 usable row(s) remain after validation "
+        "({'duplicate': 1, 'empty_output': 2, 'missing_output': 1, 'instruction_not_a_string': 1}), "
+        "but VAL_SIZE=1 and TEST_SIZE=1 need 3"
+    )
+    with pytest.raises(data.DataError, match=re.escape(expected)) as err:
+        prepare(tokenizer, tmp_path / "mostly_dropped.json")
+    one_line(err)
+
+    (tmp_path / "rows.json").write_text(json.dumps(GOOD[:4]))
+    rows, source = data.load_source("", str(tmp_path / "rows.json"))
+    kept, _ = data.validate(
+        rows, tokenizer, prompts.Template("gemma", "<eos>"), 128, source["source"]
+    )
+    with pytest.raises(
+        data.DataError,
+        match=r"rows.json: 1 usable row\(s\) remain after validation \(\{'also_in_TEST_PATH': 3\}\), "
+        r"but VAL_SIZE=1 and TEST_SIZE=0 need 2 \(train and val each non-empty\)",
+    ) as err:
+        data.split(kept, 1, 0, 0, test_rows=kept[:3])
+    one_line(err)
+
+
+def zipped(name: str, content: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name,content,kind",
+    [
+        (
+            "nul.jsonl",
+            b'{"instruction": "a",\0\0\0 "output": "b"}\n',
+            "NUL bytes in the first 8 KB",
+        ),
+        ("rows.json", gzip.compress(json.dumps(GOOD).encode()), "gzip-compressed data"),
+        ("rows.jsonl.gz", gzip.compress(json.dumps(GOOD).encode()), "gzip-compressed data"),
+        ("rows.csv", zipped("rows.csv", b"instruction,output\na,b\n"), "zip archive"),
+        ("rows.json", b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG image data"),
+    ],
+)
+def test_binary_files_are_called_binary_without_the_encoding_hint(
+    tokenizer, tmp_path, name, content, kind
+):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(
+        data.DataError,
+        match=rf"{re.escape(name)}: a binary file \({kind}.*\), not text; expected a UTF-8 Alpaca/Dolly "
+        r"JSON or JSONL file, or a CSV/TSV file",
+    ) as err:
+        prepare(tokenizer, tmp_path / name)
+    message = one_line(err)
+    assert "latin" not in message.lower() and "iconv" not in message
 
 
 def test_non_string_and_empty_fields_are_dropped_and_counted(tokenizer, tmp_path):
