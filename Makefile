@@ -14,7 +14,7 @@ PROFILE ?= cpu
 PYTHON ?= python3
 PYTHON_OK := 'import sys; sys.exit(sys.version_info < (3, 11))'
 
-.PHONY: venv image-venv test run sync docs lab clean
+.PHONY: venv image-venv lint test test-all run sync docs lab clean
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -c $(PYTHON_OK) 2>/dev/null || \
@@ -37,19 +37,26 @@ $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
 
 image-venv: $(IMAGE_STAMP)
 
-test: venv image-venv
+lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+test: lint  ## the fast tier: unit tests and one run of the whole series on the tiny model
+	$(PY) -m pytest tests -m "not slow"
+
+test-all: lint image-venv  ## everything: other stacks, kill/resume, meshes, real 270M, nbval, docs drift (CI)
 	$(PY) -m pytest tests
 
 run: venv
 	$(PY) -m nbutils.pipeline --profile $(PROFILE)
 
-sync: venv  ## regenerate the .ipynb files from the reviewed .py sources
+sync: venv  ## write the parameters cells from nbutils/config.py, then the .ipynb files from the .py sources
+	$(PY) -m nbutils.config --write-cells
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 docs: venv  ## render a run's executed notebooks into docs/ (RUN=<run_id>; default: the latest finished cpu run)
 	$(PY) -m nbutils.docs $(RUN)
+	$(PY) -m nbutils.config --markdown > docs/parameters.md
 
 lab: venv  ## JupyterLab on the project's environment, notebooks folder open (installed into .venv on first use)
 	$(PY) -c 'import jupyterlab, ipywidgets' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check jupyterlab==4.6.6 ipywidgets==8.1.9

@@ -73,7 +73,7 @@ PARAMS = _params(
     # LoRA (notebooks 03 and 05)
     ("RANK", 8, "lora", TRAINING, "LoRA rank r: adapters are (d x r) and (r x k)", (), 1),
     ("LORA_TARGETS", "query,value", "lora", TRAINING, "'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down"),
-    ("LORA_ALPHA", 0, "lora", TRAINING, "the update is scaled by alpha / rank; 0 means alpha = rank", (), 0),
+    ("LORA_ALPHA", 0, "lora", TRAINING, "the update is scaled by alpha / rank; 0 means alpha equal to the rank", (), 0),
     # training (notebooks 03 and 05)
     ("LEARNING_RATE", 2e-4, "training", TRAINING, "AdamW peak learning rate, in (0, 1)", (), 0),
     ("WEIGHT_DECAY", 0.01, "training", TRAINING, "AdamW decoupled weight decay (not on biases and norm scales)", (), 0),

@@ -8,9 +8,8 @@ import re
 
 BATCH_AXIS, MODEL_AXIS = "batch", "model"
 # Gemma 3 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub
-# #2828).
-# The hidden dimension is split, never the heads: the 270M model has a single key/value head.
-# Everything else (norms, LoRA A/B) is replicated.
+# #2828). The hidden dimension is split, never the heads: the 270M model has a single key/value
+# head. Everything else (norms, LoRA A/B) is replicated.
 GEMMA3_LAYOUT = {
     r"token_embedding/embeddings": (MODEL_AXIS, None),  # (vocabulary, hidden)
     # (heads, hidden, head_dim)

@@ -164,3 +164,14 @@ def folder_mb(path: Path) -> float:
         else [path.stat().st_size]
     )
     return round(sum(sizes) / 1e6, 1)
+
+
+def check_reloaded(lm, probe: dict, reference) -> dict:
+    """The adapter rebuilt from its file against the trained model's probe: exact (tolerance 0) when
+    03 trained in fp32 on one device; skipped, saying why, otherwise (bf16 or sharded training
+    computed differently from this single-device fp32 check)."""
+    if probe["policy"] == "float32" and not probe["distributed"]:
+        return compare(logits(lm, probe["hidden"]), reference, 0.0)
+    mesh = " on a device mesh" if probe["distributed"] else ""
+    why = f"trained under {probe['policy']}{mesh}; checked in float32 on one device"
+    return {"skipped": why, "passed": None}

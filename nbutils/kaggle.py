@@ -30,8 +30,7 @@ REQUIREMENTS = paths.REPO_ROOT / "requirements-kaggle.txt"
 PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
 IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
 # accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Shapes as the CLI's help
-# names
-# them; P100 is retired (the CLI swaps NvidiaTeslaP100 for a T4), so it is not offered.
+# names them; P100 is retired (the CLI swaps NvidiaTeslaP100 for a T4), so it is not offered.
 ACCELERATORS = {
     "gpu-t4": (True, False, "NvidiaTeslaT4", "kaggle"),
     "gpu-t4x2": (True, False, "NvidiaTeslaT4Highmem", "kaggle"),
@@ -41,10 +40,9 @@ ACCELERATORS = {
 CONFIG_KEYS = {"username", "slug_prefix", "accelerator", "model", "internet", "private"}
 
 # The Kaggle CLI's rules (kaggle 2.2, kaggle/api/kaggle_api_extended.py: kernels_push,
-# validate_kernel_string,
-# dataset_create_new), written here so that a rendered file breaking one fails a test. The CLI only
-# warns when
-# the title does not slug to the id, and does not restrict the slug's characters; we require both.
+# validate_kernel_string, dataset_create_new), written here so that a rendered file breaking one
+# fails a test. The CLI only warns when the title does not slug to the id, and does not restrict the
+# slug's characters; we require both.
 LANGUAGES = {"python", "r", "rmarkdown"}
 KERNEL_TYPES = {"script", "notebook"}
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")  # the id's part after "owner/"

@@ -2,12 +2,11 @@
 # # 01 · Prepare the data
 #
 # **Purpose:** turn a data source into clean, tokenizer-checked train/val/test splits that every
-# later
-# notebook reads, rendered with **one** prompt template so training and evaluation never disagree.
+# later notebook reads, rendered with **one** prompt template so training and evaluation never
+# disagree.
 #
 # - **Reads:** the built-in `pycode-summary` task (mined from this Python's standard library), or
-# your
-#   own Alpaca/Dolly JSON(L) or CSV/TSV file via `DATA_PATH`.
+#   your own Alpaca/Dolly JSON(L) or CSV/TSV file via `DATA_PATH`.
 # - **Writes:** `data/processed/<dataset>/{train,val,test}.jsonl`, `manifest.json`,
 # `token_lengths.png`.
 # - **Previous:** none (start here) · **Next:** `02_baseline_inference`
@@ -23,13 +22,7 @@ from nbutils import frameworks  # noqa: F401
 # %%
 from IPython.display import Image, display
 
-from nbutils import (
-    data,
-    models,
-    plots,
-    prompts,
-    sequences,
-)
+from nbutils import config, data, models, plots, prompts, sequences
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
@@ -56,8 +49,7 @@ SEED = 0  # seeds the split, the adapters, the data order and sampling
 # Every training target ends with the **stop token**, the single token id generation stops on. With
 # `STOP_TOKEN = "auto"` that is `<eos>` for base models: a base Gemma never learned `<end_of_turn>`
 # (its embedding is one of thousands of near-identical untrained rows), so it could not learn to
-# stop
-# on it; instruction-tuned models use `<end_of_turn>`.
+# stop on it; instruction-tuned models use `<end_of_turn>`.
 
 # %%
 # "auto": the embedded model offline, the keras-hub preset on Kaggle
@@ -73,8 +65,7 @@ print(prompts.render_prompt(example, template) + example["output"] + template.st
 # %% [markdown]
 # ## 2. Load
 # Structural problems (not JSON, a required field missing everywhere, an unknown format) stop here
-# with
-# one line naming the file and what to do.
+# with one line naming the file and what to do.
 
 # %%
 tokenizer = models.load_tokenizer(MODEL)
@@ -129,9 +120,8 @@ print(
 # %% [markdown]
 # ## 6. Token lengths, and write the splits
 # The histogram shows whether `SEQUENCE_LENGTH` fits the data: everything right of the dashed line
-# had
-# its prompt truncated or was dropped. The splits and a manifest (source hash, drop counts, split
-# hashes, package versions) are written atomically.
+# had its prompt truncated or was dropped. The splits and a manifest (source hash, drop counts,
+# split hashes, package versions) are written atomically.
 
 # %%
 all_rows = [r for name in data.SPLITS for r in splits[name]]
@@ -148,19 +138,8 @@ manifest = data.write_processed(
     seed=SEED,
     rows_read=len(rows),
     drops=dict(sorted(drops.items())),
-    params={
-        "sequence_length": SEQUENCE_LENGTH,
-        "val_size": VAL_SIZE,
-        "test_size": TEST_SIZE,
-        "max_train": MAX_TRAIN,
-        "max_val": MAX_VAL,
-        "max_test": MAX_TEST,
-        "data_format": DATA_FORMAT,
-        "columns": COLUMNS,
-        "categories": categories,
-        "test_path": TEST_PATH,
-        "max_source_tokens": MAX_SOURCE_TOKENS,
-    },
+    # every parameter of this notebook, as run (lower-case names)
+    params={name.lower(): globals()[name] for name in config.defaults("01")},
 )
 out_dir = data.processed_dir(name)
 plots.token_length_histogram(

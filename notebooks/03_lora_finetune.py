@@ -6,8 +6,7 @@
 #
 # - **Reads:** `data/processed/<DATASET>/` (from 01).
 # - **Writes:** `runs/<RUN_ID>/adapter.lora.h5`, `adapter.json`, `probe.npz`, `train_log.csv`,
-# `loss_curve.png`,
-#   `train_summary.json`, `checkpoints/` (while training).
+#   `loss_curve.png`, `train_summary.json`, `checkpoints/` (while training).
 # - **Previous:** `02_baseline_inference` · **Next:** `04_evaluate`
 
 # %%
@@ -47,7 +46,7 @@ RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
 RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
-LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha = rank
+LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
 LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
 WARMUP_STEPS = 10  # linear warmup updates
@@ -72,10 +71,8 @@ REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 # ## 1. Model and adapters
 # LoRA replaces a frozen weight `W` by `W + (alpha / r) · A·B` with small trainable `A` (random) and
 # `B` (zeros, so training starts from the base model). keras-hub's `enable_lora` freezes the
-# backbone
-# and adds `A` and `B` to the named layers; it has no `alpha` argument, so `configure_lora` sets it
-# on
-# each LoRA layer (and draws `A` from `SEED`).
+# backbone and adds `A` and `B` to the named layers; it has no `alpha` argument, so `configure_lora`
+# sets it on each LoRA layer (and draws `A` from `SEED`).
 
 # %%
 MODEL = models.choose_model(MODEL)
@@ -131,10 +128,9 @@ print(
 # ## 3. Train
 # Rows are batched by length (a batch is only as wide as its longest row), each step is compiled
 # once per batch shape (a batch over `MAX_BATCH_TOKENS` runs as smaller steps of the same update, to
-# save memory), validation loss is computed every `EVAL_EVERY` updates, and early stopping
-# keeps the best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s).
-# A checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True`
-# continue
+# save memory), validation loss is computed every `EVAL_EVERY` updates, and early stopping keeps the
+# best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s). A
+# checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True` continue
 # a run that died, to the same result as if it never had.
 
 # %%
@@ -167,8 +163,7 @@ display(Image(filename=str(out / "loss_curve.png")))
 # ## 5. Save the adapter
 # Only the LoRA matrices go into `adapter.lora.h5`; `adapter.json` records what is needed to rebuild
 # it on top of the same base model. `probe.npz` keeps what this model computes on two validation
-# rows,
-# so notebook 06 can prove that the adapter file and every export rebuild exactly this model.
+# rows, so notebook 06 can prove that the adapter file and every export rebuild exactly this model.
 
 # %%
 spec = training.adapter_spec(cfg, MODEL, template, SEQUENCE_LENGTH, manifest["split_sha256"])

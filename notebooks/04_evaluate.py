@@ -92,8 +92,7 @@ files.write_jsonl(out / "tuned_scores.jsonl", scores)
 # keeps each module whole), and rows of one module resemble each other, so we resample **whole
 # modules** (a cluster bootstrap); resampling rows as if independent gives intervals that are too
 # narrow (both are in `metrics.json`). An interval entirely above 0 means the gain is not luck of
-# the
-# draw of test data.
+# the draw of test data.
 
 # %%
 base_scores = files.read_jsonl(out / "baseline_scores.jsonl")
@@ -145,8 +144,8 @@ assert set(saved) >= {
 }
 assert [p["id"] for p in predictions] == [p["id"] for p in base_predictions]
 # The adapter was trained on these targets' distribution: a missing adapter, a wrong alpha or a
-# broken
-# loss mask shows up as no gain in the reference loss (the random `tiny` test model is exempt).
+# broken loss mask shows up as no gain in the reference loss (the random `tiny` test model is
+# exempt).
 assert MODEL == "tiny" or saved["response_loss"]["diff"] < 0, (
     "the tuned model is no better on the references"
 )

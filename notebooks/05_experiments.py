@@ -42,7 +42,7 @@ RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
 RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
-LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha = rank
+LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
 LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
 WARMUP_STEPS = 10  # linear warmup updates
@@ -65,9 +65,8 @@ QUANTIZE = ""  # base weights where a configuration does not say ('' float, 'int
 # %% [markdown]
 # ## 1. The grid and the shared budget
 # Every configuration trains on the same rows, in the same order, for the same number of updates
-# with
-# the same schedule and seed, so differences come from the configuration alone. Generation settings
-# (answer length, sampler) are notebook 02's, read from its output.
+# with the same schedule and seed, so differences come from the configuration alone. Generation
+# settings (answer length, sampler) are notebook 02's, read from its output.
 
 # %%
 MODEL = models.choose_model(MODEL)

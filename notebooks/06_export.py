@@ -47,9 +47,8 @@ TOLERANCE = 0.001  # max |logit difference| allowed for a merged export
 # Notebook 03 saved a *probe*: two validation rows and the trained model's final hidden states on
 # them. Rebuilding base + adapter from `adapter.lora.h5` must give the **same** logits (tolerance 0:
 # same weights, same computation; checked when 03 trained in fp32 on one device). The rebuilt
-# model's logits are
-# the reference for every export; the base model's show how much the adapter changes them, so a
-# check can tell a dropped adapter from round-off.
+# model's logits are the reference for every export; the base model's show how much the adapter
+# changes them, so a check can tell a dropped adapter from round-off.
 
 # %%
 MODEL = models.choose_model(MODEL)
@@ -68,21 +67,14 @@ template = prompts.Template(spec["template"], spec["stop_token"])
 # for the tokenizer checks
 texts = [prompts.render_prompt(r, template) + r["output"] for r in splits["val"][:32]]
 
+# %%
 lm = models.load_gemma(MODEL, sequence_length=spec["sequence_length"])
 base_logits = export.logits(lm, export.hidden_states(lm, inputs))
 training.load_adapter(lm, out / "adapter.lora.h5", MODEL)
 # the reference for every export below
 reference = export.logits(lm, export.hidden_states(lm, inputs))
-# the rebuilt model must match the trained one exactly
-if probe["policy"] == "float32" and not probe["distributed"]:
-    checks = {
-        "adapter_reloaded": export.compare(export.logits(lm, probe["hidden"]), reference, 0.0)
-    }
-# bf16 or sharded training computed differently from these single-device fp32 checks: nothing exact
-# to compare
-else:
-    why = f"trained under {probe['policy']}{' on a device mesh' if probe['distributed'] else ''}; checked in float32 on one device"
-    checks = {"adapter_reloaded": {"skipped": why, "passed": None}}
+# the rebuilt model must match the trained one exactly (when that run can be compared: fp32, one device)
+checks = {"adapter_reloaded": export.check_reloaded(lm, probe, reference)}
 effect = float(np.max(np.abs(reference - base_logits)))
 empty = export.adapter_is_empty(lm.backbone)
 print(
@@ -94,8 +86,7 @@ if empty:
         "the adapter is EMPTY (every B matrix is zero): the tuned model is the base model; the exports are of the base."
     )
 # Merged exports may differ from the unmerged model by fp32 round-off, never by the adapter itself:
-# the
-# tolerance is TOLERANCE or a tenth of the adapter's effect, whichever is smaller.
+# the tolerance is TOLERANCE or a tenth of the adapter's effect, whichever is smaller.
 tolerance = TOLERANCE if empty else min(TOLERANCE, effect / 10)
 print(f"tolerance for the merged exports: {tolerance:.3g}")
 
@@ -121,9 +112,8 @@ folder = out / "export"
 # - **transformers**: `export_to_transformers` writes `config.json`, `model.safetensors` and the
 #   tokenizer; keras-hub's own transformers converter loads it back (`from_preset` on the folder).
 # - **GGUF** (f32, llama.cpp's Gemma 3 layout): written with the `gguf` package and read back with
-# the
-# project's GGUF port, the one that loads the embedded model. For the transformers and GGUF exports
-#   the tokenizer travels too, so it is checked: the same ids on 32 validation texts.
+#   the project's GGUF port, the one that loads the embedded model. For the transformers and GGUF
+#   exports the tokenizer travels too, so it is checked: the same ids on 32 validation texts.
 
 
 # %%
@@ -142,6 +132,7 @@ def check(name, reloaded):
     }
 
 
+# %%
 written = {}
 if "keras" in exports:
     written["keras"] = export.save_keras_preset(merged, folder / "keras")
@@ -178,6 +169,8 @@ verification = {
     "probe_shape": list(inputs["token_ids"].shape),
 }
 files.write_json(folder / "export_verification.json", verification)
+
+# %%
 display(
     Markdown(
         report.table(

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,19 +19,22 @@ FAKE_KAGGLE = {
 }
 
 
-@pytest.fixture(scope="session")
-def image_smoke_run(tmp_path_factory):
-    """The smoke pipeline (01 -> 04 -> 06, run id ``image``) as a Kaggle user runs it:
-    jax/keras/keras-hub/ TensorFlow at the Kaggle image's versions, Kaggle credentials in the
-    environment. Returns its folder."""
-    if not IMAGE_PYTHON.exists():
-        pytest.skip("`make test` builds .venv-kaggle-image (the Kaggle image's stack)")
-    probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
-    versions = subprocess.run(
-        [str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True
-    ).stdout.split()
-    assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
-    root = tmp_path_factory.mktemp("image-smoke")
+# Slow checks run by `make test-all` (CI) only: other package stacks, kill/resume, device meshes,
+# the real 270M model, the benchmarks' own tests, nbval and the docs pages' drift.
+SLOW_MODULES = {"test_resume", "test_distribution", "test_bench"}
+SLOW_FIXTURES = {"real_lm", "gguf_reader", "image_smoke_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tier: whole modules, and every test that needs a slow fixture."""
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def run_smoke_series(root, python: str, run_id: str) -> None:
+    """The smoke pipeline (01 -> 04 -> 06) under ``root`` with ``python``, as a user runs it (Kaggle
+    credentials in the environment, so the runs can be checked for leaks)."""
     env = {
         **os.environ,
         "NBUTILS_PROCESSED_DIR": str(root / "processed"),
@@ -38,7 +42,7 @@ def image_smoke_run(tmp_path_factory):
         **FAKE_KAGGLE,
     }
     done = subprocess.run(
-        [str(IMAGE_PYTHON), "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", "image"],
+        [python, "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", run_id],
         env=env,
         capture_output=True,
         text=True,
@@ -46,6 +50,31 @@ def image_smoke_run(tmp_path_factory):
         timeout=1200,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole series once on the pinned stack (run id ``smoke``): the fast tier's checks of
+    executed notebooks, written files and rendered pages all read it. Returns its root folder."""
+    root = tmp_path_factory.mktemp("smoke")
+    run_smoke_series(root, sys.executable, "smoke")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_smoke_run(tmp_path_factory):
+    """The smoke pipeline (01 -> 04 -> 06, run id ``image``) as a Kaggle user runs it:
+    jax/keras/keras-hub/ TensorFlow at the Kaggle image's versions, Kaggle credentials in the
+    environment. Returns its folder."""
+    if not IMAGE_PYTHON.exists():
+        pytest.skip("`make test-all` builds .venv-kaggle-image (the Kaggle image's stack)")
+    probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
+    versions = subprocess.run(
+        [str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True
+    ).stdout.split()
+    assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
+    root = tmp_path_factory.mktemp("image-smoke")
+    run_smoke_series(root, str(IMAGE_PYTHON), "image")
     return root
 
 

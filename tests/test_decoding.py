@@ -39,9 +39,10 @@ def test_cache_layout_and_forward_match_call_with_cache(lm):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not IMAGE_PYTHON.exists(),
-    reason="`make test` builds .venv-kaggle-image (the Kaggle image's stack)",
+    reason="`make test-all` builds .venv-kaggle-image (the Kaggle image's stack)",
 )
 def test_decoding_on_the_kaggle_image_stack():
     """The same checks with keras-hub 0.26, whose Gemma 3 keeps its cache as one stacked array."""

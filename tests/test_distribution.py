@@ -37,10 +37,9 @@ def steps():
 @pytest.mark.parametrize("spec", ["data", "model:2x2"])
 def test_distributed_step_equals_one_device(steps, spec):
     # fp32 sums in another order (per-device partial sums, then an all-reduce) change the loss by
-    # ~1e-7
-    # relative. Adam's first step is lr·g/(|g| + 1e-7): where a gradient is near 1e-7 that
-    # reordering moves
-    # the step by up to ~1e-6, i.e. 1e-4 of the 1e-2 step, hence atol 5e-6 on the updated adapter.
+    # ~1e-7 relative. Adam's first step is lr·g/(|g| + 1e-7): where a gradient is near 1e-7 that
+    # reordering moves the step by up to ~1e-6, i.e. 1e-4 of the 1e-2 step, hence atol 5e-6 on the
+    # updated adapter.
     one, many = steps["none"], steps[spec]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for a, b in zip(one["adapter"], many["adapter"], strict=True):

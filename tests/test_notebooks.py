@@ -1,6 +1,7 @@
 """The notebooks: paired sources, no committed outputs, and every notebook executed under nbval
 (smoke profiles)."""
 
+import ast
 import datetime
 import json
 import os
@@ -11,7 +12,7 @@ import jupytext
 import nbformat
 import pytest
 
-from nbutils import data, paths, pipeline, runs
+from nbutils import config, data, paths, pipeline, runs
 
 NOTEBOOKS = [paths.NOTEBOOKS_DIR / f"{name}.ipynb" for name in pipeline.NOTEBOOKS]
 
@@ -39,12 +40,11 @@ def prepare(tmp_path, names, params: dict) -> list[str]:
     prepared = []
     for name in names:
         nb = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
-        accepted = pm.inspect_notebook(str(nb))
         target = tmp_path / nb.name
         pm.execute_notebook(
             str(nb),
             str(target),
-            parameters=pipeline.for_notebook(params, accepted),
+            parameters=pipeline.for_notebook(params, name),
             prepare_only=True,
             progress_bar=False,
         )
@@ -79,6 +79,19 @@ def nbval(tmp_path, prepared: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+def test_the_series_writes_its_report_and_exports_without_secrets(smoke_run):
+    """01 -> 04 -> 06 with the smoke profile (one papermill run shared by the fast tier); Kaggle
+    credentials in the environment reach none of the files written."""
+    from conftest import FAKE_KAGGLE
+    from test_kaggle import secret_leaks
+
+    run = smoke_run / "runs" / "smoke"
+    assert "| ROUGE-L F1 |" in (run / "report.md").read_text()
+    assert (run / "export" / "export_verification.json").exists()
+    assert not secret_leaks(smoke_run, list(FAKE_KAGGLE.values()))
+
+
+@pytest.mark.slow
 def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
     """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in
     the environment reach none of the files written."""
@@ -89,7 +102,9 @@ def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     proc = nbval(
         tmp_path,
-        prepare(tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"], "RUN_ID": "nbval"}),
+        prepare(
+            tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"].values, "RUN_ID": "nbval"}
+        ),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
@@ -98,41 +113,52 @@ def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
     assert not secret_leaks(tmp_path, list(FAKE_KAGGLE.values()))
 
 
-def test_sweep_notebook_runs_under_nbval_and_resumes(tmp_path, monkeypatch):
-    """01 -> 02 -> 05 (sweep-smoke) under nbval; a rerun with a larger grid trains only the new
-    configuration."""
+def run_sweep(smoke_run, folder, params: dict) -> str:
+    """Notebook 05 with ``params`` on the smoke run's 01/02 outputs; returns what it printed."""
     import papermill as pm
 
-    params = {**pipeline.PROFILES["sweep-smoke"], "RUN_ID": "sweep"}
-    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SWEEP_SERIES, params))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    sweep_dir = tmp_path / "runs" / "sweep" / "sweep"
+    folder.mkdir()
+    nb = prepare(folder, ["05_experiments"], {**params, "RUN_ID": "smoke"})[0]
+    env = {"NBUTILS_PROCESSED_DIR": "processed", "NBUTILS_RUNS_DIR": "runs"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(smoke_run / v) for k, v in env.items()})  # the kernel inherits them
+    try:
+        pm.execute_notebook(nb, nb, progress_bar=False, cwd=str(folder))
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    executed = nbformat.read(nb, as_version=4)
+    return "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_sweep_runs_on_the_series_outputs_and_resumes(smoke_run, tmp_path):
+    """05 (sweep-smoke) on the smoke run's data and baseline; a rerun with a larger grid trains only
+    the new configuration."""
+    params = dict(pipeline.PROFILES["sweep-smoke"].values)
+    run_sweep(smoke_run, tmp_path / "first", params)
+    run = smoke_run / "runs" / "smoke"
+    sweep_dir = run / "sweep"
     first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
-    assert len(first) == 3 and (
-        tmp_path / "runs" / "sweep" / "sweep_report.md"
-    ).read_text().startswith("# LoRA sweep")
-    # the int8 default: trained, then tested on an int8 base
-    assert "r2-query+value-lr0.0005-a2-int8" in first
-    rerun = tmp_path / "rerun"
-    rerun.mkdir()
-    params["SWEEP"] = {"rank": [2, 4, 1]}
-    nb = prepare(rerun, ["05_experiments"], params)[0]
-    # the kernel inherits these
-    monkeypatch.setenv("NBUTILS_PROCESSED_DIR", str(tmp_path / "processed"))
-    monkeypatch.setenv("NBUTILS_RUNS_DIR", str(tmp_path / "runs"))
-    pm.execute_notebook(nb, nb, progress_bar=False, cwd=str(rerun))
-    executed = nbformat.read(rerun / "05_experiments.ipynb", as_version=4)
-    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-    assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
+    # the default (RANK 2) is in the grid; QUANTIZE int8: trained, then tested on an int8 base
+    assert set(first) == {"r2-query+value-lr0.0002-a2-int8", "r4-query+value-lr0.0002-a4-int8"}
+    assert (run / "sweep_report.md").read_text().startswith("# LoRA sweep")
+    printed = run_sweep(smoke_run, tmp_path / "rerun", {**params, "SWEEP": {"rank": [2, 4, 1]}})
+    assert (
+        printed.count(": training") == 1 and "r1-query+value-lr0.0002-a1-int8: training" in printed
+    )
     # finished ones untouched
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
-    assert len(list(sweep_dir.iterdir())) == 4
-    assert (
-        len(
-            json.loads((tmp_path / "runs" / "sweep" / "sweep_test.json").read_text())["evaluations"]
-        )
-        == 2
-    )
+    assert len(list(sweep_dir.iterdir())) == 3
+    assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_series_runs_under_nbval(tmp_path):
+    """01 -> 02 -> 05 (sweep-smoke) executed by nbval."""
+    params = {**pipeline.PROFILES["sweep-smoke"].values, "RUN_ID": "sweep"}
+    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SWEEP_SERIES, params))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "sweep" / "sweep_report.md").exists()
 
 
 def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):
@@ -145,8 +171,9 @@ def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch)
 
 
 def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
-    assert pipeline.parse_value("16") == 16 and pipeline.parse_value("query,value") == "query,value"
-    assert pipeline.parse_value("{'a': 'b'}") == {"a": "b"} and pipeline.parse_value("3e-4") == 3e-4
+    assert config.parse("RANK", "16") == 16 and config.parse("LORA_TARGETS", "all") == "all"
+    assert config.parse("COLUMNS", "{'a': 'b'}") == {"a": "b"}
+    assert config.parse("LEARNING_RATE", "3e-4") == 3e-4 and config.parse("MODEL", "1") == "1"
     p = pipeline.notebook_parameters("cpu", {"DATA_PATH": "my data/rows.jsonl", "RANK": 4})
     assert p["DATASET"] == "rows" and p["RANK"] == 4 and p["MODEL"] == "gemma3_270m_local"
     with pytest.raises(SystemExit, match="--profile 'gpu' is unknown"):
@@ -185,7 +212,7 @@ def test_resume_skips_finished_notebooks_and_resumes_training(tmp_path, monkeypa
     monkeypatch.setattr(
         pipeline,
         "execute",
-        lambda run_id, series, params, accepted, done: calls.append((series, params, done)),
+        lambda run_id, series, params, done: calls.append((series, params, done)),
     )
     pipeline.resume("r1")
     series, params, done = calls[0]
@@ -209,14 +236,56 @@ def test_unknown_parameter_is_refused_with_the_closest_names(tmp_path, monkeypat
     assert not any(tmp_path.iterdir())  # refused before any run folder was written
 
 
-def test_every_profile_parameter_is_accepted_by_a_notebook():
-    accepted = pipeline.accepted_parameters()
-    for name, params in pipeline.PROFILES.items():
-        pipeline.check_parameters(params, accepted)  # raises SystemExit naming the key
-
-
-def test_readme_profile_table_comes_from_the_profiles():
-    readme = (paths.REPO_ROOT / "README.md").read_text()
-    assert pipeline.profiles_table() in readme, (
-        "README's profile table is stale: paste `python -m nbutils.pipeline --profiles`"
+@pytest.mark.parametrize(
+    ("name", "text", "complaint"),
+    [
+        ("RANK", "8.5", r"RANK=8.5: expected int \(default 8\)"),
+        ("RANK", "0", r"RANK=0: must be a number >= 1"),
+        ("SCHEDULE", "cosin", r"SCHEDULE='cosin': use one of 'cosine', 'linear'"),
+        ("RESUME", "yes", r"RESUME='yes': expected bool"),
+        ("MAX_STEPS", "True", r"MAX_STEPS=True: expected int, not a bool"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line_before_anything_runs(name, text, complaint):
+    with pytest.raises(config.ParameterError, match=complaint):
+        config.parse(name, text)
+    done = subprocess.run(
+        [sys.executable, "-m", "nbutils.pipeline", "--profile", "smoke", "-p", name, text],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_every_profile_value_fits_its_parameter():
+    for profile in pipeline.PROFILES.values():
+        config.check_all(profile.values)  # raises naming the parameter
+
+
+@pytest.mark.parametrize("name", pipeline.NOTEBOOKS)
+def test_parameters_cell_is_the_configuration(name):
+    """Names, defaults and help of every parameters cell are config.PARAMS' (one owner)."""
+    import papermill as pm
+
+    nb = jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py")
+    cell = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert cell == config.cell(name), "run `python -m nbutils.config --write-cells`, `make sync`"
+    inspected = pm.inspect_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"))
+    assert {k: ast.literal_eval(v["default"]) for k, v in inspected.items()} == config.defaults(
+        name
+    )
+
+
+def test_parameters_page_and_help_come_from_the_configuration():
+    page = (paths.REPO_ROOT / "docs" / "parameters.md").read_text()
+    assert page == config.markdown(), (
+        "run `python -m nbutils.config --markdown > docs/parameters.md`"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nbutils.pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert all(f"  {name} = " in done.stdout for name in config.PARAMS)
