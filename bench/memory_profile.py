@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import nbutils  # noqa: F401  (JAX backend before Keras loads)
-from nbutils import files, paths, pipeline
+from nbutils import config, files, paths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import MODEL, RANK, SEED, SEQUENCE_LENGTH, prepare_rows
+from train_throughput import MODEL, RANK, SEED, SEQUENCE_LENGTH, optimizer, prepare_rows
 
 
 def rss_gb() -> tuple[float, float]:
@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=pipeline.PROFILES["cpu"]["MAX_BATCH_TOKENS"],
+        default=config.PROFILES["cpu"].values["MAX_BATCH_TOKENS"],
         help="tokens per step (MAX_BATCH_TOKENS); default: the cpu profile's",
     )
     parser.add_argument("--out", default=str(paths.RUNS_DIR / "bench" / "memory_profile.json"))
@@ -68,7 +68,6 @@ def main() -> int:
 
     quiet.load_frameworks()
     record("JAX, Keras, keras-hub (+TensorFlow)", tensorflow_loaded="tensorflow" in sys.modules)
-    import keras
 
     from nbutils import batches, devices, heap, models, sequences, training
 
@@ -77,9 +76,7 @@ def main() -> int:
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH)
     record("model loaded (fp32 weights)")
     training.enable_lora(lm, RANK, "all", seed=SEED)
-    trainer = training.Trainer(
-        lm, keras.optimizers.AdamW(learning_rate=5e-4), args.max_batch_tokens
-    )
+    trainer = training.Trainer(lm, optimizer(len(rows) // 4), args.max_batch_tokens)
     state = trainer.state()
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, "gemma", SEQUENCE_LENGTH)
     record("LoRA enabled, optimizer built")

@@ -132,7 +132,7 @@ def largest_step(rows: int, max_length: int, max_tokens: int) -> tuple[int, int]
     return max(steps, key=lambda s: (s[0] * s[1], s[1]))
 
 
-def split_rows(batch: Batch, max_tokens: int) -> list[Batch]:
+def split_batch(batch: Batch, max_tokens: int) -> list[Batch]:
     """``batch`` as equal groups of consecutive rows of at most ``max_tokens`` tokens (0: whole), at
     least one row each."""
     rows, width, _ = batch.shape

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 
+import jax
+import keras
+from keras import ops
+
 
 def all_layers(model) -> list:
     """Every sub-layer of ``model``, depth first (Keras has no public recursive traversal)."""
@@ -33,7 +37,6 @@ def unmerge_lora(layer) -> None:
     incoming gradient for it (fused into the MLP's gelu backward: over a quarter of a LoRA step of
     Gemma 3 270M on 2 CPU cores).
     """
-    import keras
 
     if getattr(layer, "quantization_mode", None) or not getattr(layer, "lora_enabled", False):
         return
@@ -54,7 +57,6 @@ def unmerge_lora(layer) -> None:
 def low_rank_product(xa, b):
     """``xa · b`` for ``xa`` of shape ``(..., r)`` and ``b`` of ``(r, out)``, as one 2-D matmul when
     the shape is known."""
-    import keras
 
     lead = tuple(xa.shape[:-1])
     if any(d is None for d in lead):  # symbolic shape inference only
@@ -73,7 +75,6 @@ def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
     blocks take it as their ``padding_mask`` (keras-hub's own decode steps pass none: it pads
     prompts on the right only).
     """
-    from keras import ops
 
     x = backbone.token_embedding(token_ids)
     x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
@@ -92,7 +93,6 @@ def cache_layout(lm) -> str:
     dim)`` array. One call of the first block per layout, on abstract one-row values, tells which:
     exactly one must work (one row, so a stacked array cannot pass for a pair).
     """
-    import jax
 
     b = lm.backbone
     x = jax.ShapeDtypeStruct((1, 1, b.hidden_dim), lm.compute_dtype)
@@ -115,7 +115,6 @@ def cache_layout(lm) -> str:
 def _runs(layer, x, cache) -> bool:
     """Whether the decoder block ``layer`` accepts ``cache`` (abstract shapes only, nothing
     computed)."""
-    import jax
 
     try:
         jax.eval_shape(lambda x, c: layer(x, cache=c, cache_update_index=0), x, cache)
@@ -126,7 +125,6 @@ def _runs(layer, x, cache) -> bool:
 
 def empty_caches(lm, rows: int, length: int, layout: str) -> tuple:
     """Zero key/value caches, one per decoder layer, in ``layout`` (see :func:`cache_layout`)."""
-    from keras import ops
 
     b = lm.backbone
     shape = (rows, length, b.num_key_value_heads, b.head_dim)

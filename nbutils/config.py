@@ -14,6 +14,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+from nbutils import paths
+
 NOTEBOOKS = (
     "01_prepare_data",
     "02_baseline_inference",
@@ -338,8 +340,6 @@ def markdown() -> str:
 
 def write_cells() -> list[str]:
     """Rewrite every notebook's parameters cell from ``PARAMS``; returns the notebooks changed."""
-    from nbutils import paths  # a leaf module: config stays importable without the package's paths
-
     changed = []
     for name in NOTEBOOKS:
         path = paths.NOTEBOOKS_DIR / f"{name}.py"

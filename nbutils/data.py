@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils import files, models, paths, provenance, pycode_task, sequences
+from nbutils import files, network, paths, provenance, pycode_task, sequences
 
 BUILTIN = "pycode-summary"
 FORMATS = ("alpaca", "dolly", "csv", "tsv")
@@ -273,7 +273,7 @@ def load_online(name: str) -> tuple[list[dict], dict]:
     (needs network, or on Kaggle the data set attached to the notebook)."""
     scheme, _, handle = name.partition(":")
     host = {"hf": "huggingface.co", "kaggle": "www.kaggle.com"}[scheme]
-    if not (paths.ON_KAGGLE and scheme == "kaggle") and not models.reachable(host):
+    if not (paths.ON_KAGGLE and scheme == "kaggle") and not network.reachable(host):
         raise DataError(
             f"DATASET={name!r} must be downloaded from {host}, which is unreachable here. Offline choices: "
             f"DATASET={BUILTIN!r} (built in), or DATA_PATH=<your Alpaca/Dolly JSON(L) or CSV/TSV file>; on Kaggle, "

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
+import keras
 import numpy as np
+from keras import ops
 
 from nbutils import batches, compat
 
@@ -51,9 +54,6 @@ def make_decoder(
     (a row that stopped earlier keeps decoding until then: callers cut each row at its first stop
     token).
     """
-    import jax
-    import keras
-    from keras import ops
 
     if end <= 0 or end % CHUNK:
         raise ValueError(

@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import re
 
+import jax
+import keras
+import numpy as np
+
 BATCH_AXIS, MODEL_AXIS = "batch", "model"
 # Gemma 3 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub
 # #2828). The hidden dimension is split, never the heads: the 270M model has a single key/value
@@ -23,7 +27,6 @@ GEMMA3_LAYOUT = {
 
 def backend() -> str:
     """``cpu``, ``gpu`` or ``tpu``: where JAX runs."""
-    import jax
 
     return jax.default_backend()
 
@@ -39,7 +42,6 @@ def require_accelerator(required: bool) -> None:
 
 def device_memory_gb() -> float:
     """Memory of one accelerator (JAX's limit), or of the machine on CPU."""
-    import jax
 
     stats = jax.devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
@@ -51,7 +53,6 @@ def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> d
     """Rough training memory in GB on one device holding the whole model: frozen weights, adapter +
     AdamW slots + gradients, activations kept for the backward pass, the scored positions' logits
     and gradient."""
-    import numpy as np
 
     backbone = lm.backbone
     weights = sum(
@@ -114,7 +115,6 @@ def parse_distribution(spec: str, n_devices: int) -> tuple[int, int] | None:
 def gemma3_layout_map(mesh):
     """A ``keras.distribution.LayoutMap`` sharding Gemma 3's large kernels over the mesh's model
     axis."""
-    import keras
 
     layout_map = keras.distribution.LayoutMap(mesh)
     for pattern, axes in GEMMA3_LAYOUT.items():
@@ -125,8 +125,6 @@ def gemma3_layout_map(mesh):
 def use_distribution(spec: str = "auto"):
     """Set Keras' global distribution for ``DISTRIBUTION`` (before the model is built); returns it
     or None."""
-    import jax
-    import keras
 
     devices = jax.devices()
     shape = parse_distribution(spec, len(devices))
@@ -155,7 +153,6 @@ def data_devices(dist) -> int:
 
 def data_shards(rows: int) -> int:
     """Devices :func:`place_batch` splits a batch of ``rows`` rows over (1: not split)."""
-    import keras
 
     dist = keras.distribution.distribution()
     return 1 if dist is None or rows % data_devices(dist) else data_devices(dist)
@@ -164,7 +161,6 @@ def data_shards(rows: int) -> int:
 def place_batch(inputs: dict) -> dict:
     """Split a batch's rows over the data axis of Keras' current distribution (unchanged without
     one, or when the rows do not divide evenly, e.g. a last partial evaluation batch)."""
-    import keras
 
     dist = keras.distribution.distribution()
     if dist is None or any(x.shape[0] % data_devices(dist) for x in inputs.values()):

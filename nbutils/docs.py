@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import nbformat
+
 from nbutils import files, paths, pipeline
 
 DOCS_DIR = paths.REPO_ROOT / "docs"
@@ -54,7 +56,6 @@ def header(run_id: str, config: dict) -> str:
 
 def render_notebook(executed: Path, target: Path, head: str) -> Path:
     """One executed notebook as ``target`` (Markdown) with its images in ``<stem>_files/``."""
-    import nbformat
     from nbconvert import MarkdownExporter
 
     nb = nbformat.read(executed, as_version=4)

@@ -11,7 +11,11 @@ import re
 import string
 import time
 
+import jax
+import keras_hub
 import numpy as np
+from keras import ops
+from rouge_score import rouge_scorer
 
 from nbutils import batches, compat, decoding, objective, prompts, sequences
 from nbutils import progress as progress_bar
@@ -29,7 +33,6 @@ HIGHER_IS_BETTER = {
 
 def make_sampler(spec: str = "greedy", seed: int = 0):
     """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded)."""
-    import keras_hub
 
     kind, _, value = spec.partition(":")
     try:
@@ -56,12 +59,10 @@ def first_argmax(x, block: int = 512):
     """``ops.argmax(x, axis=-1)`` of a 2-D ``x`` (the same index, ties and NaN included), as two
     short reductions.
 
-    XLA's CPU backend runs one argmax over a 262k-word vocabulary as a slow serial reduction (~9 ms
-    for 1 or 16 rows on 2 cores, ~12% of a 16-row decode step of Gemma 3 270M); the maximum of each
-    block of ``block`` entries, then the argmax inside the first block holding the overall maximum,
-    take ~0.3 ms.
+    XLA's CPU backend runs one argmax over a 262k-word vocabulary as a slow serial reduction; the
+    maximum of each block of ``block`` entries, then the argmax inside the first block holding the
+    overall maximum, are far faster (measured in docs/design.md).
     """
-    from keras import ops
 
     rows, vocab = x.shape
     if vocab % block:
@@ -75,7 +76,6 @@ def first_argmax(x, block: int = 512):
 def greedy_sampler_class() -> type:
     """keras-hub's ``GreedySampler`` picking its token with :func:`first_argmax` (the same tokens,
     faster on a CPU)."""
-    import keras_hub
 
     class BlockArgmaxGreedySampler(keras_hub.samplers.GreedySampler):
         def get_next_token(self, probabilities):
@@ -154,7 +154,6 @@ def response_losses(
     The same objective as training (:func:`nbutils.objective.scored_nll`), jit-compiled once per
     batch shape.
     """
-    import jax
 
     backbone = lm.backbone
     if getattr(backbone, "_nbutils_nll", None) is None:
@@ -186,7 +185,6 @@ def normalise(text: str) -> str:
 
 def score_rows(predictions: list[dict], losses: list[dict] | None = None) -> list[dict]:
     """Per-row ROUGE-L F1, chrF statistics, exact match, stop flag, token count and loss."""
-    from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scored = []

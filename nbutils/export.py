@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from nbutils import files, sequences
@@ -37,7 +38,6 @@ def probe_inputs(
 
 def hidden_states(lm, inputs: dict) -> np.ndarray:
     """The backbone's final (normalized) hidden states ``(rows, width, hidden)`` in float32."""
-    import keras
 
     return np.asarray(keras.ops.convert_to_numpy(lm.backbone(inputs)), dtype=np.float32)
 
@@ -45,7 +45,6 @@ def hidden_states(lm, inputs: dict) -> np.ndarray:
 def logits(lm, hidden: np.ndarray) -> np.ndarray:
     """Logits from hidden states through ``lm``'s output layer (the tied embedding, with its
     soft-cap)."""
-    import keras
 
     return np.asarray(
         keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True)),
@@ -56,7 +55,6 @@ def logits(lm, hidden: np.ndarray) -> np.ndarray:
 def save_probe(lm, inputs: dict, path: Path) -> Path:
     """Write the probe inputs, ``lm``'s hidden states on them, its dtype policy and whether a device
     mesh was in use (``.npz``, no pickle), atomically."""
-    import keras
 
     with files.atomic_path(Path(path)) as tmp:
         np.savez(
@@ -91,7 +89,6 @@ def load_probe(path: Path) -> dict[str, np.ndarray]:
 
 def adapter_is_empty(backbone) -> bool:
     """True when every LoRA ``B`` matrix is zero (as initialised): the adapter changes nothing."""
-    import keras
 
     return all(
         not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_b))

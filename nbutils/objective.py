@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import keras
+
 from nbutils import devices
 
 HEAD_STEP = 16  # the output layer runs on a multiple of this many scored entries
@@ -26,7 +30,6 @@ def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
     The output layer (the tied embedding in reverse, with the model's own final soft-cap) runs only
     at the scored positions.
     """
-    import keras
 
     mapping = list(zip(backbone.trainable_variables, trainable)) + list(
         zip(backbone.non_trainable_variables, non_trainable)
@@ -53,8 +56,6 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
     padding, and blocks stay on the device holding their rows. ``values``: ``layer``'s variables'
     values.
     """
-    import jax
-    import jax.numpy as jnp
 
     rows, scored, dim = hidden.shape
     m = rows // groups * scored  # entries per block
@@ -74,9 +75,7 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
         lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k)))
         for k in sizes
     ]
-    # as head_size
-    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted.sum(1).max()), len(sizes) - 1)
-    nll = jax.lax.switch(which, branches, h, t, values)[:, :m]
+    nll = jax.lax.switch(head_index(sizes, weighted.sum(1).max()), branches, h, t, values)[:, :m]
     nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to each entry's place
     return jnp.where(weights > 0, nll.reshape(rows, scored), 0.0)
 
@@ -88,10 +87,18 @@ def head_sizes(entries: int) -> list[int]:
     return list(range(step, -(-entries // step) * step + 1, step))
 
 
+def head_index(sizes: list[int], weighted):
+    """Which of ``sizes`` the output layer runs at for ``weighted`` scored entries: the first that
+    holds them all (the largest when none does); traceable."""
+
+    return jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), weighted), len(sizes) - 1)
+
+
 def head_size(entries: int, weighted: int) -> int:
     """The entries the output layer runs on in a step of ``entries`` entries of which ``weighted``
-    are scored."""
-    return next((k for k in head_sizes(entries) if k >= weighted), head_sizes(entries)[-1])
+    are scored (``head_index``'s rule)."""
+    sizes = head_sizes(entries)
+    return sizes[int(head_index(sizes, weighted))]
 
 
 def _nll_with_gradient(layer, frozen: bool) -> Callable:
@@ -103,9 +110,6 @@ def _nll_with_gradient(layer, frozen: bool) -> Callable:
     ``hidden`` gets a gradient, so a layer that is not ``frozen`` (no LoRA: full fine-tuning) gets
     the plain function.
     """
-    import jax
-    import jax.numpy as jnp
-    import keras
 
     def plain(hidden, targets, values):
         with keras.StatelessScope(state_mapping=list(zip(layer.variables, values))):

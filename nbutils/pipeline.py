@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import papermill as pm
+
 from nbutils import config, data, files, paths, provenance, runs
 
 NOTEBOOKS, SERIES, SWEEP_SERIES = config.NOTEBOOKS, config.SERIES, config.SWEEP_SERIES
@@ -135,7 +137,6 @@ def resume(run_id: str) -> dict:
 
 def execute(run_id: str, series: tuple, params: dict, done: dict) -> dict:
     """Run the notebooks of ``series`` not in ``done`` (name -> seconds) into ``runs/<run_id>/``."""
-    import papermill as pm
 
     # the kernels inherit it: plain progress lines in saved outputs
     os.environ.setdefault("NBUTILS_PROGRESS", "lines")

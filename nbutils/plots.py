@@ -5,19 +5,20 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
+
 from nbutils import files
 
 
 def _figure():
     """A new figure and axes (notebooks show the saved PNG, so nothing is drawn twice)."""
-    import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(8, 4), constrained_layout=True)
 
 
 def save(fig, path: Path) -> Path:
     """Save a figure as PNG atomically and return its path."""
-    import matplotlib.pyplot as plt
 
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
@@ -78,7 +79,6 @@ def metric_bars(
 ) -> Path:
     """Baseline vs tuned bars per metric, with the tuned bar's paired-bootstrap 95% CI of the
     difference."""
-    import numpy as np
 
     keys = [m for m in metrics if m in comparison]
     fig, ax = _figure()
@@ -107,7 +107,6 @@ def metric_bars(
 def sweep_plot(results: list[dict], path: Path) -> Path:
     """Validation ROUGE-L and best validation loss against trainable parameters (log x, one line per
     target set), and the validation loss curves overlaid."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for targets, quantize in dict.fromkeys(

@@ -16,8 +16,13 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import h5py
+import jax
+import jax.numpy as jnp
+import keras
 import numpy as np
 
 from nbutils import (
@@ -158,7 +163,6 @@ def lora_layer_names(targets: str) -> list[str]:
 def seed_lora_a(layers: list, seed: int) -> None:
     """Draw each LoRA layer's ``A`` matrix with Keras' default initializer (He uniform), seeded per
     layer."""
-    import keras
 
     for i, layer in enumerate(layers):
         a = layer.lora_kernel_a
@@ -206,7 +210,6 @@ def enable_lora(
 def adamw(cfg: TrainConfig, updates: int):
     """AdamW with the warmup + decay schedule, global-norm clipping, and no decay on biases and norm
     scales."""
-    import keras
 
     optimizer = keras.optimizers.AdamW(
         learning_rate=lr_schedule(cfg, updates),
@@ -242,7 +245,6 @@ def quantize_base(lm, mode: str) -> None:
     embedding the gradient reaching the adapters comes out 2-6x too small on the tiny model and
     training stalls (``tests/test_fast_training.py::test_int8_base_trains_like_fp32``).
     """
-    import warnings
 
     # "Layer Dropout does not have a `quantize` method": nothing to do
     with warnings.catch_warnings():
@@ -252,8 +254,6 @@ def quantize_base(lm, mode: str) -> None:
 
 def mixed_precision(setting: str = "auto") -> str:
     """Set Keras' global dtype policy (call before loading the model); returns its name."""
-    import jax
-    import keras
 
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'on' or 'off'.")
@@ -266,7 +266,6 @@ def mixed_precision(setting: str = "auto") -> str:
 def lr_schedule(cfg: TrainConfig, total_updates: int):
     """Linear warmup to ``learning_rate`` over WARMUP_STEPS updates, then cosine or linear decay to
     zero."""
-    import keras
 
     warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
     if cfg.schedule == "cosine":
@@ -282,7 +281,6 @@ def lr_schedule(cfg: TrainConfig, total_updates: int):
 def warmup_linear(peak: float, warmup: int, total: int):
     """A keras LearningRateSchedule: linear warmup to ``peak``, then linear decay to zero at
     ``total``."""
-    import keras
 
     class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
@@ -318,7 +316,6 @@ def response_nll(nll, weights):
     response positions only; dividing by the update's response-token count makes it a mean per
     response token.
     """
-    import keras
 
     return keras.ops.sum(nll * weights)
 
@@ -327,14 +324,13 @@ class Trainer:
     """Jit-compiled LoRA steps on JAX: logits only at the scored positions, the loss a mean over the
     response tokens of a whole update, one optimizer step per update (Keras' stateless API).
 
-    ``max_batch_tokens`` bounds the tokens of each step (see :func:`nbutils.batches.split_rows`): a
+    ``max_batch_tokens`` bounds the tokens of each step (see :func:`nbutils.batches.split_batch`): a
     wider batch runs as several micro-batches of the same update, which only lowers the memory a
     step needs. ``grad_step`` is the jitted loss-and-gradient of one step (the benchmarks and tests
     read its compiled HLO).
     """
 
     def __init__(self, lm, optimizer, max_batch_tokens: int = 0):
-        import jax
 
         self.backbone, self.optimizer, self.max_batch_tokens = (
             lm.backbone,
@@ -361,7 +357,6 @@ class Trainer:
     def state(self) -> tuple[list, list, list]:
         """Copies of the adapter and optimizer values (the steps donate them) and the frozen
         weights."""
-        import jax.numpy as jnp
 
         trainable, non_trainable = objective.variable_values(self.backbone)
         return (
@@ -379,7 +374,9 @@ class Trainer:
     def steps(self, batch_list: list) -> list:
         """The batches as the jitted steps run them (split to at most ``max_batch_tokens`` tokens
         each)."""
-        return [piece for b in batch_list for piece in batches.split_rows(b, self.max_batch_tokens)]
+        return [
+            piece for b in batch_list for piece in batches.split_batch(b, self.max_batch_tokens)
+        ]
 
     def will_compile(self, batch_list: list, kind: str = "train") -> bool:
         """Whether running ``batch_list`` meets a step shape not compiled yet."""
@@ -389,7 +386,6 @@ class Trainer:
         """One optimizer update over ``micro_batches``; returns their mean loss per response token
         and the new state. A non-finite loss returns the old state untouched (nothing is
         applied)."""
-        import jax
 
         trainable, non_trainable, opt_vars = state
         denominator = float(sum(b.useful_tokens for b in micro_batches))
@@ -433,15 +429,12 @@ class Trainer:
     def learning_rate(self, state: tuple) -> float:
         """The learning rate the next update will use (the optimizer's schedule at its iteration
         count)."""
-        import keras
 
         with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, state[2]))):
             return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
     def restore(self, state: tuple, trainable: list, opt_vars: list) -> tuple:
         """``state`` with the adapter and optimizer values of a checkpoint (shapes checked)."""
-        import jax
-        import jax.numpy as jnp
 
         for name, now, saved in (
             ("adapter", state[0], trainable),
@@ -838,7 +831,6 @@ def load_adapter(lm, path: Path, model: str) -> dict:
         raise ValueError(
             f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match."
         )
-    import h5py
 
     enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
     with h5py.File(path, "r") as f:

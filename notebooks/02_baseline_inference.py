@@ -23,15 +23,7 @@ import math
 
 from IPython.display import Markdown, display
 
-from nbutils import (
-    data,
-    evaluation,
-    files,
-    models,
-    prompts,
-    runs,
-    sequences,
-)
+from nbutils import data, evaluation, files, models, prompts, runs, sequences
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf

@@ -21,17 +21,7 @@ from nbutils import frameworks  # noqa: F401
 # %%
 from IPython.display import Image, Markdown, display
 
-from nbutils import (
-    data,
-    evaluation,
-    files,
-    models,
-    plots,
-    prompts,
-    report,
-    runs,
-    training,
-)
+from nbutils import data, evaluation, files, models, plots, prompts, report, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf

@@ -87,6 +87,7 @@ template, SEQUENCE_LENGTH = (
 )
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
 out = runs.run_dir(RUN_ID)
+# %%
 # where a configuration does not say, notebook 03's parameters: they also make the default one
 defaults = {
     "rank": RANK,
@@ -99,6 +100,7 @@ configs = sweep.expand(SWEEP, defaults)
 default_config = sweep.expand([{}], defaults)[0]
 if default_config not in configs:
     configs.append(default_config)  # trained too, so the test comparison has it
+# %%
 budget = {
     "model": MODEL,
     "dataset": DATASET,
@@ -168,6 +170,7 @@ def train_config(config: dict, folder) -> dict:
     )
 
 
+# %%
 results = []
 for n, config in enumerate(configs, 1):
     folder = out / "sweep" / sweep.config_name(config)
@@ -239,6 +242,7 @@ def test_scores(name: str) -> list[dict]:
     return scores
 
 
+# %%
 test_groups = data.bootstrap_groups(test_rows)
 chosen_test = test_scores(chosen["name"])
 default_name = sweep.config_name(default_config)
@@ -264,6 +268,7 @@ evaluation_record = {
     "vs_baseline": vs_base,
     "vs_default": vs_default,
 }
+# %%
 files.write_json(out / "sweep_test.json", {"evaluations": [*earlier, evaluation_record]})
 display(Markdown("**Chosen vs base model** (test)\n\n" + report.comparison_table(vs_base)))
 display(

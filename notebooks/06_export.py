@@ -23,17 +23,7 @@ from nbutils import frameworks  # noqa: F401
 import numpy as np
 from IPython.display import Markdown, display
 
-from nbutils import (
-    data,
-    export,
-    files,
-    gguf_port,
-    models,
-    prompts,
-    report,
-    runs,
-    training,
-)
+from nbutils import data, export, files, gguf_port, models, prompts, report, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf

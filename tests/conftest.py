@@ -88,10 +88,18 @@ def real_lm():
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    """2-layer random Gemma 3 with the real tokenizer."""
+    """2-layer random Gemma 3 with its small-vocabulary tokenizer."""
     from nbutils import models
 
     return models.load_gemma(models.TINY_MODEL, sequence_length=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny model's small-vocabulary tokenizer."""
+    from nbutils import models
+
+    return models.tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

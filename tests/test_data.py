@@ -6,7 +6,7 @@ import socket
 import pytest
 from conftest import SHARED_ALPACA
 
-from nbutils import data, files, models, paths, prompts, pycode_task, sequences
+from nbutils import data, files, network, paths, prompts, pycode_task, sequences
 
 ROWS = [
     {"instruction": "Give a synonym.", "input": "happy", "output": "Glad."},
@@ -179,7 +179,7 @@ def test_hub_dataset_read_with_the_datasets_library(monkeypatch, tokenizer):
         {"instruction": "x", "input": "", "output": ""}
     ]
     asked = []
-    monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: True)
+    monkeypatch.setattr(network, "reachable", lambda host, timeout=3.0: True)
     monkeypatch.setattr(
         datasets,
         "load_dataset",

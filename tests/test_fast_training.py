@@ -28,8 +28,8 @@ def tiny():
 
 
 @pytest.fixture
-def arrays(tokenizer):
-    return sequences.make_arrays(tokenizer, ROWS, "gemma", 128)
+def arrays(tiny_tokenizer):
+    return sequences.make_arrays(tiny_tokenizer, ROWS, "gemma", 128)
 
 
 def direct_loss(lm, rows):
@@ -51,7 +51,7 @@ def direct_loss(lm, rows):
     return -logp[list(rows), list(positions), list(targets)].astype(np.float64).sum() / len(targets)
 
 
-def test_batches_score_exactly_the_response_tokens(arrays, tokenizer):
+def test_batches_score_exactly_the_response_tokens(arrays, tiny_tokenizer):
     seen = []
     for b in batches.epoch_batches(arrays, 4, seed=0, epoch=0):
         rows, width, r = b.shape
@@ -63,7 +63,7 @@ def test_batches_score_exactly_the_response_tokens(arrays, tokenizer):
                 if (arrays["token_ids"][k, :width] == b.token_ids[i]).all()
             )
             seen.append(row_id)
-            _, target = sequences.encode_example(tokenizer, ROWS[row_id], "gemma")
+            _, target = sequences.encode_example(tiny_tokenizer, ROWS[row_id], "gemma")
             # the response and its stop token, in order
             assert b.targets[i][b.weights[i] > 0].tolist() == target
             assert (b.token_ids[i][b.positions[i][b.weights[i] > 0] + 1] == target).all()
@@ -168,7 +168,7 @@ def test_output_layer_sizes():
     assert [objective.head_size(96, k) for k in (0, 1, 16, 17, 96)] == [16, 16, 16, 32, 96]
 
 
-def test_every_batch_of_a_width_has_one_shape(tokenizer):
+def test_every_batch_of_a_width_has_one_shape(tiny_tokenizer):
     """Entries per row come from the longest response of the data set (at most width - 1), so short
     and long responses share a shape."""
     rows = [
@@ -180,7 +180,7 @@ def test_every_batch_of_a_width_has_one_shape(tokenizer):
         }
         for i in range(12)
     ]
-    arrays = sequences.make_arrays(tokenizer, rows, "gemma", 128)
+    arrays = sequences.make_arrays(tiny_tokenizer, rows, "gemma", 128)
     per_row = sequences.loss_positions(arrays["response_mask"]).sum(1)
     assert (
         batches.scored_entries(arrays)
@@ -260,7 +260,7 @@ def test_clipping_is_on_the_global_norm_of_all_adapter_gradients(tiny, arrays):
         np.testing.assert_allclose(b - np.asarray(a), g * clip / norm, rtol=1e-3, atol=1e-9)
 
 
-def test_fast_path_and_stock_fit_reach_the_same_loss(tokenizer):
+def test_fast_path_and_stock_fit_reach_the_same_loss(tiny_tokenizer):
     """The same rows, one batch, three Adam updates: keras-hub's own preprocessor + ``fit`` vs the
     fast path."""
     import keras
@@ -284,7 +284,7 @@ def test_fast_path_and_stock_fit_reach_the_same_loss(tokenizer):
             }
             lm.fit(x=x, batch_size=8, epochs=3, shuffle=False, verbose=0)
         else:
-            arrays = sequences.make_arrays(tokenizer, rows, "gemma", 128)
+            arrays = sequences.make_arrays(tiny_tokenizer, rows, "gemma", 128)
             trainer = training.Trainer(lm, opt)
             state = trainer.state()
             for _ in range(3):
@@ -455,13 +455,13 @@ def test_int8_base_trains_like_fp32(arrays):
     assert after["int8"] > 0.5 * after[""] > 0
 
 
-def test_split_rows_keeps_every_row_once_within_the_token_budget(arrays):
+def test_split_batch_keeps_every_row_once_within_the_token_budget(arrays):
     b = max(batches.epoch_batches(arrays, 4, 0, 0), key=lambda x: x.shape[1])
     rows, width, scored = b.shape
-    assert batches.split_rows(b, 0) == [b] and batches.split_rows(b, rows * width) == [b]
+    assert batches.split_batch(b, 0) == [b] and batches.split_batch(b, rows * width) == [b]
     # 3 rows fit, 2 divide 4; (1, 1): a row over budget runs alone
     for budget, per_piece in ((2 * width, 2), (3 * width, 2), (width, 1), (1, 1)):
-        pieces = batches.split_rows(b, budget)
+        pieces = batches.split_batch(b, budget)
         assert [p.shape for p in pieces] == [(per_piece, width, scored)] * (rows // per_piece)
         for field in ("token_ids", "padding_mask", "positions", "targets", "weights", "rows"):
             np.testing.assert_array_equal(

@@ -265,7 +265,8 @@ def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
         devices.memory_estimate(tiny_lm, 2, 64, 16),
         devices.memory_estimate(tiny_lm, 4, 64, 16),
     )
-    assert small["logits"] == pytest.approx(2 * 16 * 262144 * 4 * 3 / 1e9)
+    vocab = models.TINY_VOCABULARY
+    assert small["logits"] == pytest.approx(2 * 16 * vocab * 4 * 3 / 1e9)
     assert (
         large["activations"] == pytest.approx(2 * small["activations"])
         and large["weights"] == small["weights"]

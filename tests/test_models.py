@@ -251,3 +251,19 @@ def test_loading_a_model_frees_a_dropped_one():
         assert dropped() is None
     finally:
         gc.enable()
+
+
+def test_tiny_tokenizer_keeps_every_text_and_the_special_ids(tokenizer):
+    """The tiny model's small vocabulary: the real special and turn ids, ids below its size, and any
+    text (code, accents, symbols, runs of spaces) decoded back unchanged."""
+    tiny = models.tiny_tokenizer()
+    assert tiny.vocabulary_size() == models.TINY_VOCABULARY
+    for token in ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"):
+        assert tiny.token_to_id(token) == tokenizer.token_to_id(token), token
+    for text in (
+        "def f(x):\n    return x  # ü ☃\n",
+        "Two  spaces, tabs\tand\nnew lines.",
+        "日本語",
+    ):
+        ids = tiny(text)
+        assert max(ids) < models.TINY_VOCABULARY and tiny.detokenize(ids) == text, text

@@ -289,3 +289,10 @@ def test_parameters_page_and_help_come_from_the_configuration():
         check=False,
     )
     assert all(f"  {name} = " in done.stdout for name in config.PARAMS)
+
+
+def test_the_command_line_loads_no_framework():
+    """``python -m nbutils.pipeline --help`` answers at once: no JAX, Keras or TensorFlow."""
+    code = "import sys, nbutils.pipeline; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {"'jax'", "'keras'", "'tensorflow'"} & set(done.stdout.strip("[]\n").split(", "))

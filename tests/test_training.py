@@ -43,7 +43,9 @@ def test_lora_targets_and_alpha(tiny):
     assert s["trainable_params"] == sum(
         int(np.prod(v.shape)) for lyr in enabled for v in (lyr.lora_kernel_a, lyr.lora_kernel_b)
     )
-    assert 0 < s["trainable_share_pct"] < 1
+    assert s["trainable_share_pct"] == pytest.approx(
+        100 * s["trainable_params"] / s["total_params"]
+    )
     with pytest.raises(ValueError, match="LORA_TARGETS='query,mlp'.*'attention' or 'all'"):
         training.lora_layer_names("query,mlp")
 
