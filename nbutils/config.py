@@ -39,6 +39,7 @@ class Param:
     help: str
     choices: tuple = ()
     minimum: float | None = None
+    maximum: float | None = None  # exclusive, like LEARNING_RATE's 1
 
 
 def _params(*rows: tuple) -> dict[str, Param]:
@@ -75,9 +76,9 @@ PARAMS = _params(
     # LoRA (notebooks 03 and 05)
     ("RANK", 8, "lora", TRAINING, "LoRA rank r: adapters are (d x r) and (r x k)", (), 1),
     ("LORA_TARGETS", "query,value", "lora", TRAINING, "'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down"),
-    ("LORA_ALPHA", 0, "lora", TRAINING, "the update is scaled by alpha / rank; 0 means alpha equal to the rank", (), 0),
+    ("LORA_ALPHA", 0.0, "lora", TRAINING, "the update is scaled by alpha / rank; 0 means alpha equal to the rank", (), 0),
     # training (notebooks 03 and 05)
-    ("LEARNING_RATE", 2e-4, "training", TRAINING, "AdamW peak learning rate, in (0, 1)", (), 0),
+    ("LEARNING_RATE", 2e-4, "training", TRAINING, "AdamW peak learning rate, in (0, 1)", (), 1e-12, 1),
     ("WEIGHT_DECAY", 0.01, "training", TRAINING, "AdamW decoupled weight decay (not on biases and norm scales)", (), 0),
     ("WARMUP_STEPS", 10, "training", TRAINING, "linear warmup updates", (), 0),
     ("SCHEDULE", "cosine", "training", TRAINING, "decay after warmup", ("cosine", "linear")),
@@ -85,7 +86,7 @@ PARAMS = _params(
     ("BATCH_SIZE", 4, "training", TRAINING, "rows per batch", (), 1),
     ("GRAD_ACCUM", 1, "training", TRAINING, "batches per optimizer update", (), 1),
     ("MAX_BATCH_TOKENS", 0, "training", ("03",), "run a batch over this many tokens as smaller steps of one update (0: whole)", (), 0),
-    ("EPOCHS", 1, "training", TRAINING, "passes over the train split (when MAX_STEPS is 0)", (), 0),
+    ("EPOCHS", 1.0, "training", TRAINING, "passes over the train split (when MAX_STEPS is 0)", (), 0),
     ("MAX_STEPS", 0, "training", TRAINING, "optimizer updates (0: EPOCHS passes); 05: per configuration", (), 0),
     ("EVAL_EVERY", 25, "training", TRAINING, "validation loss every this many updates", (), 1),
     ("PATIENCE", 3, "training", TRAINING, "early stopping: evaluations without improvement", (), 1),
@@ -195,9 +196,11 @@ PROFILES = {
         "notebook 05 plumbing (the tests)",
         {
             **_SMOKE,
-            "SWEEP": {"rank": [2, 4]},
+            # two float configurations and an int8 default: both kinds of base are trained
+            "SWEEP": [{"rank": 2, "quantize": ""}, {"rank": 4, "quantize": ""}],
             "RANK": 2,
             "QUANTIZE": "int8",
+            "LEARNING_RATE": 5e-4,
             "MAX_STEPS": 3,
             "N_BOOTSTRAP": 100,
         },
@@ -262,6 +265,8 @@ def check(name: str, value) -> None:
         raise ParameterError(f"{name}={value!r}: use one of {', '.join(map(repr, p.choices))}.")
     if p.minimum is not None and (not math.isfinite(value) or value < p.minimum):
         raise ParameterError(f"{name}={value!r}: must be a number >= {p.minimum}.")
+    if p.maximum is not None and value >= p.maximum:
+        raise ParameterError(f"{name}={value!r}: must be a number below {p.maximum}.")
 
 
 def parse(name: str, text: str):

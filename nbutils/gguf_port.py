@@ -145,13 +145,17 @@ def truncated_proto(proto: bytes, size: int, keep: tuple[str, ...] = KEEP_PIECES
 
     model = sp_pb2.ModelProto()
     model.ParseFromString(proto)
-    head = {p.piece for p in model.pieces[: size - len(keep)]}
+    names = [p.piece for p in model.pieces]
+    if not len(keep) < size <= len(names) or not set(keep) <= set(names):
+        raise ValueError(f"cannot keep {keep} in {size} of the {len(names)} pieces")
+    cut = size  # the longest prefix that, with the keep pieces it lacks, makes ``size`` pieces
+    while cut + len(set(keep) - set(names[:cut])) > size:
+        cut -= 1
+    kept = [model.pieces[names.index(k)] for k in keep if k not in names[:cut]]
     kept = [
-        sp_pb2.ModelProto.SentencePiece(piece=p.piece, score=p.score, type=p.type)
-        for p in model.pieces
-        if p.piece in keep and p.piece not in head
+        sp_pb2.ModelProto.SentencePiece(piece=p.piece, score=p.score, type=p.type) for p in kept
     ]
-    del model.pieces[size - len(kept) :]
+    del model.pieces[cut:]
     model.pieces.extend(kept)
     model.trainer_spec.vocab_size = size
     return model.SerializeToString()

@@ -29,6 +29,7 @@ CONFIG = paths.REPO_ROOT / "kaggle-metadata.json"
 KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
 REQUIREMENTS = paths.REPO_ROOT / "requirements-kaggle.txt"
 PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
+SWEEP_STEPS = 100  # notebook 05's kernel: updates per configuration of its grid
 IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
 # accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Shapes as the CLI's help
 # names them; P100 is retired (the CLI swaps NvidiaTeslaP100 for a T4), so it is not offered.
@@ -262,7 +263,7 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
                     str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"),
                     str(tmp),
                     prepare_only=True,
-                    parameters=pipeline.for_notebook(params, name),
+                    parameters=pipeline.for_notebook(kernel_parameters(params, name), name),
                     progress_bar=False,
                 )
         series = pipeline.SWEEP_SERIES if name == pipeline.SWEEP_SERIES[-1] else pipeline.SERIES
@@ -274,6 +275,14 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
         check_kernel_metadata(meta, folder)
         written.append(folder)
     return written
+
+
+def kernel_parameters(params: dict, name: str) -> dict:
+    """A kernel's parameters: the profile's; notebook 05's grid gets a budget per configuration
+    (``SWEEP_STEPS``) where the profile trains whole epochs."""
+    if name == "05_experiments" and not params.get("MAX_STEPS"):
+        return {**params, "MAX_STEPS": SWEEP_STEPS}
+    return params
 
 
 def requirements() -> list[str]:

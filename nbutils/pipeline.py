@@ -40,6 +40,14 @@ def notebook_parameters(profile: str, overrides: dict) -> dict:
         config.check_all(overrides)
     except config.ParameterError as exc:
         raise SystemExit(f"-p {exc}") from None
+    series = PROFILES[profile].series
+    taken = {name for notebook in series for name in config.defaults(notebook)}
+    for name in overrides.keys() - taken:
+        notebooks = ", ".join(config.PARAMS[name].notebooks)
+        raise SystemExit(
+            f"-p {name}: only notebook(s) {notebooks} take it, and profile {profile!r} runs "
+            f"{', '.join(n[:2] for n in series)}; pick a profile that runs them."
+        )
     params = {**PROFILES[profile].values, **overrides}
     if overrides.get("DATA_PATH") and "DATASET" not in overrides:
         # the folder notebook 01 writes

@@ -93,7 +93,7 @@ class TrainConfig:
     clipnorm: float = config.default("CLIPNORM")
     batch_size: int = config.default("BATCH_SIZE")
     grad_accum: int = config.default("GRAD_ACCUM")
-    epochs: int = config.default("EPOCHS")
+    epochs: float = config.default("EPOCHS")
     max_steps: int = config.default("MAX_STEPS")
     eval_every: int = config.default("EVAL_EVERY")
     patience: int = config.default("PATIENCE")

@@ -12,10 +12,10 @@
 # - **Previous:** none (start here) · **Next:** `02_baseline_inference`
 
 # %%
-import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
+import glob, os, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
-    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: find and unpack the code dataset
+    sys.path += glob.glob("/kaggle/input/*") + glob.glob("/kaggle/input/*/*/*")  # either layout
     import kaggle_setup  # noqa: F401
 from nbutils import frameworks  # noqa: F401
 

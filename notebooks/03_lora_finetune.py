@@ -10,10 +10,10 @@
 # - **Previous:** `02_baseline_inference` · **Next:** `04_evaluate`
 
 # %%
-import os, pathlib, sys  # Setup, the same in every notebook: skip it when reading.
+import glob, os, sys  # Setup, the same in every notebook: skip it when reading.
 
-if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: unpack the attached code dataset
-    sys.path += [str(p.parent) for p in pathlib.Path("/kaggle/input").rglob("kaggle_setup.py")]
+if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # on Kaggle: find and unpack the code dataset
+    sys.path += glob.glob("/kaggle/input/*") + glob.glob("/kaggle/input/*/*/*")  # either layout
     import kaggle_setup  # noqa: F401
 from nbutils import frameworks  # noqa: F401
 
@@ -46,7 +46,7 @@ RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
 RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
-LORA_ALPHA = 0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
+LORA_ALPHA = 0.0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
 LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
 WARMUP_STEPS = 10  # linear warmup updates
@@ -55,7 +55,7 @@ CLIPNORM = 1.0  # clip the global norm of all adapter gradients (0: off)
 BATCH_SIZE = 4  # rows per batch
 GRAD_ACCUM = 1  # batches per optimizer update
 MAX_BATCH_TOKENS = 0  # run a batch over this many tokens as smaller steps of one update (0: whole)
-EPOCHS = 1  # passes over the train split (when MAX_STEPS is 0)
+EPOCHS = 1.0  # passes over the train split (when MAX_STEPS is 0)
 MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
 EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement

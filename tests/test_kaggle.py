@@ -70,6 +70,12 @@ def test_render_writes_valid_kernels_that_chain(rendered):
         and "GRAD_ACCUM = 4" in injected
         and "REQUIRE_ACCELERATOR = True" in injected
     )
+    assert "MAX_STEPS" not in injected  # 03 trains the profile's epochs...
+    nb = nbformat.read(rendered["05_experiments"] / "05_experiments.ipynb", as_version=4)
+    injected = next(
+        c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])
+    )
+    assert f"MAX_STEPS = {kaggle.SWEEP_STEPS}" in injected  # ...05, a budget per configuration
     run_all = nbformat.read(rendered["run_all"] / "run_all.ipynb", as_version=4)
     assert run_all.cells[1].source == setup_cell("01_prepare_data")
     assert "pipeline.run('kaggle', {'MODEL': 'gemma3_1b'})" in run_all.cells[2].source
@@ -175,12 +181,13 @@ def test_setup_cell_is_short_the_same_everywhere_and_quiet_locally():
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr[-2000:]
 
 
-def test_setup_cell_on_a_simulated_kaggle(tmp_path):
+@pytest.mark.parametrize("mount", ["gemma-lora-code", "datasets/alice/gemma-lora-code"])
+def test_setup_cell_on_a_simulated_kaggle(tmp_path, mount):
     """Both mount layouts; the code dataset as `kaggle datasets create --dir-mode zip` uploads it
     (folders zipped, kaggle_setup.py beside them); code unpacked outside the working folder, earlier
     kernels' outputs copied into it."""
     root = tmp_path / "kaggle"
-    dataset = root / "input" / "datasets" / "alice" / "gemma-lora-code"
+    dataset = root / "input" / mount
     dataset.mkdir(parents=True)
     shutil.copy(paths.REPO_ROOT / "nbutils" / "kaggle_setup.py", dataset)
     (dataset / "requirements-kaggle.txt").write_text("numpy  # installed: nothing to fetch\n")

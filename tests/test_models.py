@@ -267,3 +267,20 @@ def test_tiny_tokenizer_keeps_every_text_and_the_special_ids(tokenizer):
     ):
         ids = tiny(text)
         assert max(ids) < models.TINY_VOCABULARY and tiny.detokenize(ids) == text, text
+
+
+def test_truncated_vocabulary_holds_the_kept_pieces_once():
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    model = sp_pb2.ModelProto()
+    for i in range(20):
+        model.pieces.add(piece=f"p{i}", score=-i, type=1)
+    cut = sp_pb2.ModelProto()
+    for keep, expected in [
+        (("p3", "p7", "p15"), [*(f"p{i}" for i in range(9)), "p15"]),  # two are in the prefix
+        (("p8", "p9", "p15"), [*(f"p{i}" for i in range(7)), "p8", "p9", "p15"]),
+    ]:
+        cut.ParseFromString(gguf_port.truncated_proto(model.SerializeToString(), 10, keep))
+        assert [p.piece for p in cut.pieces] == expected and cut.trainer_spec.vocab_size == 10
+    with pytest.raises(ValueError, match="cannot keep"):
+        gguf_port.truncated_proto(model.SerializeToString(), 2, ("p3", "p7", "p15"))

@@ -139,16 +139,19 @@ def test_sweep_runs_on_the_series_outputs_and_resumes(smoke_run, tmp_path):
     run = smoke_run / "runs" / "smoke"
     sweep_dir = run / "sweep"
     first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
-    # the default (RANK 2) is in the grid; QUANTIZE int8: trained, then tested on an int8 base
-    assert set(first) == {"r2-query+value-lr0.0002-a2-int8", "r4-query+value-lr0.0002-a4-int8"}
+    # two float configurations and the int8 default: trained, then tested on an int8 base
+    assert set(first) == {
+        "r2-query+value-lr0.0005-a2",
+        "r4-query+value-lr0.0005-a4",
+        "r2-query+value-lr0.0005-a2-int8",
+    }
     assert (run / "sweep_report.md").read_text().startswith("# LoRA sweep")
-    printed = run_sweep(smoke_run, tmp_path / "rerun", {**params, "SWEEP": {"rank": [2, 4, 1]}})
-    assert (
-        printed.count(": training") == 1 and "r1-query+value-lr0.0002-a1-int8: training" in printed
-    )
+    grid = [{"rank": r, "quantize": ""} for r in (2, 4, 1)]
+    printed = run_sweep(smoke_run, tmp_path / "rerun", {**params, "SWEEP": grid})
+    assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
     # finished ones untouched
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
-    assert len(list(sweep_dir.iterdir())) == 3
+    assert len(list(sweep_dir.iterdir())) == 4
     assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 2
 
 
@@ -256,6 +259,12 @@ def test_bad_values_are_refused_in_one_line_before_anything_runs(name, text, com
         check=False,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_parameter_the_profile_never_runs_is_refused():
+    with pytest.raises(SystemExit, match="-p QUANTIZE: only notebook.s. 05 take it"):
+        pipeline.notebook_parameters("cpu", {"QUANTIZE": "int8"})
+    assert pipeline.notebook_parameters("sweep-cpu", {"QUANTIZE": "int8"})["QUANTIZE"] == "int8"
 
 
 def test_every_profile_value_fits_its_parameter():

@@ -3,7 +3,7 @@ conclusion."""
 
 import pytest
 
-from nbutils import evaluation, files, sweep
+from nbutils import config, evaluation, files, pipeline, sweep
 
 DEFAULTS = {"rank": 8, "targets": "query,value", "learning_rate": 5e-4, "alpha": 0, "quantize": ""}
 
@@ -107,6 +107,8 @@ def test_choice_parameters_feed_the_pipeline():
         "LEARNING_RATE": 1e-3,
         "LORA_ALPHA": 4.0,
     }
+    config.check_all(sweep.choice_parameters(chosen))  # what --params FILE checks
+    assert pipeline.notebook_parameters("cpu", sweep.choice_parameters(chosen))["RANK"] == 4
 
 
 def test_report_table_formats_numbers_and_intervals():
@@ -129,5 +131,7 @@ def test_report_table_formats_numbers_and_intervals():
 
 def test_an_int8_choice_is_passed_on_not_dropped():
     chosen = {"rank": 2, "targets": "all", "learning_rate": 5e-4, "alpha": 2.0, "quantize": "int8"}
-    # the pipeline refuses it until 03/04 take it
+    # the pipeline refuses it for the profiles that run 03 (until 03/04 take it), in one line
     assert sweep.choice_parameters(chosen)["QUANTIZE"] == "int8"
+    with pytest.raises(SystemExit, match="-p QUANTIZE: only notebook"):
+        pipeline.notebook_parameters("cpu", sweep.choice_parameters(chosen))
