@@ -137,10 +137,12 @@ def test_probe_round_trip_and_errors(tuned, tmp_path):
         export.load_probe(tmp_path / "partial.npz")
 
 
-def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(tuned, gguf_reader, tmp_path):
+def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(gguf_reader, tmp_path):
     """The written tokenizer fields equal llama.cpp's own file field for field; the model keys are
-    the same set."""
-    path = gguf_port.write_gguf(export.merged_copy(tuned), tmp_path / "tiny.gguf")
+    the same set (a tiny model with the real, whole vocabulary)."""
+    lm = models.tiny_gemma(64, vocabulary_size=262144)
+    lm.preprocessor.tokenizer = models.local_tokenizer()
+    path = gguf_port.write_gguf(lm, tmp_path / "tiny.gguf")
     written = gguf_port.read_gguf(path)
     ours = {k: f.contents() for k, f in written.fields.items() if k.startswith("tokenizer.")}
     theirs = {k: f.contents() for k, f in gguf_reader.fields.items() if k.startswith("tokenizer.")}

@@ -96,8 +96,9 @@ def test_real_model_loss_far_below_random(real_lm, tiny_lm):
     print(
         f"paragraph loss: real {real:.2f} nats/token, random-weight {rand:.2f}; memorised text {memorised:.2f}"
     )
-    # Seen here: real 3.76, random 12.48 (about ln 262144, a uniform guess), memorised text 0.64.
-    assert real < 4.5 and rand > 10.0 and memorised < 1.5
+    # Seen here: real 3.76, random 9.03 (about ln 8192, a uniform guess over the tiny model's
+    # vocabulary), memorised text 0.64.
+    assert real < 4.5 and rand > 8.5 and memorised < 1.5
 
 
 def test_cached_load_matches_fresh_conversion(real_lm, gguf_reader):
