@@ -365,6 +365,7 @@ def test_non_finite_loss_stops_with_advice(tiny, tmp_path):
     assert all(np.isfinite(np.asarray(v)).all() for v in tiny.backbone.trainable_weights)
 
 
+@pytest.mark.slow  # trains twice; test_resume checks bit-identical runs too
 def test_same_seed_same_adapter_and_log(tmp_path):
     """Reproducible: same seed, same machine -> the same adapter bit for bit, and the same loss
     log."""
@@ -420,6 +421,7 @@ def test_mixed_precision_step_matches_fp32(arrays):
     )
 
 
+@pytest.mark.slow  # the fast tier trains an int8 base in the sweep (sweep-smoke's default)
 def test_int8_base_trains_like_fp32(arrays):
     """quantize_base keeps the tied embedding in float, so the adapters get the fp32 gradient (to
     int8 rounding) and one step lowers the loss as in fp32; quantizing the embedding too would

@@ -202,6 +202,7 @@ def test_remote_preset_in_the_local_cache_needs_no_network(monkeypatch, tmp_path
     assert models.resolve_preset("gemma3_270m") == "gemma3_270m"  # cached: no probe, no error
 
 
+@pytest.mark.slow  # parses the embedded GGUF again
 def test_tokenizer_alone_needs_no_weight_conversion(monkeypatch, tmp_path):
     src, _ = models.embedded_gguf()
     monkeypatch.setenv("NBUTILS_CACHE", str(tmp_path))

@@ -10,6 +10,7 @@ import sys
 
 import jupytext
 import nbformat
+import papermill as pm
 import pytest
 
 from nbutils import config, data, paths, pipeline, runs
@@ -35,8 +36,6 @@ def test_notebook_pair_in_sync_and_clean(nb):
 
 def prepare(tmp_path, names, params: dict) -> list[str]:
     """Copies of the notebooks with papermill's parameters injected (what nbval then executes)."""
-    import papermill as pm
-
     prepared = []
     for name in names:
         nb = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
@@ -115,9 +114,7 @@ def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
 
 def run_sweep(smoke_run, folder, params: dict) -> str:
     """Notebook 05 with ``params`` on the smoke run's 01/02 outputs; returns what it printed."""
-    import papermill as pm
-
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     nb = prepare(folder, ["05_experiments"], {**params, "RUN_ID": "smoke"})[0]
     env = {"NBUTILS_PROCESSED_DIR": "processed", "NBUTILS_RUNS_DIR": "runs"}
     old = {k: os.environ.get(k) for k in env}
@@ -131,24 +128,42 @@ def run_sweep(smoke_run, folder, params: dict) -> str:
     return "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
 
 
-def test_sweep_runs_on_the_series_outputs_and_resumes(smoke_run, tmp_path):
-    """05 (sweep-smoke) on the smoke run's data and baseline; a rerun with a larger grid trains only
-    the new configuration."""
-    params = dict(pipeline.PROFILES["sweep-smoke"].values)
-    run_sweep(smoke_run, tmp_path / "first", params)
+SWEEP_CONFIGS = {
+    "r2-query+value-lr0.0005-a2",
+    "r4-query+value-lr0.0005-a4",
+    "r2-query+value-lr0.0005-a2-int8",
+}
+
+
+@pytest.fixture(scope="session")
+def sweep_run(smoke_run, tmp_path_factory):
+    """Notebook 05 (sweep-smoke) once on the smoke run's data and baseline; returns the run folder
+    and each configuration's result time."""
+    run_sweep(
+        smoke_run, tmp_path_factory.mktemp("sweep"), dict(pipeline.PROFILES["sweep-smoke"].values)
+    )
+    sweep_dir = smoke_run / "runs" / "smoke" / "sweep"
+    return smoke_run, {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
+
+
+def test_sweep_runs_on_the_series_outputs(sweep_run):
+    """Two float configurations and the int8 default: trained, chosen, tested on an int8 base."""
+    smoke_run, first = sweep_run
     run = smoke_run / "runs" / "smoke"
-    sweep_dir = run / "sweep"
-    first = {d.name: (d / "result.json").stat().st_mtime_ns for d in sweep_dir.iterdir()}
-    # two float configurations and the int8 default: trained, then tested on an int8 base
-    assert set(first) == {
-        "r2-query+value-lr0.0005-a2",
-        "r4-query+value-lr0.0005-a4",
-        "r2-query+value-lr0.0005-a2-int8",
-    }
+    assert set(first) == SWEEP_CONFIGS
     assert (run / "sweep_report.md").read_text().startswith("# LoRA sweep")
+    assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 1
+
+
+@pytest.mark.slow
+def test_a_larger_grid_trains_only_the_new_configuration(sweep_run, tmp_path):
+    smoke_run, first = sweep_run
+    params = dict(pipeline.PROFILES["sweep-smoke"].values)
     grid = [{"rank": r, "quantize": ""} for r in (2, 4, 1)]
     printed = run_sweep(smoke_run, tmp_path / "rerun", {**params, "SWEEP": grid})
     assert printed.count(": training") == 1 and "r1-query+value-lr0.0005-a1: training" in printed
+    run = smoke_run / "runs" / "smoke"
+    sweep_dir = run / "sweep"
     # finished ones untouched
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
     assert len(list(sweep_dir.iterdir())) == 4
@@ -275,8 +290,6 @@ def test_every_profile_value_fits_its_parameter():
 @pytest.mark.parametrize("name", pipeline.NOTEBOOKS)
 def test_parameters_cell_is_the_configuration(name):
     """Names, defaults and help of every parameters cell are config.PARAMS' (one owner)."""
-    import papermill as pm
-
     nb = jupytext.read(paths.NOTEBOOKS_DIR / f"{name}.py")
     cell = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert cell == config.cell(name), "run `python -m nbutils.config --write-cells`, `make sync`"
