@@ -94,7 +94,7 @@ PARAMS = _params(
     ("KEEP_CHECKPOINTS", 2, "training", ("03",), "newest checkpoints kept", (), 1),
     ("RESUME", False, "training", ("03",), "continue from RUN_ID's latest checkpoint"),
     ("MAX_VAL_ROWS", 0, "training", TRAINING, "validation rows used (0: the whole split)", (), 0),
-    ("MIXED_PRECISION", "auto", "hardware", TRAINING, "'auto': bf16 on GPU/TPU, fp32 on CPU", ("auto", "on", "off")),
+    ("MIXED_PRECISION", "auto", "hardware", ("02", "03", "04", "05"), "'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32", ("auto", "bf16", "fp32", "fp16")),
     ("DISTRIBUTION", "auto", "hardware", TRAINING, "'auto', 'none', 'data' or 'model:<data>x<model>'"),
     ("REQUIRE_ACCELERATOR", False, "hardware", TRAINING, "stop at once when JAX sees only the CPU"),
     # evaluation and experiments

@@ -31,6 +31,49 @@ def backend() -> str:
     return jax.default_backend()
 
 
+# MIXED_PRECISION -> Keras dtype policy; "auto" picks bf16 only where the chip computes it natively.
+POLICIES = {"bf16": "mixed_bfloat16", "fp32": "float32"}
+BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere and newer have bf16 tensor cores; a T4 (7.5) has none
+FP16_REFUSAL = (
+    "MIXED_PRECISION='fp16' is not offered: fp16 needs loss scaling and Gemma's activations "
+    "overflow its range; use 'fp32' (a T4's choice under 'auto') or 'bf16' to save memory."
+)
+
+
+def device_facts() -> tuple[str, str, str]:
+    """(platform, device kind, CUDA compute capability or "") of JAX's first device."""
+    device = jax.devices()[0]
+    return device.platform, device.device_kind, str(getattr(device, "compute_capability", ""))
+
+
+def precision_policy(setting: str, platform: str, capability: str = "") -> tuple[str, str]:
+    """The dtype policy for ``MIXED_PRECISION`` on a device, and the reason in a few words."""
+    if setting == "fp16":
+        raise ValueError(FP16_REFUSAL)
+    if setting in POLICIES:
+        return POLICIES[setting], f"MIXED_PRECISION={setting!r}"
+    if setting != "auto":
+        raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'bf16' or 'fp32'.")
+    if platform == "tpu":
+        return POLICIES["bf16"], "auto: the TPU computes bf16"
+    if platform == "gpu" and capability:
+        major, minor = (int(x) for x in capability.split(".")[:2])
+        if (major, minor) >= BF16_CAPABILITY:
+            return POLICIES["bf16"], f"auto: compute capability {capability} computes bf16"
+        return POLICIES["fp32"], f"auto: compute capability {capability} has no bf16 units"
+    return POLICIES["fp32"], f"auto: {platform}"
+
+
+def use_precision(setting: str = "auto") -> str:
+    """Set Keras' global dtype policy for ``MIXED_PRECISION`` on JAX's device (call before the
+    model is built), print it with its reason; returns the policy name."""
+    platform, kind, capability = device_facts()
+    policy, reason = precision_policy(setting, platform, capability)
+    keras.mixed_precision.set_global_policy(policy)
+    print(f"dtype policy {policy} on {kind} ({reason})")
+    return policy
+
+
 def require_accelerator(required: bool) -> None:
     """Stop with one line when an accelerator is required and JAX sees only the CPU."""
     if required and backend() == "cpu":

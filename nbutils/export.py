@@ -7,12 +7,18 @@ logits of those saved hidden states (same frozen output layer), as ``max |Δlogi
 
 keras-hub's exporters read each layer's raw kernel, so they would drop the LoRA update; exports are
 made from :func:`merged_copy`, a LoRA-free model whose kernels are ``W + (alpha/r)·A·B``.
+
+Every matmul here runs at full float32 precision (:data:`CHECK_PRECISION`): by default a TPU
+multiplies float32 matrices in one bf16 pass (an Ampere+ GPU in TF32), whose round-off would
+swamp the merge's and fail the checks whatever the export.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import jax
 import keras
 import numpy as np
 
@@ -22,6 +28,22 @@ from nbutils.training import lora_layers
 PROBE_FILE = "probe.npz"
 PROBE_ROWS = 2
 PROBE_KEYS = ("token_ids", "padding_mask", "hidden", "policy", "distributed")
+CHECK_PRECISION = "highest"  # jax.default_matmul_precision for the merge and every comparison
+
+
+def full_precision() -> contextlib.AbstractContextManager:
+    """Matmuls at :data:`CHECK_PRECISION` inside the block."""
+    return jax.default_matmul_precision(CHECK_PRECISION)
+
+
+def device_record() -> dict[str, str]:
+    """Where the checks ran: platform, device kind and the matmul precision they used."""
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "matmul_precision": str(CHECK_PRECISION),
+    }
 
 
 def probe_inputs(
@@ -39,17 +61,17 @@ def probe_inputs(
 def hidden_states(lm, inputs: dict) -> np.ndarray:
     """The backbone's final (normalized) hidden states ``(rows, width, hidden)`` in float32."""
 
-    return np.asarray(keras.ops.convert_to_numpy(lm.backbone(inputs)), dtype=np.float32)
+    with full_precision():
+        return np.asarray(keras.ops.convert_to_numpy(lm.backbone(inputs)), dtype=np.float32)
 
 
 def logits(lm, hidden: np.ndarray) -> np.ndarray:
     """Logits from hidden states through ``lm``'s output layer (the tied embedding, with its
     soft-cap)."""
 
-    return np.asarray(
-        keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True)),
-        dtype=np.float32,
-    )
+    with full_precision():
+        output = lm.backbone.token_embedding(hidden, reverse=True)
+        return np.asarray(keras.ops.convert_to_numpy(output), dtype=np.float32)
 
 
 def save_probe(lm, inputs: dict, path: Path) -> Path:
@@ -101,8 +123,8 @@ def merged_copy(lm):
     (alpha/r)·A·B``."""
     backbone = lm.backbone.__class__.from_config(lm.backbone.get_config())
     source = {v.path: v for v in lm.backbone.weights}
-    # Keras' public merged kernel
-    merged = {f"{layer.path}/kernel": layer.kernel for layer in lora_layers(lm.backbone)}
+    with full_precision():  # Keras' public merged kernel, W + (alpha/r)·A·B
+        merged = {f"{layer.path}/kernel": layer.kernel for layer in lora_layers(lm.backbone)}
     missing = [v.path for v in backbone.weights if v.path not in source]
     if missing or not set(merged) <= {v.path for v in backbone.weights}:
         raise ValueError(

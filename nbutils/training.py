@@ -252,17 +252,6 @@ def quantize_base(lm, mode: str) -> None:
         lm.backbone.quantize(mode, filters=lambda layer: layer.name != "token_embedding")
 
 
-def mixed_precision(setting: str = "auto") -> str:
-    """Set Keras' global dtype policy (call before loading the model); returns its name."""
-
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'on' or 'off'.")
-    on = setting == "on" or (setting == "auto" and jax.default_backend() in ("gpu", "tpu"))
-    policy = "mixed_bfloat16" if on else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
-
-
 def lr_schedule(cfg: TrainConfig, total_updates: int):
     """Linear warmup to ``learning_rate`` over WARMUP_STEPS updates, then cosine or linear decay to
     zero."""
@@ -533,7 +522,7 @@ def train_lora(
                     )
                     raise FloatingPointError(
                         f"update {update + 1}: the training loss is {loss}; lower LEARNING_RATE "
-                        f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='off'). The adapter "
+                        f"(now {cfg.learning_rate}) or train in fp32 (MIXED_PRECISION='fp32'). The adapter "
                         f"of update {update} (or the best one) is left in the model; {kept}."
                     )
                 log.add(

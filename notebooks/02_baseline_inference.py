@@ -23,7 +23,7 @@ import math
 
 from IPython.display import Markdown, display
 
-from nbutils import data, evaluation, files, models, prompts, runs, sequences
+from nbutils import data, devices, evaluation, files, models, prompts, runs, sequences
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
@@ -34,6 +34,7 @@ MAX_TEST_ROWS = 0  # test rows to answer (0: the whole split)
 MAX_NEW_TOKENS = 48  # answer length cap
 SAMPLER = "greedy"  # 'greedy', 'top_k:<k>' or 'top_p:<p>' (seeded)
 GEN_BATCH_SIZE = 16  # prompts decoded together
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
 
 # %% [markdown]
 # ## 1. Test rows and the model
@@ -49,6 +50,7 @@ template, SEQUENCE_LENGTH = (
 )
 out = runs.run_dir(RUN_ID)
 MODEL = models.choose_model(MODEL)
+policy = devices.use_precision(MIXED_PRECISION)  # 04 decodes in the same one
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.load_seconds}s")
 
@@ -86,6 +88,7 @@ settings = {
     "sampler": SAMPLER,
     "gen_batch_size": GEN_BATCH_SIZE,
     "seed": SEED,
+    "policy": policy,
     "test_rows": len(test_rows),
     "split_sha256": {"test": manifest["split_sha256"]["test"]},
 }

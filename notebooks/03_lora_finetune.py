@@ -63,7 +63,7 @@ CHECKPOINT_EVERY = 50  # updates between checkpoints (0: none)
 KEEP_CHECKPOINTS = 2  # newest checkpoints kept
 RESUME = False  # continue from RUN_ID's latest checkpoint
 MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
-MIXED_PRECISION = "auto"  # 'auto': bf16 on GPU/TPU, fp32 on CPU
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
 DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
 REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 
@@ -77,7 +77,7 @@ REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 # %%
 MODEL = models.choose_model(MODEL)
 devices.require_accelerator(REQUIRE_ACCELERATOR)
-policy = training.mixed_precision(MIXED_PRECISION)  # must be set before the model is built
+policy = devices.use_precision(MIXED_PRECISION)  # must be set before the model is built
 # so is the device mesh its weights are laid out on
 distribution = devices.use_distribution(DISTRIBUTION)
 splits, manifest = data.load_processed(DATASET)
@@ -92,9 +92,7 @@ lm.backbone.enable_lora(rank=RANK, target_layer_names=training.lora_layer_names(
 lora_layers = training.configure_lora(lm.backbone, alpha=LORA_ALPHA or RANK, seed=SEED)
 
 summary = training.parameter_summary(lm)
-print(
-    f"dtype policy {policy}; LoRA on {len(lora_layers)} layers ({', '.join(sorted({l.name for l in lora_layers}))})"
-)
+print(f"LoRA on {len(lora_layers)} layers ({', '.join(sorted({l.name for l in lora_layers}))})")
 print(
     f"parameters: {summary['total_params']:,} total, {summary['trainable_params']:,} trainable "
     f"({summary['trainable_share_pct']:.3f}%), adapter {summary['adapter_mb']:.2f} MB"

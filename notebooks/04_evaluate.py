@@ -21,13 +21,14 @@ from nbutils import frameworks  # noqa: F401
 # %%
 from IPython.display import Image, Markdown, display
 
-from nbutils import data, evaluation, files, models, plots, prompts, report, runs, training
+from nbutils import data, devices, evaluation, files, models, plots, prompts, report, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
 DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
 RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
 N_BOOTSTRAP = 1000  # paired bootstrap resamples
 
 # %% [markdown]
@@ -52,6 +53,10 @@ if (spec["template"], spec["stop_token"]) != (settings["template"], settings["st
     raise ValueError(
         f"the adapter was trained with template {spec['template']!r}/{spec['stop_token']!r} but the baseline "
         f"used {settings['template']!r}/{settings['stop_token']!r}; re-run 02 and 03 on the same data."
+    )
+if devices.use_precision(MIXED_PRECISION) != settings["policy"]:
+    raise ValueError(
+        f"MIXED_PRECISION={MIXED_PRECISION!r}: 02 decoded in {settings['policy']}; use its setting."
     )
 test_rows = splits["test"][: settings["test_rows"]]
 lm = models.load_gemma(MODEL, sequence_length=settings["sequence_length"], seed=SEED)

@@ -23,7 +23,7 @@ from nbutils import frameworks  # noqa: F401
 import numpy as np
 from IPython.display import Markdown, display
 
-from nbutils import data, export, files, gguf_port, models, prompts, report, runs, training
+from nbutils import data, devices, export, files, gguf_port, models, prompts, report, runs, training
 
 # %% tags=["parameters"]
 MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a keras-hub preset, a folder or .gguf
@@ -48,7 +48,7 @@ if unknown:
     raise ValueError(
         f"EXPORTS={EXPORTS!r}: unknown {', '.join(sorted(unknown))}; use keras, transformers and/or gguf."
     )
-training.mixed_precision("off")  # checks in fp32, whatever the training precision was
+devices.use_precision("fp32")  # checks in fp32, whatever the training precision was
 out, spec = runs.run_dir(RUN_ID), runs.read_step_output(RUN_ID, "03_lora_finetune")
 probe = export.load_probe(out / export.PROBE_FILE)
 inputs = {"token_ids": probe["token_ids"], "padding_mask": probe["padding_mask"]}
@@ -157,6 +157,7 @@ verification = {
         k: {"path": str(p.relative_to(out)), "mb": export.folder_mb(p)} for k, p in written.items()
     },
     "probe_shape": list(inputs["token_ids"].shape),
+    "device": export.device_record(),
 }
 files.write_json(folder / "export_verification.json", verification)
 
@@ -183,6 +184,7 @@ if failed:
 # %%
 saved = files.read_json(folder / "export_verification.json")
 assert all(c["passed"] is not False for c in saved["checks"].values())
+assert saved["device"]["matmul_precision"] == "highest"
 assert (
     "skipped" in saved["checks"]["adapter_reloaded"]
     or saved["checks"]["adapter_reloaded"]["max_abs_diff"] == 0.0

@@ -1,6 +1,7 @@
 """Exports (notebook 06): the merge, the GGUF writer (the inverse of the import port) and the
 probe."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -154,3 +155,49 @@ def test_gguf_metadata_and_vocabulary_match_llama_cpps_file(gguf_reader, tmp_pat
             assert ours[key] == theirs[key], key
     model_keys = lambda r: {k for k in r.fields if k.startswith("gemma3.")}
     assert model_keys(written) == model_keys(gguf_reader)
+
+
+class OneBf16Pass:
+    """``jax.numpy`` as keras' JAX backend sees it, with a TPU's default float32 matmul: inputs
+    rounded to bf16 (one pass), unless ``jax.default_matmul_precision`` asks for more."""
+
+    def __init__(self, jnp):
+        self._jnp = jnp
+
+    def __getattr__(self, name):
+        function = getattr(self._jnp, name)
+        if name not in ("einsum", "matmul", "dot"):
+            return function
+
+        def rounded(*args, **kwargs):
+            if jax.config.jax_default_matmul_precision in ("highest", "float32"):
+                return function(*args, **kwargs)
+            args = [
+                a.astype("bfloat16").astype("float32")
+                if getattr(a, "dtype", None) == np.float32
+                else a
+                for a in args
+            ]
+            return function(*args, **kwargs)
+
+        return rounded
+
+
+def test_export_checks_hold_under_an_accelerators_default_matmul_precision(tuned, monkeypatch):
+    from keras.src.backend.jax import numpy as keras_jnp
+
+    inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
+    base = models.load_gemma("tiny", sequence_length=64, seed=2)  # tuned's weights, no adapter
+    monkeypatch.setattr(keras_jnp, "jnp", OneBf16Pass(keras_jnp.jnp))
+    effect = float(np.max(np.abs(probe_logits(tuned, inputs) - probe_logits(base, inputs))))
+    tolerance = min(1e-3, effect / 10)  # notebook 06's
+    checked = export.compare(
+        probe_logits(tuned, inputs), probe_logits(export.merged_copy(tuned), inputs), tolerance
+    )
+    assert checked["passed"], checked
+    assert export.device_record()["matmul_precision"] == "highest"
+    monkeypatch.setattr(export, "CHECK_PRECISION", None)  # the accelerator's default
+    emulated = export.compare(
+        probe_logits(tuned, inputs), probe_logits(export.merged_copy(tuned), inputs), tolerance
+    )
+    assert not emulated["passed"], emulated  # the emulation bites: this is what the fix prevents

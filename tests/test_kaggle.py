@@ -478,3 +478,39 @@ def test_the_real_cli_accepts_every_kernel_and_the_code_dataset(cli, rendered, t
     assert dataset["title"] == "gemma lora code" and dataset["files"] == len(result["uploaded"])
     assert {"nbutils.zip", "notebooks.zip", "kaggle_setup.py"} <= set(result["uploaded"])
     assert not result["printed"].strip(), result["printed"]  # no warning (slug, retired shape)
+
+
+@pytest.mark.parametrize(
+    "setting, platform, capability, policy",
+    [
+        ("auto", "cpu", "", "float32"),
+        ("auto", "tpu", "", "mixed_bfloat16"),
+        ("auto", "gpu", "7.5", "float32"),  # T4: no bf16 units
+        ("auto", "gpu", "7.0", "float32"),  # V100
+        ("auto", "gpu", "8.0", "mixed_bfloat16"),  # A100
+        ("auto", "gpu", "8.9", "mixed_bfloat16"),  # L4
+        ("auto", "gpu", "9.0", "mixed_bfloat16"),  # H100
+        ("auto", "gpu", "10.0", "mixed_bfloat16"),  # B200: 10.0 > 8.0 as numbers, not as text
+        ("auto", "gpu", "", "float32"),  # a GPU that reports no capability (ROCm)
+        ("bf16", "gpu", "7.5", "mixed_bfloat16"),  # an explicit choice (memory) is kept
+        ("bf16", "cpu", "", "mixed_bfloat16"),
+        ("fp32", "tpu", "", "float32"),
+    ],
+)
+def test_precision_follows_the_hardware(setting, platform, capability, policy):
+    assert devices.precision_policy(setting, platform, capability)[0] == policy
+
+
+def test_fp16_and_unknown_precisions_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="fp16 needs loss scaling"):
+        devices.precision_policy("fp16", "gpu", "7.5")
+    with pytest.raises(ValueError, match="use 'auto', 'bf16' or 'fp32'"):
+        devices.precision_policy("on", "gpu", "8.0")
+
+
+def test_use_precision_sets_and_prints_the_policy(capsys):
+    try:
+        assert devices.use_precision("auto") == "float32"  # the test machine has no accelerator
+        assert "dtype policy float32 on cpu (auto: cpu)" in capsys.readouterr().out
+    finally:
+        devices.keras.mixed_precision.set_global_policy("float32")
