@@ -92,27 +92,49 @@ def device_memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> dict[str, float]:
-    """Rough training memory in GB on one device holding the whole model: frozen weights, adapter +
-    AdamW slots + gradients, activations kept for the backward pass, the scored positions' logits
-    and gradient."""
+MEMORY_PARTS = ("weights", "adapter_optimizer", "activations", "logits")
 
+
+def mesh_axes() -> tuple[int, int]:
+    """(data, model) sizes of Keras' current device mesh; (1, 1) without a distribution."""
+    dist = keras.distribution.distribution()
+    if dist is None:
+        return 1, 1
+    names, shape = dist.device_mesh.axis_names, dist.device_mesh.shape
+    return data_devices(dist), shape[names.index(MODEL_AXIS)] if MODEL_AXIS in names else 1
+
+
+def sharded_over_model(path: str) -> bool:
+    """Whether the Gemma 3 layout map shards the weight at ``path`` over the model axis."""
+    return any(re.search(pattern, path) for pattern in GEMMA3_LAYOUT)
+
+
+def memory_estimate(
+    lm, batch_size: int, sequence_length: int, scored: int, mesh: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Rough training memory in GB on each device of ``mesh`` (data, model; default: Keras'
+    current one): frozen weights (the layout map's kernels split over the model axis), adapter +
+    AdamW slots + gradients (replicated), and the activations kept for the backward pass and the
+    scored positions' logits and gradient of the step's rows on one device (split over data)."""
+
+    data, model = mesh or mesh_axes()
     backbone = lm.backbone
     weights = sum(
-        np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.non_trainable_weights
+        np.prod(v.shape) * np.dtype(v.dtype).itemsize / (model if sharded_over_model(v.path) else 1)
+        for v in backbone.non_trainable_weights
     )
     # fp32 value, 2 Adam slots, gradient
     adapter = sum(np.prod(v.shape) for v in backbone.trainable_weights) * 4 * 4
     act_bytes = 2 if "16" in backbone.dtype_policy.compute_dtype else 4
-    tokens = batch_size * sequence_length
+    rows = -(-batch_size // data)  # a device's rows (place_batch pads the step to a multiple)
     per_layer = (
         12 * backbone.hidden_dim
         + 3 * backbone.intermediate_dim
         + backbone.num_query_heads * sequence_length
     )
-    activations = tokens * per_layer * backbone.num_layers * act_bytes
+    activations = rows * sequence_length * per_layer * backbone.num_layers * act_bytes
     # fp32 logits, softmax and its gradient
-    logits = batch_size * scored * backbone.vocabulary_size * 4 * 3
+    logits = rows * scored * backbone.vocabulary_size * 4 * 3
     gb = {
         "weights": weights,
         "adapter_optimizer": adapter,
@@ -122,18 +144,22 @@ def memory_estimate(lm, batch_size: int, sequence_length: int, scored: int) -> d
     gb = {k: float(v) / 1e9 for k, v in gb.items()}
     gb["total"] = sum(gb.values())
     gb["device"] = device_memory_gb()
+    gb["mesh"] = f"{data}x{model}"
     return gb
 
 
 def memory_table(estimate: dict[str, float]) -> str:
     """One line of the estimate, for the notebook."""
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in estimate.items() if k not in ("total", "device"))
+    parts = ", ".join(f"{k} {estimate[k]:.2f}" for k in MEMORY_PARTS)
     verdict = (
         "fits"
         if estimate["total"] < 0.9 * estimate["device"]
         else "may NOT fit: lower BATCH_SIZE (raise GRAD_ACCUM)"
     )
-    return f"memory estimate (GB): {parts} = {estimate['total']:.2f} of {estimate['device']:.1f} on {backend()} ({verdict})"
+    return (
+        f"memory estimate per device (GB, mesh {estimate['mesh']} data x model): {parts} = "
+        f"{estimate['total']:.2f} of {estimate['device']:.1f} on {backend()} ({verdict})"
+    )
 
 
 def parse_distribution(spec: str, n_devices: int) -> tuple[int, int] | None:
@@ -201,13 +227,29 @@ def data_shards(rows: int) -> int:
     return 1 if dist is None or rows % data_devices(dist) else data_devices(dist)
 
 
+def padded_rows(inputs: dict, multiple: int) -> dict:
+    """``inputs`` with rows appended up to a multiple of ``multiple``: copies of the first row with
+    zero weights, so they add nothing to a loss or gradient (and no all-padding row is attended)."""
+    rows = len(inputs["token_ids"])
+    extra = -rows % multiple
+    if not extra:
+        return inputs
+    return {
+        k: np.concatenate([x, np.zeros_like(x[:1]).repeat(extra, 0)])
+        if k == "weights"
+        else np.concatenate([x, np.asarray(x)[:1].repeat(extra, 0)])
+        for k, x in inputs.items()
+    }
+
+
 def place_batch(inputs: dict) -> dict:
-    """Split a batch's rows over the data axis of Keras' current distribution (unchanged without
-    one, or when the rows do not divide evenly, e.g. a last partial evaluation batch)."""
+    """Split a step's rows over the data axis of Keras' current distribution (unchanged without
+    one), padded with zero-weight rows to a multiple of it: never replicated on every device."""
 
     dist = keras.distribution.distribution()
-    if dist is None or any(x.shape[0] % data_devices(dist) for x in inputs.values()):
+    if dist is None:
         return inputs
+    inputs = padded_rows(inputs, data_devices(dist))
     return {
         k: keras.distribution.distribute_tensor(x, dist.get_data_layout(x.shape))
         for k, x in inputs.items()

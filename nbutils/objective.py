@@ -61,7 +61,10 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
     m = rows // groups * scored  # entries per block
     # else: plain autodiff, one size (see below)
     frozen = not any(v.trainable for v in layer.variables)
-    sizes = head_sizes(m) if frozen else head_sizes(m)[-1:]
+    # Several sizes pay on the CPU only: an accelerator would compile every branch and read the
+    # branch index back to the host each step, for a matmul it runs fast at full size anyway.
+    several = frozen and devices.backend() == "cpu"
+    sizes = head_sizes(m) if several else head_sizes(m)[-1:]
     weighted = (weights > 0).reshape(groups, m)
     order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
     pad = ((0, 0), (0, sizes[-1] - m))
@@ -75,7 +78,11 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
         lambda h, t, v, k=k: jnp.pad(nll_of(h[:, :k], t[:, :k], v), ((0, 0), (0, sizes[-1] - k)))
         for k in sizes
     ]
-    nll = jax.lax.switch(head_index(sizes, weighted.sum(1).max()), branches, h, t, values)[:, :m]
+    if len(sizes) == 1:
+        nll = branches[0](h, t, values)[:, :m]
+    else:
+        nll = jax.lax.switch(head_index(sizes, weighted.sum(1).max()), branches, h, t, values)
+        nll = nll[:, :m]
     nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to each entry's place
     return jnp.where(weights > 0, nll.reshape(rows, scored), 0.0)
 

@@ -47,14 +47,16 @@ def step(spec: str) -> dict:
         var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, "gemma", 128)
     trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2))
+    # 3 and 5 rows: neither divides the data axis, so place_batch pads both with zero-weight rows
     micro = [
-        batches.make_batch(arrays, np.arange(0, 4)),
-        batches.make_batch(arrays, np.arange(4, 8)),
+        batches.make_batch(arrays, np.arange(0, 3)),
+        batches.make_batch(arrays, np.arange(3, 8)),
     ]
     loss, state = trainer.update(micro, trainer.state())
+    four = batches.make_batch(arrays, np.arange(0, 4))
     trainer.write_back(state)
     compiled = (
-        trainer.grad_step.lower(state[0], state[1], devices.place_batch(micro[0].inputs()), 1.0)
+        trainer.grad_step.lower(state[0], state[1], devices.place_batch(four.inputs()), 1.0)
         .compile()
         .as_text()
     )
@@ -76,6 +78,7 @@ def step(spec: str) -> dict:
             getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)
         ),
         "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
+        "padded_rows": devices.place_batch(micro[0].inputs())["token_ids"].shape[0],
         "head_rows": head_rows,
     }
 

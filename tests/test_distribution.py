@@ -68,6 +68,9 @@ def test_layout_map_shards_the_kernels(steps):
     assert steps["data"]["shardings"]["decoder_block_0/ffw_linear/kernel"] == []
     # rows split over devices
     assert steps["data"]["batch_axes"] == steps["model:2x2"]["batch_axes"] == ["batch"]
+    # 3 rows over a data axis of 4 (data) or 2 (model:2x2): padded, then split, never replicated
+    assert (steps["none"]["padded_rows"], steps["data"]["padded_rows"]) == (3, 4)
+    assert steps["model:2x2"]["padded_rows"] == 4
     # the adapter lives on the mesh, not copied to one device
     assert steps["model:2x2"]["adapter_devices"] == 4
 

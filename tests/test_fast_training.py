@@ -6,7 +6,7 @@ import platform
 import numpy as np
 import pytest
 
-from nbutils import batches, compat, heap, models, objective, sequences, training
+from nbutils import batches, compat, devices, heap, models, objective, sequences, training
 
 # Rows of very different lengths, so batches fall into several width buckets.
 ROWS = [
@@ -102,17 +102,23 @@ def test_fast_loss_equals_a_direct_full_logits_computation(arrays, soft_cap):
 
 
 @pytest.mark.parametrize(
-    "soft_cap, train_embedding, rows, scored",
-    [(3.0, False, 13, 16), (None, True, 13, 16), (None, False, 5, 20)],
+    "soft_cap, train_embedding, rows, scored, platform",
+    [
+        (3.0, False, 13, 16, "cpu"),
+        (None, True, 13, 16, "cpu"),
+        (None, False, 5, 20, "cpu"),
+        (3.0, False, 13, 16, "gpu"),  # one size, no branch
+    ],
 )
 def test_output_layer_gradient_equals_plain_autodiff(
-    arrays, soft_cap, train_embedding, rows, scored
+    arrays, soft_cap, train_embedding, rows, scored, platform, monkeypatch
 ):
     """The output layer's own backward pass (its gradient formed in the forward) against autodiff of
     the plain computation: 13 rows + 3 zero-weight rows x 16 entries need the second of eight
     compiled sizes (32, 64, ...), 5 x 20 entries the second of 16, 32, ..., 112 (more than the 100
     entries); a trainable embedding gets its gradient too. Each entry's loss is scaled differently,
-    as a loss that averages does."""
+    as a loss that averages does. Off the CPU the layer runs at one size: no branch to compile
+    eight times, no index read back to the host."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -151,6 +157,9 @@ def test_output_layer_gradient_equals_plain_autodiff(
     def fast(trainable):
         return jnp.sum(objective.scored_nll(backbone, trainable, non_trainable, inputs) * scale)
 
+    monkeypatch.setattr(devices, "backend", lambda: platform)
+    branches = "cond[" in str(jax.make_jaxpr(fast)(trainable))
+    assert branches == (platform == "cpu" and not train_embedding)
     (want, want_grads), (got, got_grads) = (
         jax.jit(jax.value_and_grad(f))(trainable) for f in (plain, fast)
     )

@@ -13,6 +13,7 @@ import zipfile
 
 import jupytext
 import nbformat
+import numpy as np
 import pytest
 from conftest import FAKE_KAGGLE, IMAGE_PYTHON
 
@@ -280,6 +281,18 @@ def test_unaccepted_license_says_where_to_accept_it(monkeypatch):
         models.load_gemma("gemma3_1b")
 
 
+def test_padded_rows_add_zero_weight_copies_to_a_multiple():
+    inputs = {
+        "token_ids": np.arange(12).reshape(6, 2),
+        "weights": np.ones((6, 2), "float32"),
+    }
+    padded = devices.padded_rows(inputs, 4)
+    assert padded["token_ids"].shape == (8, 2) and padded["weights"].shape == (8, 2)
+    assert (padded["token_ids"][6:] == inputs["token_ids"][0]).all()
+    assert padded["weights"][6:].sum() == 0 and padded["weights"][:6].sum() == 12
+    assert devices.padded_rows(inputs, 3) is inputs
+
+
 def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
     small, large = (
         devices.memory_estimate(tiny_lm, 2, 64, 16),
@@ -292,7 +305,24 @@ def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
         and large["weights"] == small["weights"]
     )
     assert small["total"] < large["total"] < small["device"]
-    assert "fits" in devices.memory_table(small)
+    assert "fits" in devices.memory_table(small) and "mesh 1x1" in devices.memory_table(small)
+    # per device: 16 rows over 8 data devices hold 2 rows each; the model axis splits the kernels
+    over_data = devices.memory_estimate(tiny_lm, 16, 64, 16, mesh=(8, 1))
+    assert over_data["activations"] == pytest.approx(small["activations"])
+    assert over_data["logits"] == pytest.approx(small["logits"])
+    assert over_data["weights"] == small["weights"]
+    frozen = models.load_gemma("tiny", sequence_length=64)
+    frozen.backbone.trainable = False  # as under LoRA: every base weight is frozen
+    whole = devices.memory_estimate(frozen, 2, 64, 16, mesh=(1, 1))["weights"]
+    sharded = sum(
+        v.numpy().nbytes / 1e9
+        for v in frozen.backbone.non_trainable_weights
+        if devices.sharded_over_model(v.path)
+    )
+    assert sharded > whole / 2
+    over_model = devices.memory_estimate(frozen, 2, 64, 16, mesh=(1, 2))
+    assert over_model["weights"] == pytest.approx(whole - sharded / 2)
+    assert devices.memory_estimate(tiny_lm, 3, 64, 16, mesh=(2, 1))["logits"] == small["logits"]
     monkeypatch.setattr(devices, "backend", lambda: "cpu")
     devices.require_accelerator(False)
     with pytest.raises(SystemExit, match="REQUIRE_ACCELERATOR=True but JAX sees only the CPU"):
