@@ -23,7 +23,7 @@ from pathlib import Path
 import keras
 import keras_hub
 
-from nbutils import compat, files, gguf_port, network, paths, quiet
+from nbutils import compat, devices, files, gguf_port, network, paths, quiet
 
 AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
@@ -289,10 +289,19 @@ def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int =
     free_dropped_models()
     start = time.perf_counter()
     policy = keras.mixed_precision.global_policy().name
-    if model == TINY_MODEL:
-        lm = tiny_gemma(sequence_length, seed)
-    else:
-        lm = _from_preset(keras_hub.models.CausalLM, model, dtype=policy)
+    try:
+        if model == TINY_MODEL:
+            lm = tiny_gemma(sequence_length, seed)
+        else:
+            lm = _from_preset(keras_hub.models.CausalLM, model, dtype=policy)
+    except ValueError as exc:
+        if "partitioned" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"model={model!r} cannot be laid out on the {devices.mesh_axes()[1]}-device model "
+            "axis: its query heads must divide it; choose DISTRIBUTION='model:<data>x<model>' "
+            "with fewer model devices, or 'data'."
+        ) from None
     if lm.preprocessor is None:
         raise ModelLoadError(
             f"model={model!r} has no preprocessor; generate() needs one (keras-hub 0.32)."

@@ -32,6 +32,21 @@ def axes(sharding) -> list:
     return spec
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# The layout GEMMA3_LAYOUT replaced: q/k/v split over the hidden (contracting) dimension, the
+# attention output over its output; kept here to measure the choice against it.
+HIDDEN_SPLIT = {
+    **{k: v for k, v in devices.GEMMA3_LAYOUT.items() if "attention" not in k},
+    r"decoder_block_\d+/attention/(query|key|value)/kernel": (None, devices.MODEL_AXIS, None),
+    r"decoder_block_\d+/attention/attention_output/kernel": (None, None, devices.MODEL_AXIS),
+}
+
+
+def collectives(hlo: str) -> int:
+    """Collective operations in a compiled module's text."""
+    return sum(len(re.findall(rf"= [^=\n]*? {c}(-start)?\(", hlo)) for c in COLLECTIVES)
+
+
 def step(spec: str) -> dict:
     """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the
     most entries one device's output-layer matmul runs on (the largest compiled size, from the
@@ -78,6 +93,7 @@ def step(spec: str) -> dict:
             getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)
         ),
         "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
+        "collectives": collectives(compiled),
         "padded_rows": devices.place_batch(micro[0].inputs())["token_ids"].shape[0],
         "head_rows": head_rows,
     }
@@ -85,4 +101,12 @@ def step(spec: str) -> dict:
 
 if __name__ == "__main__":
     for spec in sys.argv[1:]:
-        print(json.dumps(step(spec)), flush=True)
+        if spec == "hidden-split":  # model:2x2 with the rejected layout (keep it last)
+            devices.GEMMA3_LAYOUT.clear()
+            devices.GEMMA3_LAYOUT.update(HIDDEN_SPLIT)
+            print(json.dumps({**step("model:2x2"), "spec": spec}), flush=True)
+        else:
+            try:
+                print(json.dumps(step(spec)), flush=True)
+            except models.ModelLoadError as exc:  # the one line a user would see
+                print(json.dumps({"spec": spec, "error": str(exc)}), flush=True)

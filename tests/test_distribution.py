@@ -21,7 +21,7 @@ def steps():
     subprocess)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "none", "data", "model:2x2"],
+        [sys.executable, str(SCRIPT), "none", "data", "model:2x2", "model:1x4", "hidden-split"],
         capture_output=True,
         text=True,
         env=env,
@@ -57,9 +57,10 @@ def test_each_device_runs_the_output_layer_on_its_own_rows(steps):
 def test_layout_map_shards_the_kernels(steps):
     shardings = steps["model:2x2"]["shardings"]
     assert shardings["token_embedding/embeddings"] == ["model"]
-    assert shardings["decoder_block_0/attention/query/kernel"] == [None, "model"]
-    assert shardings["decoder_block_1/attention/key/kernel"] == [None, "model"]
-    assert shardings["decoder_block_1/attention/attention_output/kernel"] == [None, None, "model"]
+    # query and attention output by heads; the single key/value head replicated
+    assert shardings["decoder_block_0/attention/query/kernel"] == ["model"]
+    assert shardings["decoder_block_1/attention/key/kernel"] == []
+    assert shardings["decoder_block_1/attention/attention_output/kernel"] == ["model"]
     assert shardings["decoder_block_0/ffw_gating_2/kernel"] == [None, "model"]
     assert shardings["decoder_block_1/ffw_linear/kernel"] == ["model"]
     # adapters and norms: replicated
@@ -73,6 +74,22 @@ def test_layout_map_shards_the_kernels(steps):
     assert steps["model:2x2"]["padded_rows"] == 4
     # the adapter lives on the mesh, not copied to one device
     assert steps["model:2x2"]["adapter_devices"] == 4
+
+
+def test_heads_layout_needs_fewer_collectives_than_splitting_the_hidden_dimension(steps):
+    """Why GEMMA3_LAYOUT splits heads: the compiled update's collectives, against q/k/v split over
+    the hidden (contracting) dimension, the same loss either way."""
+    ours, rejected = steps["model:2x2"], steps["hidden-split"]
+    assert ours["collectives"] * 2 <= rejected["collectives"], (
+        ours["collectives"],
+        rejected["collectives"],
+    )
+    assert rejected["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+
+
+def test_heads_that_do_not_divide_the_model_axis_are_refused_in_one_line(steps):
+    error = steps["model:1x4"]["error"]  # the tiny model's 2 query heads over 4 devices
+    assert "query heads must divide" in error and "\n" not in error
 
 
 def test_distribution_values():
