@@ -192,6 +192,10 @@ PROFILES = {
         {**_KAGGLE, "BATCH_SIZE": 16, "GEN_BATCH_SIZE": 64, "DISTRIBUTION": "data"},
     ),
     "kaggle-cpu": Profile("Kaggle without an accelerator", {**_CPU, "MODEL": "gemma3_270m"}),
+    "kaggle-smoke": Profile(
+        "Kaggle plumbing on the accelerator in minutes: 4 updates, generation, export checks",
+        {**_SMOKE, "MODEL": "gemma3_270m", "MAX_NEW_TOKENS": 16, "REQUIRE_ACCELERATOR": True},
+    ),
     "sweep-smoke": Profile(
         "notebook 05 plumbing (the tests)",
         {

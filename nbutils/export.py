@@ -16,18 +16,20 @@ swamp the merge's and fail the checks whatever the export.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import jax
 import keras
 import numpy as np
 
-from nbutils import files, sequences
+from nbutils import files, paths, sequences
 from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"
 PROBE_ROWS = 2
 PROBE_KEYS = ("token_ids", "padding_mask", "hidden", "policy", "distributed")
+KAGGLE_OUTPUT_GB = 20.0  # what Kaggle keeps of /kaggle/working per kernel version
 CHECK_PRECISION = "highest"  # jax.default_matmul_precision for the merge and every comparison
 
 
@@ -194,3 +196,33 @@ def check_reloaded(lm, probe: dict, reference) -> dict:
     mesh = " on a device mesh" if probe["distributed"] else ""
     why = f"trained under {probe['policy']}{mesh}; checked in float32 on one device"
     return {"skipped": why, "passed": None}
+
+
+class ExportSpaceError(RuntimeError):
+    """The exports would not fit where they are written."""
+
+
+def space_left_gb(folder: Path) -> tuple[float, str]:
+    """GB the exports may use under ``folder``, and what limits it: Kaggle's output area less
+    what is already there, or the disk's free space."""
+    if paths.ON_KAGGLE:
+        used = sum(f.stat().st_size for f in paths.WORK_ROOT.rglob("*") if f.is_file())
+        return KAGGLE_OUTPUT_GB - used / 1e9, f"Kaggle's {KAGGLE_OUTPUT_GB:.0f} GB output area"
+    folder = next(p for p in [Path(folder), *Path(folder).parents] if p.exists())
+    return shutil.disk_usage(folder).free / 1e9, "free disk space"
+
+
+def check_space(lm, exports: list[str], folder: Path) -> str:
+    """One line with the exports' estimated size (each a float32 copy of the weights) against the
+    space left; raises :class:`ExportSpaceError` naming the fix when they would not fit."""
+    each = sum(np.prod(v.shape) for v in lm.backbone.weights) * 4 / 1e9
+    needed, (left, limit) = each * len(exports), space_left_gb(folder)
+    line = (
+        f"exports: {len(exports)} x {each:.2f} GB = {needed:.2f} GB; {left:.1f} GB left ({limit})"
+    )
+    if needed > 0.95 * left:
+        raise ExportSpaceError(
+            f"{line}: the exports would not fit; set EXPORTS to fewer formats "
+            f"(now {','.join(exports)}), e.g. EXPORTS='keras'."
+        )
+    return line

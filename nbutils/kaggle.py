@@ -41,7 +41,8 @@ ACCELERATORS = {
     "cpu": (False, False, None, "kaggle-cpu"),
 }
 RENAMED_ACCELERATORS = {"gpu-t4": "gpu-t4x2"}  # Kaggle's T4 sessions have two T4s
-CONFIG_KEYS = {"username", "slug_prefix", "accelerator", "model", "internet", "private"}
+CONFIG_KEYS = {"username", "slug_prefix", "accelerator", "model", "profile", "internet", "private"}
+PROFILE_FROM_ACCELERATOR = ""  # kaggle-metadata.json's "profile": "" = the accelerator's
 
 # The Kaggle CLI's rules (kaggle 2.2, kaggle/api/kaggle_api_extended.py: kernels_push,
 # validate_kernel_string, dataset_create_new), written here so that a rendered file breaking one
@@ -107,7 +108,18 @@ def read_config(path: Path = CONFIG, username: str = "") -> dict:
             f"{path.name}: slug_prefix {cfg['slug_prefix']!r} may hold only lower-case letters, digits and hyphens."
         )
     model_handle(cfg["model"])  # fails early for a model Kaggle cannot attach
+    kaggle_profiles = [p for p in pipeline.PROFILES if p.startswith("kaggle")]
+    if cfg["profile"] not in (PROFILE_FROM_ACCELERATOR, *kaggle_profiles):
+        raise KaggleConfigError(
+            f'{path.name}: profile {cfg["profile"]!r} is not a Kaggle profile; use "" (the '
+            f"accelerator's) or one of {', '.join(kaggle_profiles)}."
+        )
     return cfg
+
+
+def profile_of(cfg: dict) -> str:
+    """The pipeline profile the kernels run: the config's, or the accelerator's."""
+    return cfg.get("profile") or ACCELERATORS[cfg["accelerator"]][3]
 
 
 def model_handle(model: str) -> str:
@@ -251,7 +263,7 @@ def render(cfg: dict, out: Path = KAGGLE_DIR) -> list[Path]:
     """Write a ``run_all`` kernel and one kernel per notebook (with the profile's parameters
     injected and the notebooks it needs as ``kernel_sources``); returns the folders."""
 
-    _, _, _, profile = ACCELERATORS[cfg["accelerator"]]
+    profile = profile_of(cfg)
     overrides = {"MODEL": cfg["model"]}
     params = {**pipeline.notebook_parameters(profile, overrides), "RUN_ID": "kaggle"}
     ids = {

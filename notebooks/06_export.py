@@ -87,6 +87,7 @@ print(f"tolerance for the merged exports: {tolerance:.3g}")
 # (Keras' `layer.kernel` of a LoRA layer). The result is an ordinary Gemma that needs no adapter.
 
 # %%
+print(export.check_space(lm, exports, out / "export"))  # before anything is written
 merged = export.merged_copy(lm)
 del lm  # one model in memory fewer
 checks["merged_in_memory"] = export.compare(

@@ -2,6 +2,7 @@
 rely on."""
 
 import importlib.util
+import json
 import tempfile
 
 import jax
@@ -118,3 +119,19 @@ def test_step_profile_reads_batched_dots_and_leaves_out_containers():
         [(module, containers[0], 0, 10**9), (module, next(iter(ops)), 0, 10**9)], ops, module
     )
     assert sum(seconds for seconds, _ in totals.values()) == 1.0
+
+
+def test_accelerator_check_runs_on_the_cpu_and_writes_its_table(tmp_path, capsys):
+    check = _bench_module("accelerator_check")
+    out = tmp_path / "check.json"
+    # bf16 forced: the mixed-precision update runs beside the float32 one even on the CPU
+    assert (
+        check.main(["--model", "tiny", "--rows", "4", "--precision", "bf16", "--out", str(out)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["device"]["platform"] == "cpu" and result["policy"] == "mixed_bfloat16"
+    assert 0 < result["loss_difference"] < 0.1 * result["update_fp32"]["loss"]
+    assert result["merge_check"]["passed"] and result["decoding"]["tokens"] > 0
+    assert "| merge check (highest precision) |" in table and "passed" in table

@@ -201,3 +201,19 @@ def test_export_checks_hold_under_an_accelerators_default_matmul_precision(tuned
         probe_logits(tuned, inputs), probe_logits(export.merged_copy(tuned), inputs), tolerance
     )
     assert not emulated["passed"], emulated  # the emulation bites: this is what the fix prevents
+
+
+def test_exports_that_would_not_fit_are_refused_before_writing(tuned, tmp_path, monkeypatch):
+    each = sum(np.prod(v.shape) for v in tuned.backbone.weights) * 4 / 1e9
+    line = export.check_space(tuned, ["keras", "gguf"], tmp_path / "export")
+    assert f"2 x {each:.2f} GB" in line and "free disk space" in line
+    work = tmp_path / "working"
+    (work / "runs").mkdir(parents=True)
+    (work / "runs" / "old.bin").write_bytes(b"0" * 1000)
+    monkeypatch.setattr(export.paths, "ON_KAGGLE", True)
+    monkeypatch.setattr(export.paths, "WORK_ROOT", work)
+    monkeypatch.setattr(export, "KAGGLE_OUTPUT_GB", 2.5 * each + 1000 / 1e9)
+    assert "Kaggle's" in export.check_space(tuned, ["keras", "gguf"], work / "export")
+    with pytest.raises(export.ExportSpaceError, match="set EXPORTS to fewer formats"):
+        export.check_space(tuned, ["keras", "transformers", "gguf"], work / "export")
+    assert not (work / "export").exists()

@@ -24,6 +24,7 @@ CFG = {
     "slug_prefix": "gemma-lora",
     "accelerator": "gpu-t4x2",
     "model": "gemma3_1b",
+    "profile": "",
     "internet": False,
     "private": True,
 }
@@ -86,6 +87,20 @@ def test_render_writes_valid_kernels_that_chain(rendered):
     assert ", ".join(pipeline.SERIES) in run_all.cells[0].source
 
 
+def test_kaggle_smoke_profile_renders_a_short_run(tmp_path):
+    folder = kaggle.render({**CFG, "profile": "kaggle-smoke"}, tmp_path)[0]
+    assert (
+        "pipeline.run('kaggle-smoke', {'MODEL': 'gemma3_1b'})"
+        in (folder / "run_all.ipynb").read_text()
+    )
+    values = pipeline.notebook_parameters("kaggle-smoke", {})
+    assert (
+        values["MAX_STEPS"] <= 5
+        and values["REQUIRE_ACCELERATOR"]
+        and values["MODEL"] == "gemma3_270m"
+    )
+
+
 def test_rendered_files_name_no_local_folder(rendered):
     local = [f"{p}/" for p in (paths.REPO_ROOT, paths.REPO_ROOT.parent, os.path.expanduser("~"))]
     for path in {f for folder in rendered.values() for f in folder.rglob("*") if f.is_file()}:
@@ -141,6 +156,7 @@ def test_config_errors_name_the_fix(tmp_path, monkeypatch):
     for change, complaint in [
         ({"accelerator": "gpu-p100"}, "accelerator 'gpu-p100' is unknown"),
         ({"accelerator": "gpu-t4"}, "two T4s; set 'gpu-t4x2'"),
+        ({"profile": "cpu"}, "profile 'cpu' is not a Kaggle profile"),
         ({"model": "llama3"}, "model 'llama3' is not a keras-hub preset"),
         ({"gpu": True}, r"unknown key\(s\) \['gpu'\]"),
         ({"internet": "false"}, "'internet' must be true or false"),
