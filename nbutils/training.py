@@ -33,6 +33,7 @@ from nbutils import (
     files,
     heap,
     objective,
+    paths,
     progress,
     prompts,
     sequences,
@@ -644,6 +645,34 @@ def latest_checkpoint(folder: Path) -> Path | None:
     name)."""
     found = sorted(p for p in Path(folder).glob("update-*") if (p / "progress.json").exists())
     return found[-1] if found else None
+
+
+def import_checkpoint(source: str, run_id: str, out_dir: Path) -> Path:
+    """Copy the latest checkpoint of ``source`` (a folder, or an attached Kaggle kernel
+    ``<owner>/<kernel>``: its output's ``runs/<run_id>``) into ``out_dir``'s checkpoints, where
+    ``train_lora(resume=True)`` continues from it; returns the copy."""
+    roots = [paths.resolve(source)] if "/" not in source or Path(source).exists() else []
+    roots = [r for r in roots if r.is_dir()] or paths.kaggle_input(source)
+    places = [
+        folder
+        for root in roots
+        for folder in (root, root / CHECKPOINT_DIR, root / "runs" / run_id / CHECKPOINT_DIR)
+    ]
+    latest = max(filter(None, map(latest_checkpoint, places)), key=lambda p: p.name, default=None)
+    if latest is None:
+        where = (
+            ", ".join(map(str, places))
+            or f"{source} (not a folder, nor under {paths.KAGGLE_INPUT})"
+        )
+        raise FileNotFoundError(
+            f"RESUME_FROM={source!r}: no checkpoint in {where}; attach the earlier version's "
+            "output (Add Input → Your Work) or name its folder."
+        )
+    copy = Path(out_dir) / CHECKPOINT_DIR / latest.name
+    if latest.resolve() != copy.resolve():
+        shutil.copytree(latest, copy, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    print(f"RESUME_FROM: checkpoint {latest} copied to {copy}")
+    return copy
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, list]]:

@@ -62,6 +62,7 @@ PATIENCE = 3  # early stopping: evaluations without improvement
 CHECKPOINT_EVERY = 50  # updates between checkpoints (0: none)
 KEEP_CHECKPOINTS = 2  # newest checkpoints kept
 RESUME = False  # continue from RUN_ID's latest checkpoint
+RESUME_FROM = ""  # continue from the latest checkpoint of a folder or attached Kaggle kernel <owner>/<kernel>
 MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
 MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
 DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
@@ -129,9 +130,12 @@ print(
 # save memory), validation loss is computed every `EVAL_EVERY` updates, and early stopping keeps the
 # best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s). A
 # checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True` continue
-# a run that died, to the same result as if it never had.
+# a run that died, to the same result as if it never had; `RESUME_FROM` continues from another
+# folder's, such as an earlier Kaggle session's output.
 
 # %%
+if RESUME_FROM:  # e.g. this kernel's earlier version, attached as an input
+    training.import_checkpoint(RESUME_FROM, RUN_ID, out)
 result = training.train_lora(
     lm,
     optimizer,
@@ -141,7 +145,7 @@ result = training.train_lora(
     template,
     SEQUENCE_LENGTH,
     out,
-    resume=RESUME,
+    resume=RESUME or bool(RESUME_FROM),
 )
 print(
     f"{result['updates_run']} updates in {result['train_seconds']} s ({result['useful_tokens_per_s']} response tokens/s, "

@@ -1,7 +1,7 @@
 """Train the tiny Gemma for 12 updates with a checkpoint every 4 (a subprocess of
 tests/test_resume.py).
 
-Usage: python tests/_resumable_training.py OUT_DIR [--resume] [--slow]. ``--slow`` sleeps after each
+Usage: python tests/_resumable_training.py OUT_DIR [--resume | --resume-from OWNER/KERNEL] [--slow]. ``--slow`` sleeps after each
 update so the test can signal the process between checkpoints; it does not change what is computed.
 """
 
@@ -44,6 +44,8 @@ if "--slow" in sys.argv:
     )[1]
 lm = models.load_gemma("tiny", sequence_length=128, seed=1)
 training.enable_lora(lm, cfg.rank, cfg.targets, 8, seed=cfg.seed)
+if "--resume-from" in sys.argv:  # an attached Kaggle kernel's output (NBUTILS_KAGGLE_INPUT)
+    training.import_checkpoint(sys.argv[sys.argv.index("--resume-from") + 1], "kaggle", out)
 training.train_lora(
     lm,
     training.adamw(cfg, cfg.max_steps),
@@ -53,6 +55,6 @@ training.train_lora(
     "gemma",
     128,
     out,
-    resume="--resume" in sys.argv,
+    resume="--resume" in sys.argv or "--resume-from" in sys.argv,
 )
 np.savez(out / "final_adapter.npz", *[np.asarray(v) for v in lm.backbone.trainable_weights])

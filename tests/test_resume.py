@@ -2,6 +2,7 @@
 uninterrupted run ends."""
 
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,9 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
         proc.wait(timeout=60)
         assert not (broken / "final_adapter.npz").exists()
         assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
+        # the killed session's output, attached to a later Kaggle session (newer mount layout)
+        attached = tmp_path / "input" / "notebooks" / "alice" / "lora-03" / "runs" / "kaggle"
+        shutil.copytree(broken / "checkpoints", attached / "checkpoints")
 
         # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
         proc = start(broken, "--resume", "--slow")
@@ -89,6 +93,21 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     finally:
         uninterrupted.kill()  # a no-op once it has ended
     assert f"RESUME: continuing after update {int(stopped.name[-6:])}" in out
+    # 4. a new session resumes from the attached output of the killed one
+    env = {**os.environ, "NBUTILS_KAGGLE_INPUT": str(tmp_path / "input")}
+    later = tmp_path / "later"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(later), "--resume-from", "alice/lora-03"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RESUME: continuing after update 4" in done.stdout
+    np.testing.assert_array_equal(
+        np.concatenate([a.ravel() for a in adapter(straight)]),
+        np.concatenate([a.ravel() for a in adapter(later)]),
+    )
     for a, b in zip(adapter(straight), adapter(broken), strict=True):
         # exact: same XLA programs on the same CPU, same data order
         np.testing.assert_array_equal(a, b)

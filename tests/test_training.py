@@ -160,3 +160,19 @@ def test_schedules_warm_up_then_decay(kind):
     assert 0 < values[3] < 1e-3 and values[4] == pytest.approx(0, abs=1e-9)
     with pytest.raises(ValueError, match="SCHEDULE='step'"):
         training.lr_schedule(training.TrainConfig(schedule="step"), 100)
+
+
+def test_resume_from_finds_an_attached_kernels_latest_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.paths, "KAGGLE_INPUT", tmp_path / "input")
+    with pytest.raises(FileNotFoundError, match="RESUME_FROM='alice/lora-03': no checkpoint in"):
+        training.import_checkpoint("alice/lora-03", "kaggle", tmp_path / "run")
+    old = tmp_path / "input" / "lora-03" / "runs" / "kaggle" / "checkpoints"  # older layout
+    for name in ("update-000004", "update-000008", "update-000012"):
+        (old / name).mkdir(parents=True)
+        if name != "update-000012":  # half-written: no progress.json
+            (old / name / "progress.json").write_text("{}")
+    copy = training.import_checkpoint("alice/lora-03", "kaggle", tmp_path / "run")
+    assert copy == tmp_path / "run" / "checkpoints" / "update-000008"
+    assert (copy / "progress.json").exists()
+    # a folder works too
+    assert training.import_checkpoint(str(old), "x", tmp_path / "other").name == "update-000008"
