@@ -506,7 +506,10 @@ def test_machine_shapes_are_the_ones_the_cli_names(cli):
 
 @pytest.mark.slow
 def test_the_real_cli_accepts_every_kernel_and_the_code_dataset(cli, rendered, tmp_path):
-    code = kaggle.bundle(CFG, tmp_path / "code", wheels=False)
+    code = kaggle.bundle(CFG, tmp_path / "code")  # with the wheels, as a user uploads it
+    wheels = sorted(p.name for p in (code / "wheels").iterdir())
+    assert len(wheels) == len(kaggle.requirements()), wheels  # no dependencies: the image has them
+    assert all(w.endswith("-py3-none-any.whl") for w in wheels), wheels
     out = subprocess.run(
         [CLI_PYTHON, paths.REPO_ROOT / "tests" / "_kaggle_cli_push.py"]
         + [*map(str, rendered.values()), "--dataset", str(code)],
@@ -522,7 +525,9 @@ def test_the_real_cli_accepts_every_kernel_and_the_code_dataset(cli, rendered, t
     ]
     assert {k["machine_shape"] for k in kernels} == {"NvidiaTeslaT4"}
     assert dataset["title"] == "gemma lora code" and dataset["files"] == len(result["uploaded"])
-    assert {"nbutils.zip", "notebooks.zip", "kaggle_setup.py"} <= set(result["uploaded"])
+    assert {"nbutils.zip", "notebooks.zip", "wheels.zip", "kaggle_setup.py"} <= set(
+        result["uploaded"]
+    )
     assert not result["printed"].strip(), result["printed"]  # no warning (slug, retired shape)
 
 
