@@ -93,7 +93,7 @@ PARAMS = _params(
     ("CHECKPOINT_EVERY", 50, "training", ("03",), "updates between checkpoints (0: none)", (), 0),
     ("KEEP_CHECKPOINTS", 2, "training", ("03",), "newest checkpoints kept", (), 1),
     ("RESUME", False, "training", ("03",), "continue from RUN_ID's latest checkpoint"),
-    ("RESUME_FROM", "", "training", ("03",), "continue from the latest checkpoint of a folder or attached Kaggle kernel <owner>/<kernel>"),
+    ("RESUME_FROM", "", "training", ("03",), "latest checkpoint of a folder or attached kernel <owner>/<kernel>"),
     ("MAX_VAL_ROWS", 0, "training", TRAINING, "validation rows used (0: the whole split)", (), 0),
     ("MIXED_PRECISION", "auto", "hardware", ("02", "03", "04", "05"), "'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32", ("auto", "bf16", "fp32", "fp16")),
     ("DISTRIBUTION", "auto", "hardware", TRAINING, "'auto', 'none', 'data' or 'model:<data>x<model>'"),
