@@ -15,16 +15,13 @@ BATCH_AXIS, MODEL_AXIS = "batch", "model"
 # #2828; its Gemma map shards key/value over heads, which Gemma 3's single key/value head cannot
 # be). Query and attention output are split by heads, so each device attends with its own heads
 # and one all-reduce per block joins them; key/value (one head in 270M and 1B) are replicated.
-# On the 4-device CPU mesh this compiles an update with half the all-reduces of splitting q/k/v
+# On the 4-device CPU mesh this compiles an update with fewer collectives than splitting q/k/v
 # over the hidden dimension (docs/design.md; tests/test_distribution.py). Everything else (norms,
 # LoRA A/B) is replicated. The query heads must divide the model axis.
 GEMMA3_LAYOUT = {
     r"token_embedding/embeddings": (MODEL_AXIS, None),  # (vocabulary, hidden)
-    r"decoder_block_\d+/attention/query/kernel": (
-        MODEL_AXIS,
-        None,
-        None,
-    ),  # (heads, hidden, head_dim)
+    # (heads, hidden, head_dim)
+    r"decoder_block_\d+/attention/query/kernel": (MODEL_AXIS, None, None),
     # (heads, head_dim, hidden)
     r"decoder_block_\d+/attention/attention_output/kernel": (MODEL_AXIS, None, None),
     r"decoder_block_\d+/ffw_gating(_2)?/kernel": (None, MODEL_AXIS),  # (hidden, intermediate)
@@ -58,17 +55,17 @@ def precision_policy(setting: str, platform: str, capability: str = "") -> tuple
     if setting == "fp16":
         raise ValueError(FP16_REFUSAL)
     if setting in POLICIES:
-        return POLICIES[setting], f"MIXED_PRECISION={setting!r}"
+        return POLICIES[setting], f"{setting} as asked"
     if setting != "auto":
         raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'bf16' or 'fp32'.")
     if platform == "tpu":
         return POLICIES["bf16"], "auto: the TPU computes bf16"
-    if platform == "gpu" and capability:
-        major, minor = (int(x) for x in capability.split(".")[:2])
-        if (major, minor) >= BF16_CAPABILITY:
-            return POLICIES["bf16"], f"auto: compute capability {capability} computes bf16"
+    version = re.fullmatch(r"(\d+)\.(\d+)", capability) if platform == "gpu" else None
+    if version and (int(version[1]), int(version[2])) >= BF16_CAPABILITY:
+        return POLICIES["bf16"], f"auto: compute capability {capability} computes bf16"
+    if version:
         return POLICIES["fp32"], f"auto: compute capability {capability} has no bf16 units"
-    return POLICIES["fp32"], f"auto: {platform}"
+    return POLICIES["fp32"], f"auto: {platform} {capability}".rstrip()
 
 
 def use_precision(setting: str = "auto") -> str:
@@ -232,6 +229,12 @@ def data_shards(rows: int) -> int:
 
     dist = keras.distribution.distribution()
     return 1 if dist is None or rows % data_devices(dist) else data_devices(dist)
+
+
+def step_rows(rows: int) -> int:
+    """The rows a step of ``rows`` rows runs with: padded to a multiple of the data axis."""
+    dist = keras.distribution.distribution()
+    return rows if dist is None else -(-rows // data_devices(dist)) * data_devices(dist)
 
 
 def padded_rows(inputs: dict, multiple: int) -> dict:

@@ -23,7 +23,7 @@ import jax
 import keras
 import numpy as np
 
-from nbutils import files, paths, sequences
+from nbutils import devices, files, paths, sequences
 from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"
@@ -40,12 +40,10 @@ def full_precision() -> contextlib.AbstractContextManager:
 
 def device_record() -> dict[str, str]:
     """Where the checks ran: platform, device kind and the matmul precision they used."""
-    device = jax.devices()[0]
-    return {
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "matmul_precision": str(CHECK_PRECISION),
-    }
+    platform, kind, _ = devices.device_facts()
+    with full_precision():
+        precision = str(jax.config.jax_default_matmul_precision)
+    return {"platform": platform, "device_kind": kind, "matmul_precision": precision}
 
 
 def probe_inputs(
@@ -205,11 +203,13 @@ class ExportSpaceError(RuntimeError):
 def space_left_gb(folder: Path) -> tuple[float, str]:
     """GB the exports may use under ``folder``, and what limits it: Kaggle's output area less
     what is already there, or the disk's free space."""
-    if paths.ON_KAGGLE:
-        used = sum(f.stat().st_size for f in paths.WORK_ROOT.rglob("*") if f.is_file())
-        return KAGGLE_OUTPUT_GB - used / 1e9, f"Kaggle's {KAGGLE_OUTPUT_GB:.0f} GB output area"
     folder = next(p for p in [Path(folder), *Path(folder).parents] if p.exists())
-    return shutil.disk_usage(folder).free / 1e9, "free disk space"
+    free = shutil.disk_usage(folder).free / 1e9
+    if paths.ON_KAGGLE:
+        used = sum(f.stat().st_size for f in paths.WORK_ROOT.rglob("*") if f.is_file()) / 1e9
+        if KAGGLE_OUTPUT_GB - used < free:
+            return KAGGLE_OUTPUT_GB - used, f"Kaggle's {KAGGLE_OUTPUT_GB:.0f} GB output area"
+    return free, "free disk space"
 
 
 def check_space(lm, exports: list[str], folder: Path) -> str:

@@ -114,6 +114,14 @@ def read_config(path: Path = CONFIG, username: str = "") -> dict:
             f'{path.name}: profile {cfg["profile"]!r} is not a Kaggle profile; use "" (the '
             f"accelerator's) or one of {', '.join(kaggle_profiles)}."
         )
+    if (
+        pipeline.PROFILES[profile_of(cfg)].values.get("REQUIRE_ACCELERATOR")
+        and cfg["accelerator"] == "cpu"
+    ):
+        raise KaggleConfigError(
+            f'{path.name}: profile {cfg["profile"]!r} needs an accelerator; set "accelerator" '
+            "to gpu-t4x2 or tpu-v5e-8."
+        )
     return cfg
 
 

@@ -283,7 +283,7 @@ def load_tokenizer(model: str = LOCAL_MODEL):
 
 def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
     """Load a Gemma causal LM (with its preprocessor attached) by name, handle or path, in Keras'
-    global dtype policy (``training.mixed_precision`` sets it; a preset's own saved dtype does not
+    global dtype policy (``devices.use_precision`` sets it; a preset's own saved dtype does not
     override it)."""
 
     free_dropped_models()

@@ -13,14 +13,15 @@ PROCESSED_DIR = Path(os.environ.get("NBUTILS_PROCESSED_DIR") or WORK_ROOT / "dat
 RUNS_DIR = Path(os.environ.get("NBUTILS_RUNS_DIR") or WORK_ROOT / "runs")
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BUILD_DIR = REPO_ROOT / "build"
-KAGGLE_INPUT = Path(
-    os.environ.get("NBUTILS_KAGGLE_INPUT") or "/kaggle/input"
-)  # tests point it elsewhere
+# Kaggle's attached inputs (tests point it elsewhere)
+KAGGLE_INPUT = Path(os.environ.get("NBUTILS_KAGGLE_INPUT") or "/kaggle/input")
 
 
 def kaggle_input(ref: str) -> list[Path]:
     """Where Kaggle mounts an attached input ``<owner>/<slug>`` (either layout) that exists."""
     owner, _, slug = ref.partition("/")
+    if not owner or not slug or "/" in slug:
+        return []
     found = [KAGGLE_INPUT / slug, *KAGGLE_INPUT.glob(f"*/{owner}/{slug}")]
     return [p for p in found if p.is_dir()]
 

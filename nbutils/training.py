@@ -310,6 +310,11 @@ def response_nll(nll, weights):
     return keras.ops.sum(nll * weights)
 
 
+def step_shape(batch) -> tuple:
+    """A batch's shape as its jitted step runs it: rows padded to a multiple of the data axis."""
+    return (devices.step_rows(batch.shape[0]), *batch.shape[1:])
+
+
 class Trainer:
     """Jit-compiled LoRA steps on JAX: logits only at the scored positions, the loss a mean over the
     response tokens of a whole update, one optimizer step per update (Keras' stateless API).
@@ -357,8 +362,9 @@ class Trainer:
 
     def _mark(self, kind: str, batch) -> bool:
         """Record a step kind and shape; True when it is new (this call compiles)."""
-        new = (kind, batch.shape) not in self.compiled
-        self.compiled.add((kind, batch.shape))
+        key = (kind, step_shape(batch))  # as place_batch runs it
+        new = key not in self.compiled
+        self.compiled.add(key)
         return new
 
     def steps(self, batch_list: list) -> list:
@@ -370,7 +376,7 @@ class Trainer:
 
     def will_compile(self, batch_list: list, kind: str = "train") -> bool:
         """Whether running ``batch_list`` meets a step shape not compiled yet."""
-        return any((kind, b.shape) not in self.compiled for b in self.steps(batch_list))
+        return any((kind, step_shape(b)) not in self.compiled for b in self.steps(batch_list))
 
     def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
         """One optimizer update over ``micro_batches``; returns their mean loss per response token
@@ -651,8 +657,8 @@ def import_checkpoint(source: str, run_id: str, out_dir: Path) -> Path:
     """Copy the latest checkpoint of ``source`` (a folder, or an attached Kaggle kernel
     ``<owner>/<kernel>``: its output's ``runs/<run_id>``) into ``out_dir``'s checkpoints, where
     ``train_lora(resume=True)`` continues from it; returns the copy."""
-    roots = [paths.resolve(source)] if "/" not in source or Path(source).exists() else []
-    roots = [r for r in roots if r.is_dir()] or paths.kaggle_input(source)
+    local = Path(source) if Path(source).is_absolute() else paths.WORK_ROOT / source
+    roots = [local] if local.is_dir() else paths.kaggle_input(source)
     places = [
         folder
         for root in roots

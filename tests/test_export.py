@@ -183,11 +183,22 @@ class OneBf16Pass:
         return rounded
 
 
+def first_query(lm):
+    """The first decoder block's query projection."""
+    return lm.backbone.get_layer("decoder_block_0").attention.query_dense
+
+
 def test_export_checks_hold_under_an_accelerators_default_matmul_precision(tuned, monkeypatch):
     from keras.src.backend.jax import numpy as keras_jnp
 
     inputs = export.probe_inputs(tuned.preprocessor.tokenizer, ROWS, "gemma", 64)
     base = models.load_gemma("tiny", sequence_length=64, seed=2)  # tuned's weights, no adapter
+    query = first_query(tuned)
+    a, b = (np.asarray(v.numpy(), np.float64) for v in (query.lora_kernel_a, query.lora_kernel_b))
+    w = query._kernel.numpy()
+    exact_query = w + (query.lora_alpha / query.lora_rank) * (
+        a.reshape(-1, a.shape[-1]) @ b
+    ).reshape(w.shape)
     monkeypatch.setattr(keras_jnp, "jnp", OneBf16Pass(keras_jnp.jnp))
     effect = float(np.max(np.abs(probe_logits(tuned, inputs) - probe_logits(base, inputs))))
     tolerance = min(1e-3, effect / 10)  # notebook 06's
@@ -196,7 +207,13 @@ def test_export_checks_hold_under_an_accelerators_default_matmul_precision(tuned
     )
     assert checked["passed"], checked
     assert export.device_record()["matmul_precision"] == "highest"
+    merged_kernel = (
+        export.merged_copy(tuned).backbone.get_layer("decoder_block_0").attention.query_dense
+    )
+    assert np.max(np.abs(merged_kernel.kernel.numpy() - exact_query)) < 1e-6
     monkeypatch.setattr(export, "CHECK_PRECISION", None)  # the accelerator's default
+    rounded = first_query(export.merged_copy(tuned)).kernel.numpy()
+    assert np.max(np.abs(rounded - exact_query)) > 1e-4  # A·B in one bf16 pass
     emulated = export.compare(
         probe_logits(tuned, inputs), probe_logits(export.merged_copy(tuned), inputs), tolerance
     )

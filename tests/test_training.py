@@ -174,5 +174,9 @@ def test_resume_from_finds_an_attached_kernels_latest_checkpoint(tmp_path, monke
     copy = training.import_checkpoint("alice/lora-03", "kaggle", tmp_path / "run")
     assert copy == tmp_path / "run" / "checkpoints" / "update-000008"
     assert (copy / "progress.json").exists()
-    # a folder works too
+    # a folder works too, absolute or relative to where runs are written
     assert training.import_checkpoint(str(old), "x", tmp_path / "other").name == "update-000008"
+    monkeypatch.setattr(training.paths, "WORK_ROOT", tmp_path / "input" / "lora-03")
+    relative = training.import_checkpoint("runs/kaggle", "x", tmp_path / "third")
+    assert relative.name == "update-000008"
+    assert training.paths.kaggle_input("lora-03") == []  # not <owner>/<kernel>: never the root
