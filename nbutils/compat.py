@@ -8,6 +8,7 @@ fails loudly, naming the function, when an upstream release changes it. Everythi
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -66,16 +67,32 @@ def low_rank_product(xa, b):
     )
 
 
-def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
-    """Hidden states (before the output layer) of ``token_ids`` at positions ``index…``, and the
-    updated per-layer caches.
+def text_inputs(backbone, token_ids, padding_mask) -> dict:
+    """The inputs ``backbone`` takes for text rows: Gemma 4's also takes ``position_ids`` (0, 1, …
+    in every row, as its preprocessor makes them); Gemma 2 and 3 take the two arrays only."""
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if "position_ids" in backbone.input:
+        inputs = {k: ops.convert_to_tensor(v) for k, v in inputs.items()}
+        positions = ops.arange(ops.shape(token_ids)[1], dtype="int32")
+        inputs["position_ids"] = ops.broadcast_to(positions, ops.shape(token_ids))
+    return inputs
 
-    What keras-hub's ``call_with_cache`` computes, minus the output layer (a prefill needs none) and
-    plus ``key_mask`` ``(rows, cache length)``, which masks padding as attention keys; the decoder
-    blocks take it as their ``padding_mask`` (keras-hub's own decode steps pass none: it pads
-    prompts on the right only).
+
+def cached_forward(lm, token_ids, caches, index, key_mask, layout: str):
+    """Hidden states (before the output layer) of ``token_ids`` at positions ``index…``, and the
+    updated caches.
+
+    What keras-hub's ``call_with_cache`` computes plus ``key_mask`` ``(rows, cache length)``,
+    which masks padding as attention keys; the decoder blocks take it as their ``padding_mask``
+    (keras-hub's own Gemma 2/3 decode steps pass none: they pad prompts on the right only).
+    Gemma 4's ``call_with_cache`` (layout ``"model"``) takes the mask itself, and adds what its
+    blocks need (per-layer embeddings, shared key/values); its unused logits are dropped by XLA.
     """
 
+    if layout == "model":
+        _, hidden, caches = lm.call_with_cache(token_ids, caches, index, padding_mask=key_mask)
+        return hidden, caches
+    backbone = lm.backbone
     x = backbone.token_embedding(token_ids)
     x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
     updated = []
@@ -86,14 +103,18 @@ def cached_forward(backbone, token_ids, caches: tuple, index, key_mask):
 
 
 def cache_layout(lm) -> str:
-    """``"pairs"`` or ``"stacked"``: how ``lm``'s decoder blocks take their key/value cache.
+    """``"model"``, ``"pairs"`` or ``"stacked"``: how ``lm`` takes its key/value cache.
 
-    keras-hub 0.32's Gemma 3 takes a ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays;
-    its Gemma and Gemma 2 (and Gemma 3 in 0.26, the Kaggle image's) one ``(rows, 2, length, heads,
-    dim)`` array. One call of the first block per layout, on abstract one-row values, tells which:
-    exactly one must work (one row, so a stacked array cannot pass for a pair).
+    keras-hub 0.32's Gemma 4 takes one ``(rows, layers, 2, length, heads, dim)`` array in a
+    ``call_with_cache`` that masks padding keys (``"model"``). Its Gemma 3 decoder blocks take a
+    ``(key, value)`` pair of ``(rows, length, heads, dim)`` arrays; its Gemma and Gemma 2 (and
+    Gemma 3 in 0.26, the Kaggle image's) one ``(rows, 2, length, heads, dim)`` array. One call of
+    the first block per layout, on abstract one-row values, tells which: exactly one must work (one
+    row, so a stacked array cannot pass for a pair).
     """
 
+    if "padding_mask" in inspect.signature(lm.call_with_cache).parameters:
+        return "model"
     b = lm.backbone
     x = jax.ShapeDtypeStruct((1, 1, b.hidden_dim), lm.compute_dtype)
     half = jax.ShapeDtypeStruct((1, 2, b.num_key_value_heads, b.head_dim), lm.compute_dtype)
@@ -123,10 +144,15 @@ def _runs(layer, x, cache) -> bool:
         return False
 
 
-def empty_caches(lm, rows: int, length: int, layout: str) -> tuple:
-    """Zero key/value caches, one per decoder layer, in ``layout`` (see :func:`cache_layout`)."""
+def empty_caches(lm, rows: int, length: int, layout: str):
+    """Zero key/value caches in ``layout`` (see :func:`cache_layout`): one array for ``"model"``
+    (heads as wide as the widest layer's), else one per decoder layer."""
 
     b = lm.backbone
+    if layout == "model":
+        dim = max(b.head_dim, getattr(b, "global_head_dim", None) or 0)
+        shape = (rows, b.num_layers, 2, length, b.num_key_value_heads, dim)
+        return ops.zeros(shape, lm.compute_dtype)
     shape = (rows, length, b.num_key_value_heads, b.head_dim)
     if layout == "pairs":
         return tuple(

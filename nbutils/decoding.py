@@ -72,16 +72,17 @@ def make_decoder(
 
     def prefill(state, caches, token_ids, key_mask, start):
         with scope(state):
-            return compat.cached_forward(backbone, token_ids, caches, start, key_mask)[1]
+            return compat.cached_forward(lm, token_ids, caches, start, key_mask, layout)[1]
 
     def decode(state, caches, token_ids, key_mask):
         def next(prompt, cache, index):
             hidden, cache = compat.cached_forward(
-                backbone,
+                lm,
                 ops.slice(prompt, [0, index - 1], [batch_size, 1]),
                 cache,
                 index - 1,
                 key_mask,
+                layout,
             )
             return backbone.token_embedding(hidden[:, 0], reverse=True), hidden[:, 0], cache
 

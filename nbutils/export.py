@@ -23,7 +23,7 @@ import jax
 import keras
 import numpy as np
 
-from nbutils import devices, files, paths, sequences
+from nbutils import compat, devices, files, paths, sequences
 from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"
@@ -62,7 +62,10 @@ def hidden_states(lm, inputs: dict) -> np.ndarray:
     """The backbone's final (normalized) hidden states ``(rows, width, hidden)`` in float32."""
 
     with full_precision():
-        return np.asarray(keras.ops.convert_to_numpy(lm.backbone(inputs)), dtype=np.float32)
+        hidden = lm.backbone(
+            compat.text_inputs(lm.backbone, inputs["token_ids"], inputs["padding_mask"])
+        )
+        return np.asarray(keras.ops.convert_to_numpy(hidden), dtype=np.float32)
 
 
 def logits(lm, hidden: np.ndarray) -> np.ndarray:
@@ -149,7 +152,25 @@ def save_transformers(lm, folder: Path) -> Path:
     atomically."""
     with files.atomic_dir(Path(folder)) as tmp:
         lm.export_to_transformers(str(tmp))
+        if type(lm.backbone).__name__ == "Gemma4Backbone":
+            gemma4_export_fixes(lm.backbone, tmp)
     return Path(folder)
+
+
+def gemma4_export_fixes(backbone, folder: Path) -> None:
+    """Make keras-hub 0.32's Gemma 4 transformers export load back into the model it came from.
+
+    Its exporter writes ``num_global_key_value_heads`` even for a model without one, and its
+    importer takes that field to mean "global layers reuse the key as the value" (26B, 31B): it
+    builds those layers without their value projection. Its importer also reads
+    ``processor_config.json``, which a text-only export lacks (no section of it applies).
+    """
+    config = files.read_json(folder / "config.json")
+    if backbone.num_global_key_value_heads is None:
+        config.update(num_global_key_value_heads=None, attention_k_eq_v=False)
+        files.write_json(folder / "config.json", config)
+    if not (folder / "processor_config.json").exists():
+        files.write_json(folder / "processor_config.json", {})
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> dict:

@@ -161,6 +161,24 @@ def truncated_proto(proto: bytes, size: int, keep: tuple[str, ...] = KEEP_PIECES
     return model.SerializeToString()
 
 
+def renamed_pieces(proto: bytes, names: dict[str, str]) -> bytes:
+    """The SentencePiece model ``proto`` with pieces renamed (``old: new``), each made a
+    user-defined piece so that its text tokenizes as one id."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    model = sp_pb2.ModelProto()
+    model.ParseFromString(proto)
+    for piece in model.pieces:
+        if piece.piece in names:
+            piece.piece, piece.type = names[piece.piece], USER_DEFINED
+    missing = set(names.values()) - {p.piece for p in model.pieces}
+    if missing:
+        raise ValueError(
+            f"renamed_pieces: {sorted(missing)} not made; the proto lacks their sources"
+        )
+    return model.SerializeToString()
+
+
 def _tensor(reader, name: str) -> np.ndarray:
     """Dequantized float32 tensor in Hugging Face (row-major, out x in) layout."""
     from gguf.quants import dequantize
@@ -281,12 +299,18 @@ def vocabulary_fields(proto: bytes) -> tuple[list[str], list[float], list[int]]:
 
 
 def exportable(backbone) -> bool:
-    """Whether this port can write (and read back) ``backbone``'s size."""
-    return (backbone.num_layers, backbone.hidden_dim) in VERIFIED_SIZES
+    """Whether this port can write (and read back) ``backbone``: a Gemma 3 of a verified size."""
+    verified = (backbone.num_layers, backbone.hidden_dim) in VERIFIED_SIZES
+    return type(backbone).__name__ == "Gemma3Backbone" and verified
 
 
 def not_exportable_reason(backbone) -> str:
     """One line saying why a backbone's size is not exported to GGUF, and what to use."""
+    if type(backbone).__name__ != "Gemma3Backbone":
+        return (
+            f"the GGUF port covers Gemma 3 only, not {type(backbone).__name__}; use the keras or "
+            "transformers export."
+        )
     return (
         f"the GGUF port covers the sizes it verifies ({', '.join(VERIFIED_SIZES.values())}), not "
         f"{backbone.num_layers} blocks x {backbone.hidden_dim}; use the keras or transformers export."

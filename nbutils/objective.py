@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from nbutils import devices
+from nbutils import compat, devices
 
 HEAD_STEP = 16  # the output layer runs on a multiple of this many scored entries
 HEAD_SIZES = 8  # at most this many sizes compiled into each step (one is picked at run time)
@@ -35,9 +35,7 @@ def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
         zip(backbone.non_trainable_variables, non_trainable)
     )
     with keras.StatelessScope(state_mapping=mapping):
-        hidden = backbone(
-            {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
-        )
+        hidden = backbone(compat.text_inputs(backbone, inputs["token_ids"], inputs["padding_mask"]))
         head_values = [v.value for v in backbone.token_embedding.variables]
     picked = keras.ops.take_along_axis(hidden, inputs["positions"][..., None], axis=1)
     groups = devices.data_shards(picked.shape[0])  # each device compacts and scores its own rows

@@ -114,7 +114,7 @@ display(Markdown(table))
 # ## Summary
 # Checks that can fail: every test row answered, answers that did not stop ran to the cap, most
 # answers are non-empty text, and the base model is far better than chance on the references
-# (a broken weight port or a wrong loss mask would show up here; the `tiny` test model is random).
+# (a broken weight port or a wrong loss mask would show up here; the tiny test models are random).
 
 # %%
 saved = files.read_jsonl(out / "baseline_predictions.jsonl")
@@ -125,7 +125,7 @@ assert sum(bool(p["prediction"].strip()) for p in saved) >= 0.5 * len(saved), (
 )
 chance = math.log(lm.backbone.vocabulary_size)  # the loss of a model that knows nothing
 assert math.isfinite(metrics["response_loss"]) and (
-    MODEL == "tiny" or metrics["response_loss"] < chance / 2
+    MODEL in models.TINY_MODELS or metrics["response_loss"] < chance / 2
 )
 print(
     f"OK: baseline ROUGE-L {metrics['rougeL_f1']:.3f}, stop rate {metrics['stop_rate']:.0%}, written to {out}"
