@@ -56,8 +56,8 @@ PARAMS = _params(
     ("COLUMNS", {}, "data", ("01",), "CSV/TSV: {'instruction': <column>, 'input': <column>, 'output': <column>}"),
     ("CATEGORIES", "", "data", ("01",), "Dolly: comma-separated categories to keep"),
     ("TEST_PATH", "", "data", ("01",), "a separate file that replaces the test split"),
-    ("TEMPLATE", "gemma", "data", ("01",), "prompt template for training and generation", ("gemma", "alpaca")),
-    ("STOP_TOKEN", "auto", "data", ("01",), "'auto': <eos> for base models, <end_of_turn> for instruct; or a token"),
+    ("TEMPLATE", "auto", "data", ("01",), "'auto': Gemma's chat turns of the model's family; or a style", ("auto", "gemma", "gemma4", "alpaca")),
+    ("STOP_TOKEN", "auto", "data", ("01",), "'auto': <eos> for base models, end of turn for instruct; or a token"),
     ("SEQUENCE_LENGTH", 256, "data", ("01",), "prompt + response tokens; longer prompts are truncated", (), 16),
     ("VAL_SIZE", 0.1, "data", ("01",), "validation split: a fraction (< 1) or a row count", (), 0),
     ("TEST_SIZE", 0.1, "data", ("01",), "test split: a fraction (< 1) or a row count", (), 0),
@@ -100,6 +100,7 @@ PARAMS = _params(
     ("REQUIRE_ACCELERATOR", False, "hardware", TRAINING, "stop at once when JAX sees only the CPU"),
     # evaluation and experiments
     ("N_BOOTSTRAP", 1000, "evaluation", ("04", "05"), "paired bootstrap resamples", (), 10),
+    ("PROMPTS", ["What does this do? def area(r): return 3.14 * r * r"], "evaluation", ("04",), "prompts to try, base vs tuned"),
     ("SWEEP", {"rank": [1, 2, 4, 8, 16, 32], "targets": ["query,value", "all"]}, "experiments", ("05",), "grid or config list"),
     ("QUANTIZE", "", "experiments", ("05",), "base weights where a configuration does not say ('' float, 'int8' QLoRA-style)", ("", "int8")),
     # export

@@ -11,15 +11,18 @@ import keras
 import numpy as np
 
 BATCH_AXIS, MODEL_AXIS = "batch", "model"
-# Gemma 3 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub
+# Gemma 3 and 4 weights sharded over the model axis (keras-hub has no layout map for Gemma 3: keras-hub
 # #2828; its Gemma map shards key/value over heads, which Gemma 3's single key/value head cannot
 # be). Query and attention output are split by heads, so each device attends with its own heads
 # and one all-reduce per block joins them; key/value (one head in 270M and 1B) are replicated.
 # On the 4-device CPU mesh this compiles an update with fewer collectives than splitting q/k/v
 # over the hidden dimension (docs/design.md; tests/test_distribution.py). Everything else (norms,
-# LoRA A/B) is replicated. The query heads must divide the model axis.
-GEMMA3_LAYOUT = {
-    r"token_embedding/embeddings": (MODEL_AXIS, None),  # (vocabulary, hidden)
+# LoRA A/B) is replicated. The query heads must divide the model axis. Gemma 4 (keras-hub 0.32 has
+# no layout map for it either) names its layers the same way; its per-layer embedding table
+# (vocabulary, layers x 256: about half of E2B's weights) is split by vocabulary rows like the
+# token embedding.
+GEMMA_LAYOUT = {
+    r"(per_layer_)?token_embedding/embeddings": (MODEL_AXIS, None),  # (vocabulary, hidden)
     # (heads, hidden, head_dim)
     r"decoder_block_\d+/attention/query/kernel": (MODEL_AXIS, None, None),
     # (heads, head_dim, hidden)
@@ -110,7 +113,7 @@ def mesh_axes() -> tuple[int, int]:
 
 def sharded_over_model(path: str) -> bool:
     """Whether the Gemma 3 layout map shards the weight at ``path`` over the model axis."""
-    return any(re.search(pattern, path) for pattern in GEMMA3_LAYOUT)
+    return any(re.search(pattern, path) for pattern in GEMMA_LAYOUT)
 
 
 def memory_estimate(
@@ -185,12 +188,12 @@ def parse_distribution(spec: str, n_devices: int) -> tuple[int, int] | None:
     return (data, model)
 
 
-def gemma3_layout_map(mesh):
+def gemma_layout_map(mesh):
     """A ``keras.distribution.LayoutMap`` sharding Gemma 3's large kernels over the mesh's model
     axis."""
 
     layout_map = keras.distribution.LayoutMap(mesh)
-    for pattern, axes in GEMMA3_LAYOUT.items():
+    for pattern, axes in GEMMA_LAYOUT.items():
         layout_map[pattern] = axes
     return layout_map
 
@@ -209,7 +212,7 @@ def use_distribution(spec: str = "auto"):
     else:
         mesh = keras.distribution.DeviceMesh(shape, [BATCH_AXIS, MODEL_AXIS], devices)
         dist = keras.distribution.ModelParallel(
-            layout_map=gemma3_layout_map(mesh), batch_dim_name=BATCH_AXIS
+            layout_map=gemma_layout_map(mesh), batch_dim_name=BATCH_AXIS
         )
     keras.distribution.set_distribution(dist)
     print(

@@ -5,19 +5,25 @@ An example is a dict with ``instruction``, ``input`` (may be empty) and ``output
 token, the same single token id that generation stops on (the token layout is
 :mod:`nbutils.sequences`).
 
-Which stop token: ``<end_of_turn>`` is what Gemma's chat format ends a turn with, and
-instruction-tuned checkpoints know it. The *base* Gemma 3 270M never learned it: its embedding is
-one of ~6,400 near-identical untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here),
-so greedy decoding after LoRA picks a random member of that cluster instead of stopping. ``<eos>``
-is a trained, distinct token in every Gemma, so ``stop="auto"`` (and a plain ``Template(style)``)
-uses it for base models (tests/test_models.py checks the facts).
+Which layout: Gemma's chat turns, with the turn markers of the model's family (``gemma``:
+``<start_of_turn>``/``<end_of_turn>`` for Gemma 2 and 3, ``gemma4``: ``<|turn>``/``<turn|>``), for
+base and instruction-tuned models alike; ``alpaca`` is the plain alternative (docs/design.md
+compares the two on the base 270M).
+
+Which stop token: the end-of-turn marker is what an instruction-tuned Gemma ends a turn with. The
+*base* Gemma 3 270M never learned ``<end_of_turn>``: its embedding is one of ~6,400 near-identical
+untrained rows (cosine 0.995 to ``<unused…>`` tokens, measured here), so greedy decoding after LoRA
+picks a random member of that cluster instead of stopping. ``<eos>`` is a trained, distinct token in
+every Gemma, so ``stop="auto"`` uses it for base models (tests/test_models.py checks the facts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-STYLES = ("gemma", "alpaca")
+STYLES = ("gemma", "gemma4", "alpaca")
+TURNS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "gemma4": ("<|turn>", "<turn|>")}
+INSTRUCT_TAGS = ("instruct", "_it", "-it")  # in keras-hub preset names and Hugging Face repo names
 ALPACA_HEADER = (
     "Below is an instruction that describes a task{ctx}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -33,12 +39,30 @@ def check_style(style: str) -> str:
     return style
 
 
+def instruction_tuned(model: str) -> bool:
+    """Whether ``model`` (a preset name, handle or folder) names an instruction-tuned Gemma."""
+    return any(tag in model.lower() for tag in INSTRUCT_TAGS)
+
+
+def auto_style(model: str, tokenizer=None) -> str:
+    """The chat style of ``model``'s family: ``gemma4`` when its tokenizer (else its name) has
+    Gemma 4's turn markers, else ``gemma``."""
+    if tokenizer is not None:
+        return "gemma4" if single_token(tokenizer, TURNS["gemma4"][0]) else "gemma"
+    return "gemma4" if "gemma4" in model.lower() else "gemma"
+
+
+def single_token(tokenizer, text: str) -> bool:
+    """Whether ``text`` is one token of ``tokenizer`` (not ``<unk>``)."""
+    token_id = tokenizer.token_to_id(text)
+    return token_id is not None and int(token_id) != int(tokenizer.token_to_id("<unk>"))
+
+
 def auto_stop_token(style: str, model: str = "") -> str:
-    """``<end_of_turn>`` for the gemma style on instruction-tuned models, else ``<eos>`` (see module
-    docstring)."""
+    """The end-of-turn marker for a chat style on instruction-tuned models, else ``<eos>`` (see
+    module docstring)."""
     check_style(style)
-    tuned = any(tag in model for tag in ("instruct", "_it"))
-    return "<end_of_turn>" if style == "gemma" and tuned else "<eos>"
+    return TURNS[style][1] if style in TURNS and instruction_tuned(model) else "<eos>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +76,24 @@ class Template:
         object.__setattr__(self, "stop", self.stop or auto_stop_token(self.style))
 
     @classmethod
-    def for_model(cls, style: str, model: str, stop: str = "auto") -> Template:
-        """The template for ``model``: ``stop="auto"`` picks the stop token by the rule above."""
+    def for_model(cls, style: str, model: str, stop: str = "auto", tokenizer=None) -> Template:
+        """The template for ``model``: ``"auto"`` picks the style and the stop token by the rules
+        above."""
+        style = auto_style(model, tokenizer) if style == "auto" else style
         return cls(style, auto_stop_token(style, model) if stop == "auto" else stop)
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> Template:
-        """The template notebook 01 wrote into the data manifest."""
+    def from_manifest(cls, manifest: dict, model: str = "") -> Template:
+        """The template notebook 01 wrote into the data manifest, refused for a ``model`` that
+        differs from 01's in being instruction-tuned (their templates differ)."""
+        prepared = manifest.get("model_for_tokenizer", model)
+        if model and instruction_tuned(model) != instruction_tuned(prepared):
+            kinds = {True: "instruction-tuned", False: "base"}
+            raise ValueError(
+                f"notebook 01 prepared the data for MODEL={prepared!r} "
+                f"({kinds[instruction_tuned(prepared)]}), not MODEL={model!r} "
+                f"({kinds[instruction_tuned(model)]}); run notebook 01 again with MODEL={model!r}."
+            )
         return cls(manifest["template"], manifest["stop_token"])
 
 
@@ -76,8 +111,9 @@ def user_text(example: dict) -> str:
 def render_prompt(example: dict, template: Template | str = "gemma") -> str:
     """The text the model is given; its answer starts right after it."""
     style = as_template(template).style
-    if style == "gemma":
-        return f"<start_of_turn>user\n{user_text(example)}<end_of_turn>\n<start_of_turn>model\n"
+    if style in TURNS:
+        start, end = TURNS[style]
+        return f"{start}user\n{user_text(example)}{end}\n{start}model\n"
     extra = (example.get("input") or "").strip("\n")
     if extra.strip():
         head = ALPACA_HEADER.format(ctx=", paired with an input that provides further context")

@@ -66,6 +66,17 @@ def examples_table(rows: list[dict], baseline: list[dict], tuned: list[dict], n:
     return "\n".join(lines)
 
 
+def own_prompts_table(baseline: list[dict], tuned: list[dict]) -> str:
+    """Each of the user's prompts with the base and the tuned model's answers."""
+    lines = ["| prompt | base model | tuned |", "|---|---|---|"]
+    for b, t in zip(baseline, tuned, strict=True):
+        prompt = b["prompt"]
+        lines.append(
+            f"| `{_cell(prompt, 120)}` | {_cell(b['prediction'])} | {_cell(t['prediction'])} |"
+        )
+    return "\n".join(lines)
+
+
 def write_report(out: Path, metrics: dict, examples: str) -> Path:
     """``report.md``: settings, adapter, comparison table, chart and examples."""
     s, a = metrics["settings"], metrics["adapter"]

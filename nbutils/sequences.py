@@ -30,13 +30,19 @@ def bos_id(tokenizer) -> int:
 def stop_token_id(tokenizer, template: prompts.Template | str) -> int:
     """Id of the template's stop token; a one-line error if the tokenizer has no such single
     token."""
-    stop = prompts.as_template(template).stop
-    token_id = tokenizer.token_to_id(stop)
-    if token_id is None or int(token_id) == int(tokenizer.token_to_id("<unk>")):
+    template = prompts.as_template(template)
+    for marker in prompts.TURNS.get(template.style, ()):
+        if not prompts.single_token(tokenizer, marker):
+            raise ValueError(
+                f"TEMPLATE={template.style!r} writes {marker}, which is not a single token of this "
+                "model's tokenizer (another Gemma family); run notebook 01 with this MODEL and "
+                "TEMPLATE='auto'."
+            )
+    if not prompts.single_token(tokenizer, template.stop):
         raise ValueError(
-            f"STOP_TOKEN={stop!r} is not a single token of this tokenizer; use '<eos>'."
+            f"STOP_TOKEN={template.stop!r} is not a single token of this tokenizer; use '<eos>'."
         )
-    return int(token_id)
+    return int(tokenizer.token_to_id(template.stop))
 
 
 def prompt_ids(tokenizer, rows: list[dict], template) -> list[list[int]]:

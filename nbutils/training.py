@@ -140,6 +140,7 @@ class TrainConfig:
 # Knobs that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "max_batch_tokens")
 CHECKPOINT_DIR = "checkpoints"
+ADAPTER_GROUP = "adapter"  # in a .lora.h5 file: one group per LoRA layer path, holding a and b
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -173,6 +174,20 @@ def seed_lora_a(layers: list, seed: int) -> None:
 def lora_layers(backbone) -> list:
     """The LoRA-enabled layers of ``backbone``, depth first."""
     return [layer for layer in compat.all_layers(backbone) if getattr(layer, "lora_enabled", False)]
+
+
+@contextlib.contextmanager
+def adapter_off(lm):
+    """Within the block ``lm`` computes as its base model: every LoRA ``B`` is zero (its values are
+    put back after)."""
+    saved = [(layer.lora_kernel_b, layer.lora_kernel_b.value) for layer in lora_layers(lm.backbone)]
+    try:
+        for variable, value in saved:
+            variable.assign(keras.ops.zeros_like(value))
+        yield lm
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
 
 
 def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
@@ -831,15 +846,36 @@ def adapter_spec(
 
 
 def save_adapter(lm, path: Path, spec: dict) -> tuple[Path, Path]:
-    """Write ``<name>.lora.h5`` (adapter weights only) and ``<name>.json`` (its spec),
-    atomically."""
+    """Write ``<name>.lora.h5`` (each LoRA layer's ``A`` and ``B`` under its layer path) and
+    ``<name>.json`` (its spec), atomically.
+
+    keras-hub's ``save_lora_weights`` keys layers by their index among layers with weights, which
+    need not be the same in a freshly built model (keras-hub#2701); a layer's path is.
+    """
     path = Path(path)
     if not path.name.endswith(".lora.h5"):
         raise ValueError(f"{path}: adapter files must end in .lora.h5")
-    with files.atomic_path(path) as tmp:
-        lm.backbone.save_lora_weights(str(tmp))
+    with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for layer in lora_layers(lm.backbone):
+            group = f.create_group(f"{ADAPTER_GROUP}/{layer.path}")
+            group["a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
+            group["b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
     spec_path = files.write_json(path.with_name(path.name.replace(".lora.h5", ".json")), spec)
     return path, spec_path
+
+
+def stored_adapter(path: Path) -> dict[str, tuple]:
+    """``{layer path: (A, B)}`` of an adapter file written by :func:`save_adapter`."""
+    with h5py.File(path, "r") as f:
+        stored = {}
+        f[ADAPTER_GROUP].visititems(
+            lambda name, item: (
+                stored.update({name: (item["a"][()], item["b"][()])})
+                if isinstance(item, h5py.Group) and "a" in item
+                else None
+            )
+        )
+    return stored
 
 
 def load_adapter(lm, path: Path, model: str) -> dict:
@@ -858,6 +894,27 @@ def load_adapter(lm, path: Path, model: str) -> dict:
 
     enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
     with h5py.File(path, "r") as f:
+        legacy = ADAPTER_GROUP not in f
+    if legacy:  # written by keras-hub's save_lora_weights (before this format)
+        load_keras_hub_adapter(lm, path, spec)
+        return spec
+    stored, layers = stored_adapter(path), {layer.path: layer for layer in lora_layers(lm.backbone)}
+    shapes = {p: tuple(layer.lora_kernel_a.shape) for p, layer in layers.items()}
+    if {p: a.shape for p, (a, _) in stored.items()} != shapes:
+        raise ValueError(
+            f"{path}: its {len(stored)} adapted layers do not match the {len(layers)} that rank "
+            f"{spec['rank']} on {spec['targets']!r} gives this model; the adapter files are inconsistent."
+        )
+    for layer_path, (a, b) in stored.items():
+        layers[layer_path].lora_kernel_a.assign(a)
+        layers[layer_path].lora_kernel_b.assign(b)
+    return spec
+
+
+def load_keras_hub_adapter(lm, path: Path, spec: dict) -> None:
+    """Load an adapter file in keras-hub's own format (layers keyed by index), checked against
+    ``spec``."""
+    with h5py.File(path, "r") as f:
         stored_rank, stored = (
             int(f["lora/vars/rank"][()]),
             sorted(int(k) for k in f["lora"] if k.isdigit()),
@@ -868,4 +925,3 @@ def load_adapter(lm, path: Path, model: str) -> dict:
             f"(rank {spec['rank']}, targets {spec['targets']!r}); the adapter files are inconsistent."
         )
     lm.backbone.load_lora_weights(str(path))
-    return spec

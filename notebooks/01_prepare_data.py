@@ -32,8 +32,8 @@ DATA_FORMAT = ""  # force a format ('' detects it)
 COLUMNS = {}  # CSV/TSV: {'instruction': <column>, 'input': <column>, 'output': <column>}
 CATEGORIES = ""  # Dolly: comma-separated categories to keep
 TEST_PATH = ""  # a separate file that replaces the test split
-TEMPLATE = "gemma"  # prompt template for training and generation
-STOP_TOKEN = "auto"  # 'auto': <eos> for base models, <end_of_turn> for instruct; or a token
+TEMPLATE = "auto"  # 'auto': Gemma's chat turns of the model's family; or a style
+STOP_TOKEN = "auto"  # 'auto': <eos> for base models, end of turn for instruct; or a token
 SEQUENCE_LENGTH = 256  # prompt + response tokens; longer prompts are truncated
 VAL_SIZE = 0.1  # validation split: a fraction (< 1) or a row count
 TEST_SIZE = 0.1  # test split: a fraction (< 1) or a row count
@@ -45,16 +45,20 @@ SEED = 0  # seeds the split, the adapters, the data order and sampling
 
 # %% [markdown]
 # ## 1. The prompt template
-# Training targets, baseline prompts, evaluation and generation all render an example the same way.
-# Every training target ends with the **stop token**, the single token id generation stops on. With
-# `STOP_TOKEN = "auto"` that is `<eos>` for base models: a base Gemma never learned `<end_of_turn>`
-# (its embedding is one of thousands of near-identical untrained rows), so it could not learn to
-# stop on it; instruction-tuned models use `<end_of_turn>`.
+# Training targets, baseline prompts, evaluation and generation all render an example the same way:
+# Gemma's chat turns, with the markers of the model's family (`TEMPLATE = "auto"`; Gemma 4 writes
+# `<|turn>`/`<turn|>` where Gemma 2 and 3 write `<start_of_turn>`/`<end_of_turn>`). Every training
+# target ends with the **stop token**, the single token id generation stops on. With
+# `STOP_TOKEN = "auto"` that is `<eos>` for base models: a base Gemma never learned the end-of-turn
+# token (its embedding is one of thousands of near-identical untrained rows), so it could not learn
+# to stop on it; instruction-tuned models stop on their end-of-turn token, as they were trained to.
 
 # %%
 # "auto": the embedded model offline, the keras-hub preset on Kaggle
 MODEL = models.choose_model(MODEL)
-template = prompts.Template.for_model(TEMPLATE, MODEL, STOP_TOKEN)
+tokenizer = models.load_tokenizer(MODEL)
+template = prompts.Template.for_model(TEMPLATE, MODEL, STOP_TOKEN, tokenizer)
+print(f"{template} for MODEL={MODEL!r}")
 example = {
     "instruction": "Summarize in one sentence.",
     "input": "def add(a, b):\n    return a + b",
@@ -68,7 +72,6 @@ print(prompts.render_prompt(example, template) + example["output"] + template.st
 # with one line naming the file and what to do.
 
 # %%
-tokenizer = models.load_tokenizer(MODEL)
 categories = [c.strip() for c in CATEGORIES.split(",") if c.strip()] or None
 rows, source = data.load_source(
     DATASET, DATA_PATH, DATA_FORMAT, COLUMNS or None, categories, tokenizer, MAX_SOURCE_TOKENS

@@ -42,14 +42,14 @@ MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8
 # prompts the same way.
 
 # %%
+MODEL = models.choose_model(MODEL)
 splits, manifest = data.load_processed(DATASET)
 test_rows = splits["test"][: MAX_TEST_ROWS or None]
 template, SEQUENCE_LENGTH = (
-    prompts.Template.from_manifest(manifest),
+    prompts.Template.from_manifest(manifest, MODEL),
     manifest["params"]["sequence_length"],
 )
 out = runs.run_dir(RUN_ID)
-MODEL = models.choose_model(MODEL)
 policy = devices.use_precision(MIXED_PRECISION)  # 04 decodes in the same one
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.load_seconds}s")

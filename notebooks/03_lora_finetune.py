@@ -83,7 +83,7 @@ policy = devices.use_precision(MIXED_PRECISION)  # must be set before the model 
 distribution = devices.use_distribution(DISTRIBUTION)
 splits, manifest = data.load_processed(DATASET)
 template, SEQUENCE_LENGTH = (
-    prompts.Template.from_manifest(manifest),
+    prompts.Template.from_manifest(manifest, MODEL),
     manifest["params"]["sequence_length"],
 )
 out = runs.run_dir(RUN_ID)

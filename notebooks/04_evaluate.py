@@ -6,7 +6,8 @@
 # confidence intervals, a chart, and examples side by side.
 #
 # - **Reads:** `data/processed/<DATASET>/`, `runs/<RUN_ID>/baseline_*` (02) and `adapter.*` (03).
-# - **Writes:** `runs/<RUN_ID>/tuned_predictions.jsonl`, `metrics.json`, `metrics.png`, `report.md`.
+# - **Writes:** `runs/<RUN_ID>/tuned_predictions.jsonl`, `metrics.json`, `metrics.png`, `report.md`,
+#   `own_prompts.jsonl` (your `PROMPTS`, answered by both models).
 # - **Previous:** `03_lora_finetune` · **Next:** `06_export` (`05_experiments` compares LoRA
 # configurations)
 
@@ -30,6 +31,7 @@ RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
 MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
 N_BOOTSTRAP = 1000  # paired bootstrap resamples
+PROMPTS = ["What does this do? def area(r): return 3.14 * r * r"]  # prompts to try, base vs tuned
 
 # %% [markdown]
 # ## 1. Base model + adapter, with 02's settings
@@ -67,10 +69,11 @@ print(f"adapter: rank {spec['rank']}, targets {spec['targets']}, alpha {spec['al
 # ## 2. Tuned predictions and scores
 
 # %%
+template = prompts.Template(settings["template"], settings["stop_token"])
 predictions, scores, timing = evaluation.run_inference(
     lm,
     test_rows,
-    prompts.Template(settings["template"], settings["stop_token"]),
+    template,
     settings["sequence_length"],
     settings["max_new_tokens"],
     settings["gen_batch_size"],
@@ -123,6 +126,27 @@ report_path = report.write_report(out, metrics, examples)
 print(f"report: {report_path}")
 
 # %% [markdown]
+# ## 6. Try it: your own prompts
+# The adapter at work on your words, not only on the test split: each of `PROMPTS` is answered
+# under the run's template and 02's decoding settings by the base model (every LoRA `B` zeroed for
+# the call, which is exactly the base model) and by the tuned one.
+
+# %%
+own = [{"id": str(i), "instruction": p, "input": "", "output": ""} for i, p in enumerate(PROMPTS)]
+decode = (settings["max_new_tokens"], settings["gen_batch_size"], settings["sampler"], SEED, False)
+tuned_own = evaluation.generate(lm, own, template, *decode)
+with training.adapter_off(lm):
+    base_own = evaluation.generate(lm, own, template, *decode)
+files.write_jsonl(
+    out / "own_prompts.jsonl",
+    [
+        {"prompt": p, "base": b["prediction"], "tuned": t["prediction"]}
+        for p, b, t in zip(PROMPTS, base_own, tuned_own)
+    ],
+)
+display(Markdown(report.own_prompts_table(base_own, tuned_own)))
+
+# %% [markdown]
 # ## Summary
 # Every metric is there, both sides answered the same rows, and the tuned model fits the references
 # better than the base model (lower response loss).
@@ -138,6 +162,7 @@ assert set(saved) >= {
     "mean_tokens",
 }
 assert [p["id"] for p in predictions] == [p["id"] for p in base_predictions]
+assert len(files.read_jsonl(out / "own_prompts.jsonl")) == len(PROMPTS)
 # The adapter was trained on these targets' distribution: a missing adapter, a wrong alpha or a
 # broken loss mask shows up as no gain in the reference loss (the random `tiny` test model is
 # exempt).

@@ -82,7 +82,7 @@ if settings["model"] != MODEL:
 splits, manifest = data.load_processed(DATASET)
 data.check_split_hashes(settings["split_sha256"], manifest, "notebook 02 (baseline)")
 template, SEQUENCE_LENGTH = (
-    prompts.Template.from_manifest(manifest),
+    prompts.Template.from_manifest(manifest, MODEL),
     manifest["params"]["sequence_length"],
 )
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 import nbutils  # noqa: F401  (KERAS_BACKEND=jax)
-from nbutils import batches, devices, models, sequences, training
+from nbutils import batches, devices, models, prompts, sequences, training
 
 ROWS = [
     {
@@ -33,10 +33,10 @@ def axes(sharding) -> list:
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# The layout GEMMA3_LAYOUT replaced: q/k/v split over the hidden (contracting) dimension, the
+# The layout GEMMA_LAYOUT replaced: q/k/v split over the hidden (contracting) dimension, the
 # attention output over its output; kept here to measure the choice against it.
 HIDDEN_SPLIT = {
-    **{k: v for k, v in devices.GEMMA3_LAYOUT.items() if "attention" not in k},
+    **{k: v for k, v in devices.GEMMA_LAYOUT.items() if "attention" not in k},
     r"decoder_block_\d+/attention/(query|key|value)/kernel": (None, devices.MODEL_AXIS, None),
     r"decoder_block_\d+/attention/attention_output/kernel": (None, None, devices.MODEL_AXIS),
 }
@@ -47,20 +47,21 @@ def collectives(hlo: str) -> int:
     return sum(len(re.findall(rf"= [^=\n]*? {c}(-start)?\(", hlo)) for c in COLLECTIVES)
 
 
-def step(spec: str) -> dict:
+def step(spec: str, model: str = "tiny") -> dict:
     """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the
     most entries one device's output-layer matmul runs on (the largest compiled size, from the
     step's HLO)."""
     import keras
 
     devices.use_distribution(spec)
-    lm = models.load_gemma("tiny", sequence_length=128)
+    lm = models.load_gemma(model, sequence_length=128)
     lm.backbone.token_embedding.embeddings.assign(lm.backbone.token_embedding.embeddings * 40.0)
     training.enable_lora(lm, 4, "all", 8, seed=0)
     rng = np.random.default_rng(1)
     for var in lm.backbone.trainable_weights:  # non-zero B, so every adapter matrix gets a gradient
         var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
-    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, "gemma", 128)
+    style = prompts.auto_style(model, lm.preprocessor.tokenizer)
+    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, style, 128)
     trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2))
     # 3 and 5 rows: neither divides the data axis, so place_batch pads both with zero-weight rows
     micro = [
@@ -102,9 +103,11 @@ def step(spec: str) -> dict:
 if __name__ == "__main__":
     for spec in sys.argv[1:]:
         if spec == "hidden-split":  # model:2x2 with the rejected layout (keep it last)
-            devices.GEMMA3_LAYOUT.clear()
-            devices.GEMMA3_LAYOUT.update(HIDDEN_SPLIT)
+            devices.GEMMA_LAYOUT.clear()
+            devices.GEMMA_LAYOUT.update(HIDDEN_SPLIT)
             print(json.dumps({**step("model:2x2"), "spec": spec}), flush=True)
+        elif spec.startswith("gemma4/"):  # the same on the tiny Gemma 4
+            print(json.dumps({**step(spec[7:], "tiny-gemma4"), "spec": spec}), flush=True)
         else:
             try:
                 print(json.dumps(step(spec)), flush=True)

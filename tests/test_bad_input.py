@@ -271,11 +271,11 @@ def test_missing_adapter_file(tmp_path):
         ),
         (
             {"rank": 8},
-            r"weights \(rank 4, 14 layers\) do not match its spec \(rank 8, targets 'all'\)",
+            r"its 14 adapted layers do not match the 14 that rank 8 on 'all' gives this model",
         ),
         (
             {"targets": "query,value"},
-            r"weights \(rank 4, 14 layers\) do not match its spec \(rank 4, targets 'query,value'\)",
+            r"its 14 adapted layers do not match the 4 that rank 4 on 'query,value' gives",
         ),
     ],
 )

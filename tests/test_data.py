@@ -6,7 +6,7 @@ import socket
 import pytest
 from conftest import SHARED_ALPACA
 
-from nbutils import data, files, network, paths, prompts, pycode_task, sequences
+from nbutils import data, files, models, network, paths, prompts, pycode_task, sequences
 
 ROWS = [
     {"instruction": "Give a synonym.", "input": "happy", "output": "Glad."},
@@ -66,6 +66,7 @@ def prepare(
         seed=seed,
         template=template.style,
         stop_token=template.stop,
+        model_for_tokenizer=model,
         rows_read=len(rows),
         drops=dict(sorted(drops.items())),
     )
@@ -344,7 +345,7 @@ def test_targets_end_with_the_single_stop_token(tokenizer, template, stop_id):
 
 
 def test_unknown_template_is_a_clear_error():
-    with pytest.raises(ValueError, match="TEMPLATE='chatml'.*gemma, alpaca"):
+    with pytest.raises(ValueError, match="TEMPLATE='chatml'.*gemma, gemma4, alpaca"):
         prompts.render_prompt(ROWS[0], "chatml")
 
 
@@ -364,3 +365,50 @@ def test_stop_token_choice(tokenizer, tmp_path):
     assert m["stop_token"] == "<end_of_turn>"
     with pytest.raises(ValueError, match="STOP_TOKEN='<my stop>' is not a single token"):
         prepare(tokenizer, path, stop_token="<my stop>")
+
+
+@pytest.mark.parametrize(
+    ("model", "style", "stop"),
+    [
+        ("gemma3_270m_local", "gemma", "<eos>"),
+        ("gemma3_instruct_1b", "gemma", "<end_of_turn>"),
+        ("gemma2_instruct_2b_en", "gemma", "<end_of_turn>"),
+        ("tiny-gemma4", "gemma4", "<eos>"),
+        ("gemma4_2b", "gemma4", "<eos>"),
+        ("gemma4_instruct_2b", "gemma4", "<turn|>"),
+        ("kaggle://keras/gemma4/keras/gemma4_instruct_4b/2", "gemma4", "<turn|>"),
+    ],
+)
+def test_auto_template_follows_the_model(model, style, stop):
+    """TEMPLATE and STOP_TOKEN 'auto': the family's turn markers, end of turn for instruct only."""
+    template = prompts.Template.for_model("auto", model)
+    assert (template.style, template.stop) == (style, stop)
+    start, end = prompts.TURNS[style]
+    row = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    assert prompts.render_prompt(row, template) == f"{start}user\nSay hi.{end}\n{start}model\n"
+
+
+def test_auto_style_reads_the_tokenizer(tokenizer):
+    """A local folder's name says nothing: the tokenizer's turn markers decide."""
+    gemma4 = models.tiny_gemma4_tokenizer()
+    assert prompts.Template.for_model("auto", "/models/mine", tokenizer=gemma4).style == "gemma4"
+    assert prompts.Template.for_model("auto", "/models/mine", tokenizer=tokenizer).style == "gemma"
+    # a Gemma 3 template on a Gemma 4 tokenizer (and back) is refused, naming the marker
+    with pytest.raises(ValueError, match="TEMPLATE='gemma' writes <start_of_turn>.*notebook 01"):
+        sequences.stop_token_id(gemma4, prompts.Template("gemma"))
+    with pytest.raises(ValueError, match="TEMPLATE='gemma4' writes <\\|turn>"):
+        sequences.stop_token_id(tokenizer, prompts.Template("gemma4"))
+    assert sequences.stop_token_id(gemma4, prompts.Template("gemma4", "<turn|>")) == int(
+        gemma4.token_to_id("<turn|>")
+    )
+
+
+def test_manifest_template_refused_for_a_model_of_the_other_kind(tokenizer, tmp_path):
+    """02-05 take 01's template only for a model that is instruction-tuned as 01's was."""
+    path = write(tmp_path / "s.json", json.dumps(ROWS))
+    m = prepare(tokenizer, path, model="gemma3_270m_local")
+    assert prompts.Template.from_manifest(m, "gemma3_270m").stop == "<eos>"
+    with pytest.raises(
+        ValueError, match="prepared the data for MODEL='gemma3_270m_local' \\(base\\)"
+    ):
+        prompts.Template.from_manifest(m, "gemma3_instruct_1b")

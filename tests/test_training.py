@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -145,10 +146,51 @@ def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
         training.load_adapter(models.load_gemma("tiny"), path, "gemma3_270m_local")
     spec = json.loads(spec_path.read_text())
     spec_path.write_text(json.dumps({**spec, "rank": 8}))
-    with pytest.raises(ValueError, match="do not match its spec"):
+    with pytest.raises(ValueError, match="do not match the 4 that rank 8"):
         training.load_adapter(models.load_gemma("tiny"), path, "tiny")
     with pytest.raises(FileNotFoundError, match="run notebooks/03_lora_finetune.ipynb first"):
         training.load_adapter(models.load_gemma("tiny"), tmp_path / "missing.lora.h5", "tiny")
+
+
+def test_gemma4_adapter_reloads_by_layer_path(tmp_path):
+    """Adapters are keyed by layer path, not by keras-hub's layer index (keras-hub#2701): a freshly
+    built tiny Gemma 4 with the adapter loaded computes what the trained one did."""
+    lm = models.load_gemma("tiny-gemma4", sequence_length=64)
+    training.enable_lora(lm, 4, "all", 8)
+    rng = np.random.default_rng(0)
+    for v in lm.backbone.trainable_weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
+    cfg = training.TrainConfig(rank=4, targets="all", alpha=8)
+    spec = training.adapter_spec(cfg, "tiny-gemma4", "gemma4", 64, {"train": "t", "val": "v"})
+    path, _ = training.save_adapter(lm, tmp_path / "g4.lora.h5", spec)
+    stored = training.stored_adapter(path)
+    assert sorted(stored) == sorted(layer.path for layer in training.lora_layers(lm.backbone))
+    assert len(stored) == 2 * 7  # 2 blocks x (q, k, v, o, gate, up, down)
+    ids = np.array([[2, 100, 200, 300, 400]])
+    probe = compat.text_inputs(lm.backbone, ids, np.ones_like(ids, bool))
+    expected = np.asarray(lm.backbone(probe))
+
+    fresh = models.load_gemma("tiny-gemma4", sequence_length=64)
+    assert not np.allclose(np.asarray(fresh.backbone(probe)), expected, atol=1e-3)
+    training.load_adapter(fresh, path, "tiny-gemma4")
+    np.testing.assert_array_equal(np.asarray(fresh.backbone(probe)), expected)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
+def test_lora_variables_stay_float32_under_bf16(policy):
+    """keras-hub#2629: bf16 LoRA variables make Adam's updates round away; ours are float32 under
+    either bf16 policy (weights stored in fp32 or in bf16)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        lm = models.load_gemma("tiny-gemma4", sequence_length=32)
+        training.enable_lora(lm, 2, "all", 4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    dtypes = {v.path.rsplit("/", 1)[1]: v.dtype for v in lm.backbone.trainable_weights}
+    assert set(dtypes.values()) == {"float32"}, dtypes
+    stored = {v.path: v.dtype for v in lm.backbone.weights}
+    frozen = stored["decoder_block_0/attention/query/kernel"]
+    assert frozen == ("float32" if policy == "mixed_bfloat16" else "bfloat16")
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
