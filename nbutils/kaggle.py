@@ -28,9 +28,17 @@ from nbutils import files, models, paths, pipeline
 CONFIG = paths.REPO_ROOT / "kaggle-metadata.json"
 KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
 REQUIREMENTS = paths.REPO_ROOT / "requirements-kaggle.txt"
+PINNED = paths.REPO_ROOT / "requirements.txt"
 PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
 SWEEP_STEPS = 100  # notebook 05's kernel: updates per configuration of its grid
 IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
+# Model families the image's keras-hub (0.26, tests/kaggle-image-packages.txt) lacks. For them the
+# code dataset also ships our pinned keras-hub and keras (pure Python), installed without their
+# dependencies so the image's jax and TensorFlow stay as they are; `make test-all` runs the tiny
+# Gemma 4 through the series on the image's stack with these two on top.
+NEWER_STACK = ("keras-hub", "keras")
+NEWER_STACK_FAMILIES = ("gemma4",)
+STACK_REQUIREMENTS = "requirements-kaggle-stack.txt"
 # accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Each name says what
 # the session gets; the shapes are the ones the Kaggle CLI's help names (`kaggle kernels push
 # --help`: "'NvidiaTeslaT4' for GPU T4 x2 or 'TpuV5E8' for TPU v5e-8"; a test reads the installed
@@ -133,11 +141,12 @@ def profile_of(cfg: dict) -> str:
 def model_handle(model: str) -> str:
     """The ``owner/model/framework/variation/version`` that attaches a keras-hub preset on
     Kaggle."""
-    handle = models.kaggle_handle(model) if "://" not in model else ""
+    handle = models.kaggle_handle(model)
     if handle.count("/") != 4:
         known = ", ".join(n for n in models.known_presets() if n.startswith("gemma"))
         raise KaggleConfigError(
-            f"kaggle-metadata.json: model {model!r} is not a keras-hub preset on Kaggle; use one of {known}."
+            f"kaggle-metadata.json: model {model!r} is not a keras-hub preset on Kaggle; use one of "
+            f"{known}, or a versioned 'kaggle://<owner>/<model>/keras/<variation>/<version>'."
         )
     return handle
 
@@ -328,6 +337,44 @@ def requirements() -> list[str]:
     return [line for line in lines if line]
 
 
+def needs_newer_stack(model: str) -> bool:
+    """Whether ``model`` is of a family the image's keras-hub cannot build."""
+    return any(family in model.lower() for family in NEWER_STACK_FAMILIES)
+
+
+def stack_requirements() -> list[str]:
+    """Our pins of keras-hub and keras (from ``requirements.txt``)."""
+    lines = (line.split("#")[0].strip() for line in PINNED.read_text().splitlines())
+    pins = [line for line in lines if line.split("==")[0].split("[")[0] in NEWER_STACK]
+    if len(pins) != len(NEWER_STACK):
+        raise KaggleConfigError(f"{PINNED}: expected pins of {', '.join(NEWER_STACK)}.")
+    return pins
+
+
+def download_wheels(requirements: list[str], folder: Path) -> None:
+    """The wheels of ``requirements`` for the image's Python, without their dependencies (the image
+    has them: tests/test_kaggle.py checks)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            IMAGE_PYTHON,
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-d",
+            str(folder),
+            *requirements,
+        ],
+        check=True,
+    )
+
+
 def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> Path:
     """Write the code dataset: ``nbutils``, the notebooks, ``requirements-kaggle.txt`` and its
     wheels."""
@@ -344,27 +391,11 @@ def bundle(cfg: dict, out: Path = KAGGLE_DIR / "code", wheels: bool = True) -> P
         # beside the zipped folders, where every notebook's setup cell finds it
         shutil.copy2(paths.REPO_ROOT / "nbutils" / "kaggle_setup.py", tmp / "kaggle_setup.py")
         (tmp / "wheels").mkdir()
-        if wheels and requirements():
-            # Without their dependencies: the image has them (tests/test_kaggle.py checks).
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "-q",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--python-version",
-                    IMAGE_PYTHON,
-                    "--platform",
-                    "manylinux_2_28_x86_64",
-                    "-d",
-                    str(tmp / "wheels"),
-                    *requirements(),
-                ],
-                check=True,
-            )
+        stack = stack_requirements() if needs_newer_stack(cfg["model"]) else []
+        if stack:
+            (tmp / STACK_REQUIREMENTS).write_text("\n".join(stack) + "\n")
+        if wheels and requirements() + stack:
+            download_wheels(requirements() + stack, tmp / "wheels")
         title = f"{cfg['slug_prefix'].replace('-', ' ')} code"
         meta = {
             "title": title,

@@ -29,10 +29,16 @@ def unpack_code() -> None:
 
 
 def install_wheels() -> None:
-    """Install what the image lacks (``requirements-kaggle.txt``) from the bundled wheels."""
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index"]
-    wheels = ["--find-links", f"{CODE}/wheels", "-r", f"{CODE}/requirements-kaggle.txt"]
-    subprocess.run([*pip, *wheels], check=True)
+    """Install what the image lacks (``requirements-kaggle.txt``) from the bundled wheels, and the
+    newer keras-hub and keras a model may need (``requirements-kaggle-stack.txt``) without their
+    dependencies: the image's jax and TensorFlow stay."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links"]
+    pip.append(f"{CODE}/wheels")
+    subprocess.run([*pip, "-r", f"{CODE}/requirements-kaggle.txt"], check=True)
+    if os.path.exists(f"{CODE}/requirements-kaggle-stack.txt"):
+        subprocess.run(
+            [*pip, "--no-deps", "-r", f"{CODE}/requirements-kaggle-stack.txt"], check=True
+        )
 
 
 def copy_earlier_outputs() -> None:

@@ -43,10 +43,13 @@ def tiny_gemma2():
 
 
 def tiny_model(family: str):
-    """A tiny random model: Gemma 3 with 6 layers (5 sliding-window, 1 global) or Gemma 2."""
-    return (
-        models.tiny_gemma(sequence_length=64, num_layers=6) if family == "gemma3" else tiny_gemma2()
-    )
+    """A tiny random model: Gemma 3 with 6 layers (5 sliding-window, 1 global), Gemma 4 with 4
+    (sliding and global in turn, per-layer embeddings) or Gemma 2."""
+    if family == "gemma3":
+        return models.tiny_gemma(sequence_length=64, num_layers=6)
+    if family == "gemma4":
+        return models.tiny_gemma4(sequence_length=64, num_layers=4)
+    return tiny_gemma2()
 
 
 def prompts_of(lengths, vocab: int) -> list[list[int]]:
@@ -138,9 +141,9 @@ def check_forward(lm) -> str:
     layout = compat.cache_layout(lm)
     ids = np.array(prompts_of([9], lm.backbone.vocabulary_size), np.int32)
     caches = compat.empty_caches(lm, 1, 16, layout)
-    hidden, _ = compat.cached_forward(lm.backbone, ids, caches, 0, np.ones((1, 16), bool))
+    hidden, _ = compat.cached_forward(lm, ids, caches, 0, np.ones((1, 16), bool), layout)
     ours = lm.backbone.token_embedding(hidden, reverse=True)
-    stacked = caches if layout == "pairs" else np.stack([np.asarray(c) for c in caches], axis=1)
+    stacked = caches if layout != "stacked" else np.stack([np.asarray(c) for c in caches], axis=1)
     theirs, _, _ = lm.call_with_cache(ids, stacked, 0)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
     return layout

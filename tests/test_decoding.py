@@ -15,7 +15,7 @@ from conftest import IMAGE_PYTHON
 from nbutils import decoding, evaluation, paths
 
 
-@pytest.fixture(scope="module", params=["gemma3", "gemma2"])
+@pytest.fixture(scope="module", params=["gemma3", "gemma4", "gemma2"])
 def lm(request):
     """A tiny random model of each family (Gemma 3: 6 layers, so one uses global attention)."""
     return checks.tiny_model(request.param)
@@ -29,11 +29,14 @@ def test_decoding(lm, check):
 
 
 def test_cache_layout_and_forward_match_call_with_cache(lm):
-    """keras-hub 0.32's Gemma 3 takes (key, value) pairs, Gemma 2 one stacked array; the forward
-    matches call_with_cache."""
+    """keras-hub 0.32's Gemma 3 takes (key, value) pairs, Gemma 2 one stacked array, Gemma 4 one
+    array in a call_with_cache that masks padding; the forward matches call_with_cache."""
     import keras_hub
 
-    expected = "pairs" if isinstance(lm, keras_hub.models.Gemma3CausalLM) else "stacked"
+    expected = {
+        keras_hub.models.Gemma3CausalLM: "pairs",
+        keras_hub.models.Gemma4CausalLM: "model",
+    }.get(type(lm), "stacked")
     assert checks.check_forward(lm) == expected, (
         "keras-hub changed its cache layout: see compat.cache_layout"
     )

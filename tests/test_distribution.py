@@ -43,15 +43,13 @@ def steps():
 @pytest.mark.parametrize("spec", ["data", "model:2x2", "gemma4/data", "gemma4/model:2x2"])
 def test_distributed_step_equals_one_device(steps, spec):
     # fp32 sums in another order (per-device partial sums, then an all-reduce) change the loss by
-    # ~1e-7 relative. Adam's first step is lr·g/(|g| + 1e-7): where a gradient is near 1e-7 that
-    # reordering moves the step by up to ~1e-3 of the 1e-2 step (the tiny Gemma 4, whose gradients
-    # are smaller: a few entries of 512 by 1e-5, 8e-7 on average), hence atol 2e-5 on the updated
-    # adapter and a mean difference below 2e-4 of the step.
+    # ~1e-7 relative. Adam's step lr·g/(|g| + epsilon) amplifies such noise where |g| is near
+    # epsilon (Keras' 1e-7: a gradient of 1e-7 sees its step moved by a sizeable share), so the
+    # update runs with epsilon 1e-3, where the step stays smooth in g.
     one, many = steps[spec.replace("data", "none").replace("model:2x2", "none")], steps[spec]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for a, b in zip(one["adapter"], many["adapter"], strict=True):
-        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=2e-5)
-        assert np.abs(np.array(b) - np.array(a)).mean() < 2e-6
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
     moved = [np.abs(np.array(a)).sum() for a in one["adapter"]]
     assert all(m > 0 for m in moved)  # the comparison is over real, updated matrices
 

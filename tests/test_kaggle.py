@@ -198,6 +198,36 @@ def test_bundle_is_a_valid_dataset_without_the_image_stack(tmp_path):
     } & set(names)
 
 
+@pytest.mark.parametrize(
+    "model, handle",
+    [
+        ("gemma4_instruct_2b", "keras/gemma4/keras/gemma4_instruct_2b/2"),
+        ("kaggle://keras/gemma4/keras/gemma4_4b/2", "keras/gemma4/keras/gemma4_4b/2"),
+        ("gemma3_instruct_1b", "keras/gemma3/keras/gemma3_instruct_1b/3"),
+    ],
+)
+def test_other_models_render_with_their_source_and_the_stack_they_need(model, handle, tmp_path):
+    """A Gemma 4 preset or handle attaches its model; the code dataset then carries our keras-hub
+    and keras (the image's keras-hub 0.26 has no Gemma 4), installed without dependencies."""
+    cfg = {**CFG, "model": model}
+    for folder in kaggle.render(cfg, tmp_path / "kernels"):
+        meta = json.loads((folder / "kernel-metadata.json").read_text())
+        kaggle.check_kernel_metadata(meta, folder)
+        assert meta["model_sources"] == [handle]
+    code = kaggle.bundle(cfg, tmp_path / "code", wheels=False)
+    stack = code / kaggle.STACK_REQUIREMENTS
+    if "gemma4" in model:
+        pins = stack.read_text().split()
+        assert pins == ["keras==3.15.1", "keras-hub==0.32.0"] == kaggle.stack_requirements()
+    else:
+        assert not stack.exists()
+
+
+def test_unversioned_kaggle_handle_is_refused_for_kaggle():
+    with pytest.raises(kaggle.KaggleConfigError, match="a versioned 'kaggle://"):
+        kaggle.model_handle("kaggle://keras/gemma4/keras/gemma4_4b")
+
+
 def test_setup_cell_is_short_the_same_everywhere_and_quiet_locally():
     cells = {name: setup_cell(name) for name in pipeline.NOTEBOOKS}
     assert len(set(cells.values())) == 1, "the setup cells differ"
@@ -223,6 +253,8 @@ def test_setup_cell_on_a_simulated_kaggle(tmp_path, mount):
     dataset.mkdir(parents=True)
     shutil.copy(paths.REPO_ROOT / "nbutils" / "kaggle_setup.py", dataset)
     (dataset / "requirements-kaggle.txt").write_text("numpy  # installed: nothing to fetch\n")
+    # the newer keras-hub/keras a Gemma 4 run ships: installed without dependencies
+    (dataset / kaggle.STACK_REQUIREMENTS).write_text("numpy\n")
     with zipfile.ZipFile(dataset / "wheels.zip", "w") as z:
         z.writestr("README", "no wheels needed here")
     with zipfile.ZipFile(dataset / "nbutils.zip", "w") as z:
@@ -533,6 +565,15 @@ def test_the_real_cli_accepts_every_kernel_and_the_code_dataset(cli, rendered, t
         result["uploaded"]
     )
     assert not result["printed"].strip(), result["printed"]  # no warning (slug, retired shape)
+
+
+@pytest.mark.slow
+def test_gemma4_code_dataset_ships_keras_hub_and_keras_wheels(tmp_path):
+    code = kaggle.bundle({**CFG, "model": "gemma4_instruct_2b"}, tmp_path / "code")
+    wheels = sorted(p.name for p in (code / "wheels").iterdir())
+    shipped = {w.split("-")[0].replace("_", "-") for w in wheels}
+    assert {"keras", "keras-hub"} <= shipped and all(w.endswith("py3-none-any.whl") for w in wheels)
+    assert len(wheels) == len(kaggle.requirements()) + 2, wheels
 
 
 @pytest.mark.parametrize(
