@@ -5,7 +5,10 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 # A second environment pinned to the Kaggle image's stack (jax/keras/keras-hub/TensorFlow), for one smoke run.
 IMAGE_VENV := .venv-kaggle-image
 IMAGE_REQ := tests/kaggle-image-requirements.txt
-IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell cat $(IMAGE_REQ) requirements-kaggle.txt | sha1sum | cut -c1-12)
+# with our keras-hub and keras in a folder of their own, as a Gemma 4 kernel installs them over the image
+IMAGE_STACK := $(IMAGE_VENV)/newer-stack
+STACK_PINS := $(shell grep -E '^keras(-hub)?==' requirements.txt)
+IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell (cat $(IMAGE_REQ) requirements-kaggle.txt; echo $(STACK_PINS)) | sha1sum | cut -c1-12)
 # TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these that runs one.
 SUPPORTED := 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))'
 IMAGE_PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do $$p -c $(SUPPORTED) >/dev/null 2>&1 && echo $$p && break; done)
@@ -36,6 +39,8 @@ $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
 	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(IMAGE_REQ)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	rm -rf $(IMAGE_STACK)
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps --target $(IMAGE_STACK) $(STACK_PINS)
 	rm -f $(IMAGE_VENV)/.installed-*
 	touch $(IMAGE_STAMP)
 

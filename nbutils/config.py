@@ -95,7 +95,7 @@ PARAMS = _params(
     ("RESUME", False, "training", ("03",), "continue from RUN_ID's latest checkpoint"),
     ("RESUME_FROM", "", "training", ("03",), "latest checkpoint of a folder or attached kernel <owner>/<kernel>"),
     ("MAX_VAL_ROWS", 0, "training", TRAINING, "validation rows used (0: the whole split)", (), 0),
-    ("MIXED_PRECISION", "auto", "hardware", ("02", "03", "04", "05"), "'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32", ("auto", "bf16", "fp32", "fp16")),
+    ("MIXED_PRECISION", "auto", "hardware", ("02", "03", "04", "05"), "'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit", ("auto", "bf16", "bf16-weights", "fp32", "fp16")),
     ("DISTRIBUTION", "auto", "hardware", TRAINING, "'auto', 'none', 'data' or 'model:<data>x<model>'"),
     ("REQUIRE_ACCELERATOR", False, "hardware", TRAINING, "stop at once when JAX sees only the CPU"),
     # evaluation and experiments
@@ -192,6 +192,26 @@ PROFILES = {
     "kaggle-tpu": Profile(
         "Kaggle TPU v5e-8: data parallel over 8 cores",
         {**_KAGGLE, "BATCH_SIZE": 16, "GEN_BATCH_SIZE": 64, "DISTRIBUTION": "data"},
+    ),
+    "kaggle-gemma4": Profile(
+        "Gemma 4 E2B instruct on two T4s: weights in bf16 (fp32 cannot fit), 2 rows per GPU x 4",
+        {
+            **_KAGGLE,
+            "MODEL": "gemma4_instruct_2b",
+            "BATCH_SIZE": 4,
+            "GRAD_ACCUM": 4,
+            "GEN_BATCH_SIZE": 16,
+        },
+    ),
+    "kaggle-tpu-gemma4": Profile(
+        "Gemma 4 E2B instruct on a TPU v5e-8: weights split over 2 chips, 4 data groups",
+        {
+            **_KAGGLE,
+            "MODEL": "gemma4_instruct_2b",
+            "BATCH_SIZE": 16,
+            "GEN_BATCH_SIZE": 32,
+            "DISTRIBUTION": "model:4x2",
+        },
     ),
     "kaggle-cpu": Profile("Kaggle without an accelerator", {**_CPU, "MODEL": "gemma3_270m"}),
     "kaggle-smoke": Profile(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -39,7 +40,10 @@ def backend() -> str:
 
 
 # MIXED_PRECISION -> Keras dtype policy; "auto" picks bf16 only where the chip computes it natively.
-POLICIES = {"bf16": "mixed_bfloat16", "fp32": "float32"}
+# "bf16-weights" also stores the weights in bf16 (LoRA adapters and optimizer stay fp32).
+POLICIES = {"bf16": "mixed_bfloat16", "fp32": "float32", "bf16-weights": "bfloat16"}
+# "auto" stores the weights in bf16 where fp32 weights alone would take more of a device
+WEIGHTS_SHARE = 0.6
 BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere and newer have bf16 tensor cores; a T4 (7.5) has none
 FP16_REFUSAL = (
     "MIXED_PRECISION='fp16' is not offered: fp16 needs loss scaling and Gemma's activations "
@@ -53,14 +57,27 @@ def device_facts() -> tuple[str, str, str]:
     return device.platform, device.device_kind, str(getattr(device, "compute_capability", ""))
 
 
-def precision_policy(setting: str, platform: str, capability: str = "") -> tuple[str, str]:
+def precision_policy(
+    setting: str,
+    platform: str,
+    capability: str = "",
+    fp32_weights_gb: float = 0.0,
+    device_gb: float = math.inf,
+) -> tuple[str, str]:
     """The dtype policy for ``MIXED_PRECISION`` on a device, and the reason in a few words."""
     if setting == "fp16":
         raise ValueError(FP16_REFUSAL)
     if setting in POLICIES:
         return POLICIES[setting], f"{setting} as asked"
     if setting != "auto":
-        raise ValueError(f"MIXED_PRECISION={setting!r}: use 'auto', 'bf16' or 'fp32'.")
+        raise ValueError(
+            f"MIXED_PRECISION={setting!r}: use 'auto', 'bf16', 'bf16-weights' or 'fp32'."
+        )
+    if fp32_weights_gb > WEIGHTS_SHARE * device_gb:
+        return POLICIES["bf16-weights"], (
+            f"auto: fp32 weights ({fp32_weights_gb:.1f} GB) would fill over "
+            f"{WEIGHTS_SHARE:.0%} of the device's {device_gb:.1f} GB"
+        )
     if platform == "tpu":
         return POLICIES["bf16"], "auto: the TPU computes bf16"
     version = re.fullmatch(r"(\d+)\.(\d+)", capability) if platform == "gpu" else None
@@ -71,13 +88,35 @@ def precision_policy(setting: str, platform: str, capability: str = "") -> tuple
     return POLICIES["fp32"], f"auto: {platform} {capability}".rstrip()
 
 
-def use_precision(setting: str = "auto") -> str:
+def weights_gb(params: int, policy: str, model_axis: int = 1) -> float:
+    """GB of ``params`` weights stored in ``policy`` on one device, split over the model axis (the
+    layout map's kernels are nearly all of a Gemma's weights)."""
+    return params * (2 if policy == "bfloat16" else 4) / model_axis / 1e9
+
+
+def use_precision(setting: str = "auto", params: int = 0) -> str:
     """Set Keras' global dtype policy for ``MIXED_PRECISION`` on JAX's device (call before the
-    model is built), print it with its reason; returns the policy name."""
+    model is built, after the distribution), print it with its reason; returns the policy name.
+
+    ``params``: the model's parameter count where known before loading (a keras-hub preset's): its
+    weights per device are printed, weigh in ``"auto"``, and a set-up whose weights alone cannot fit
+    is refused in one line.
+    """
     platform, kind, capability = device_facts()
-    policy, reason = precision_policy(setting, platform, capability)
+    model_axis, device = mesh_axes()[1], device_memory_gb()
+    fp32 = weights_gb(params, "float32", model_axis)
+    policy, reason = precision_policy(setting, platform, capability, fp32, device)
     keras.mixed_precision.set_global_policy(policy)
     print(f"dtype policy {policy} on {kind} ({reason})")
+    if params:
+        need = weights_gb(params, policy, model_axis)
+        print(f"weights: {params / 1e9:.2f}B parameters, {need:.1f} GB per device of {device:.1f}")
+        if need > 0.9 * device:
+            raise ValueError(
+                f"the model's {params / 1e9:.1f}B parameters need {need:.1f} GB per device in "
+                f"{policy}, the device has {device:.1f} GB: use MIXED_PRECISION='bf16-weights', "
+                "more devices on the model axis (DISTRIBUTION='model:<data>x<model>'), or a smaller MODEL."
+            )
     return policy
 
 

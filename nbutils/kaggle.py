@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
-from nbutils import files, models, paths, pipeline
+from nbutils import config, files, models, paths, pipeline
 
 CONFIG = paths.REPO_ROOT / "kaggle-metadata.json"
 KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
@@ -134,8 +134,13 @@ def read_config(path: Path = CONFIG, username: str = "") -> dict:
 
 
 def profile_of(cfg: dict) -> str:
-    """The pipeline profile the kernels run: the config's, or the accelerator's."""
-    return cfg.get("profile") or ACCELERATORS[cfg["accelerator"]][3]
+    """The pipeline profile the kernels run: the config's, or the accelerator's (its Gemma 4
+    variant for a Gemma 4 model, where there is one)."""
+    if cfg.get("profile"):
+        return cfg["profile"]
+    profile = ACCELERATORS[cfg["accelerator"]][3]
+    variant = f"{profile}-gemma4"
+    return variant if needs_newer_stack(cfg["model"]) and variant in config.PROFILES else profile
 
 
 def model_handle(model: str) -> str:

@@ -294,6 +294,16 @@ def kaggle_handle(model: str) -> str:
     )
 
 
+def preset_params(model: str) -> int:
+    """The parameter count keras-hub lists for a preset name or its ``kaggle://`` handle (0 when
+    unknown: local folders, tiny models)."""
+    variation = kaggle_handle(model).rsplit("/", 1)[0]  # any version
+    for preset in keras_hub.models.CausalLM.presets.values():
+        if variation and preset.get("kaggle_handle", "").rsplit("/", 1)[0].endswith(variation):
+            return int(preset.get("metadata", {}).get("params", 0))
+    return 0
+
+
 def license_page(model: str) -> str:
     """The Kaggle page where a Gemma preset's license is accepted."""
     owner_model = "/".join(kaggle_handle(model).split("/")[:2])

@@ -206,6 +206,12 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
             f"found {len(layers)} LoRA-enabled layers, keras-hub enabled {expected}: "
             "call backbone.enable_lora(...) once, before configure_lora."
         )
+    stored = {layer.lora_kernel_a.dtype for layer in layers}
+    if stored != {"float32"}:  # keras-hub#2629: Keras before 3.15 under a bfloat16 policy
+        raise ValueError(
+            f"Keras {keras.__version__} stores the LoRA adapters in {', '.join(sorted(stored))}, "
+            "where Adam's small updates round away; use Keras 3.15+ or MIXED_PRECISION='bf16'."
+        )
     for layer in layers:
         compat.unmerge_lora(layer)
         layer.lora_alpha = float(alpha)

@@ -34,7 +34,7 @@ MAX_TEST_ROWS = 0  # test rows to answer (0: the whole split)
 MAX_NEW_TOKENS = 48  # answer length cap
 SAMPLER = "greedy"  # 'greedy', 'top_k:<k>' or 'top_p:<p>' (seeded)
 GEN_BATCH_SIZE = 16  # prompts decoded together
-MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 
 # %% [markdown]
 # ## 1. Test rows and the model
@@ -50,7 +50,9 @@ template, SEQUENCE_LENGTH = (
     manifest["params"]["sequence_length"],
 )
 out = runs.run_dir(RUN_ID)
-policy = devices.use_precision(MIXED_PRECISION)  # 04 decodes in the same one
+policy = devices.use_precision(
+    MIXED_PRECISION, models.preset_params(MODEL)
+)  # 04 decodes in the same one
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.load_seconds}s")
 

@@ -64,7 +64,7 @@ KEEP_CHECKPOINTS = 2  # newest checkpoints kept
 RESUME = False  # continue from RUN_ID's latest checkpoint
 RESUME_FROM = ""  # latest checkpoint of a folder or attached kernel <owner>/<kernel>
 MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
-MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
 REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 
@@ -78,9 +78,9 @@ REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 # %%
 MODEL = models.choose_model(MODEL)
 devices.require_accelerator(REQUIRE_ACCELERATOR)
-policy = devices.use_precision(MIXED_PRECISION)  # must be set before the model is built
-# so is the device mesh its weights are laid out on
+# the device mesh the weights are laid out on, and their dtype: set before the model is built
 distribution = devices.use_distribution(DISTRIBUTION)
+policy = devices.use_precision(MIXED_PRECISION, models.preset_params(MODEL))
 splits, manifest = data.load_processed(DATASET)
 template, SEQUENCE_LENGTH = (
     prompts.Template.from_manifest(manifest, MODEL),

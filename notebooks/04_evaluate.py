@@ -29,7 +29,7 @@ MODEL = "auto"  # 'auto' (embedded 270M offline, preset on Kaggle), 'tiny', a ke
 DATASET = "pycode-summary"  # built-in task, 'hf:<owner>/<name>', 'kaggle:<owner>/<dataset>'; the data/processed folder name
 RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
-MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 N_BOOTSTRAP = 1000  # paired bootstrap resamples
 PROMPTS = ["What does this do? def area(r): return 3.14 * r * r"]  # prompts to try, base vs tuned
 
@@ -56,7 +56,7 @@ if (spec["template"], spec["stop_token"]) != (settings["template"], settings["st
         f"the adapter was trained with template {spec['template']!r}/{spec['stop_token']!r} but the baseline "
         f"used {settings['template']!r}/{settings['stop_token']!r}; re-run 02 and 03 on the same data."
     )
-if devices.use_precision(MIXED_PRECISION) != settings["policy"]:
+if devices.use_precision(MIXED_PRECISION, models.preset_params(MODEL)) != settings["policy"]:
     raise ValueError(
         f"MIXED_PRECISION={MIXED_PRECISION!r}: 02 decoded in {settings['policy']}; use its setting."
     )

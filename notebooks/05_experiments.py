@@ -55,7 +55,7 @@ MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
 EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement
 MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
-MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32
+MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
 REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 N_BOOTSTRAP = 1000  # paired bootstrap resamples
@@ -71,8 +71,8 @@ QUANTIZE = ""  # base weights where a configuration does not say ('' float, 'int
 # %%
 MODEL = models.choose_model(MODEL)
 devices.require_accelerator(REQUIRE_ACCELERATOR)
-policy = devices.use_precision(MIXED_PRECISION)
 devices.use_distribution(DISTRIBUTION)
+policy = devices.use_precision(MIXED_PRECISION, models.preset_params(MODEL))
 baseline = runs.read_step_output(RUN_ID, "02_baseline_inference")
 settings = baseline["settings"]
 if settings["model"] != MODEL:

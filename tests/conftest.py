@@ -22,7 +22,15 @@ FAKE_KAGGLE = {
 # Slow checks run by `make test-all` (CI) only: other package stacks, kill/resume, device meshes,
 # the real 270M model, the benchmarks' own tests, nbval and the docs pages' drift.
 SLOW_MODULES = {"test_resume", "test_distribution", "test_bench"}
-SLOW_FIXTURES = {"real_lm", "gguf_reader", "image_smoke_run"}
+SLOW_FIXTURES = {
+    "real_lm",
+    "gguf_reader",
+    "image_smoke_run",
+    "gemma4_smoke_run",
+    "image_gemma4_smoke_run",
+}
+# the tiny Gemma 4 with the instruction-tuned layout (stop on its end-of-turn token)
+GEMMA4_PARAMS = ("MODEL", "tiny-gemma4", "STOP_TOKEN", "<turn|>")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,17 +40,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def run_smoke_series(root, python: str, run_id: str) -> None:
+def run_smoke_series(root, python: str, run_id: str, params=(), **env) -> None:
     """The smoke pipeline (01 -> 04 -> 06) under ``root`` with ``python``, as a user runs it (Kaggle
-    credentials in the environment, so the runs can be checked for leaks)."""
+    credentials in the environment, so the runs can be checked for leaks); ``params``: name,
+    value, name, value… for ``-p``."""
     env = {
         **os.environ,
         "NBUTILS_PROCESSED_DIR": str(root / "processed"),
         "NBUTILS_RUNS_DIR": str(root / "runs"),
         **FAKE_KAGGLE,
+        **env,
     }
+    overrides = [arg for i in range(0, len(params), 2) for arg in ("-p", *params[i : i + 2])]
     done = subprocess.run(
-        [python, "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", run_id],
+        [python, "-m", "nbutils.pipeline", "--profile", "smoke", "--run-id", run_id, *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -75,6 +86,35 @@ def image_smoke_run(tmp_path_factory):
     assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
     root = tmp_path_factory.mktemp("image-smoke")
     run_smoke_series(root, str(IMAGE_PYTHON), "image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def gemma4_smoke_run(tmp_path_factory):
+    """The series on the tiny Gemma 4 (pinned stack), instruction-tuned layout. Returns its
+    folder."""
+    root = tmp_path_factory.mktemp("gemma4-smoke")
+    run_smoke_series(root, sys.executable, "gemma4", GEMMA4_PARAMS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_gemma4_smoke_run(tmp_path_factory):
+    """The same on the Kaggle image's jax and TensorFlow, with our keras-hub and keras on top
+    (installed without dependencies, as a Gemma 4 kernel's setup cell does)."""
+    stack = IMAGE_PYTHON.parent.parent / "newer-stack"
+    if not stack.is_dir():
+        pytest.skip("`make test-all` builds .venv-kaggle-image with its newer-stack folder")
+    probe = "import jax, keras, keras_hub, tensorflow as tf; print(jax.__version__, keras.__version__, keras_hub.__version__, tf.__version__)"
+    versions = subprocess.run(
+        [str(IMAGE_PYTHON), "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(stack)},
+    ).stdout.split()
+    assert versions == ["0.7.2", "3.15.1", "0.32.0", "2.19.0"], versions
+    root = tmp_path_factory.mktemp("image-gemma4-smoke")
+    run_smoke_series(root, str(IMAGE_PYTHON), "image-gemma4", GEMMA4_PARAMS, PYTHONPATH=str(stack))
     return root
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import FAKE_KAGGLE, IMAGE_PYTHON
 from packaging.requirements import Requirement
 
-from nbutils import devices, kaggle, models, paths, pipeline
+from nbutils import config, devices, kaggle, models, paths, pipeline
 
 CFG = {
     "username": "alice",
@@ -223,6 +223,17 @@ def test_other_models_render_with_their_source_and_the_stack_they_need(model, ha
         assert not stack.exists()
 
 
+def test_a_gemma4_model_runs_the_accelerator_s_gemma4_profile():
+    for accelerator, profile in [("gpu-t4x2", "kaggle-gemma4"), ("tpu-v5e-8", "kaggle-tpu-gemma4")]:
+        cfg = {**CFG, "accelerator": accelerator, "model": "gemma4_instruct_2b"}
+        assert kaggle.profile_of(cfg) == profile
+        assert kaggle.profile_of({**cfg, "model": "gemma3_1b"}) == profile.removesuffix("-gemma4")
+    assert (
+        kaggle.profile_of({**CFG, "model": "gemma4_2b", "profile": "kaggle-smoke"})
+        == "kaggle-smoke"
+    )
+
+
 def test_unversioned_kaggle_handle_is_refused_for_kaggle():
     with pytest.raises(kaggle.KaggleConfigError, match="a versioned 'kaggle://"):
         kaggle.model_handle("kaggle://keras/gemma4/keras/gemma4_4b")
@@ -341,6 +352,14 @@ def test_padded_rows_add_zero_weight_copies_to_a_multiple():
     assert (padded["token_ids"][6:] == inputs["token_ids"][0]).all()
     assert padded["weights"][6:].sum() == 0 and padded["weights"][:6].sum() == 12
     assert devices.padded_rows(inputs, 3) is inputs
+
+
+def test_tiny_gemma4_on_the_kaggle_image_stack(image_gemma4_smoke_run):
+    """Gemma 4 on the image's jax 0.7.2 and TensorFlow 2.19 with our keras-hub and keras on top."""
+    from test_notebooks import check_gemma4_run
+
+    check_gemma4_run(image_gemma4_smoke_run, "image-gemma4")
+    assert not secret_leaks(image_gemma4_smoke_run, list(FAKE_KAGGLE.values()))
 
 
 def test_memory_estimate_and_accelerator_check(tiny_lm, monkeypatch):
@@ -593,6 +612,7 @@ def test_gemma4_code_dataset_ships_keras_hub_and_keras_wheels(tmp_path):
         ("bf16", "gpu", "7.5", "mixed_bfloat16"),  # an explicit choice (memory) is kept
         ("bf16", "cpu", "", "mixed_bfloat16"),
         ("fp32", "tpu", "", "float32"),
+        ("bf16-weights", "gpu", "7.5", "bfloat16"),  # weights stored in bf16 too
     ],
 )
 def test_precision_follows_the_hardware(setting, platform, capability, policy):
@@ -602,8 +622,49 @@ def test_precision_follows_the_hardware(setting, platform, capability, policy):
 def test_fp16_and_unknown_precisions_are_refused_in_one_line():
     with pytest.raises(ValueError, match="fp16 needs loss scaling"):
         devices.precision_policy("fp16", "gpu", "7.5")
-    with pytest.raises(ValueError, match="use 'auto', 'bf16' or 'fp32'"):
+    with pytest.raises(ValueError, match="use 'auto', 'bf16', 'bf16-weights' or 'fp32'"):
         devices.precision_policy("on", "gpu", "8.0")
+
+
+@pytest.mark.parametrize(
+    "profile, device_gb, mesh, policy",
+    [
+        ("kaggle-gemma4", 15.8, (2, 1), "bfloat16"),  # T4s: fp32 E2B (20 GB) cannot fit one
+        ("kaggle-tpu-gemma4", 15.75, (4, 2), "bfloat16"),  # v5e: 10 GB of 15.75 per chip
+        ("kaggle", 15.8, (2, 1), "float32"),  # Gemma 3 1B: 4 GB, fp32 on a T4
+    ],
+)
+def test_kaggle_profiles_store_weights_in_bf16_where_fp32_cannot_fit(
+    profile, device_gb, mesh, policy
+):
+    values = {**config.PROFILES[profile].values}
+    params = models.preset_params(values["MODEL"])
+    assert (
+        devices.parse_distribution(values.get("DISTRIBUTION", "auto"), 8 if "tpu" in profile else 2)
+        == mesh
+    )
+    fp32 = devices.weights_gb(params, "float32", mesh[1])
+    chosen, reason = devices.precision_policy(
+        "auto", "tpu" if "tpu" in profile else "gpu", "7.5", fp32, device_gb
+    )
+    assert chosen == policy, reason
+    assert devices.weights_gb(params, chosen, mesh[1]) < 0.7 * device_gb
+
+
+def test_use_precision_refuses_weights_that_cannot_fit(monkeypatch, capsys):
+    monkeypatch.setattr(devices, "device_memory_gb", lambda: 3.0)
+    try:
+        assert devices.use_precision("auto", params=1_000_000_000) == "bfloat16"  # 4 GB in fp32
+        out = capsys.readouterr().out
+        assert "would fill over 60% of the device's 3.0 GB" in out
+        assert "weights: 1.00B parameters, 2.0 GB per device of 3.0" in out
+        with pytest.raises(
+            ValueError, match="need 4.0 GB per device in float32.*bf16-weights"
+        ) as err:
+            devices.use_precision("fp32", params=1_000_000_000)
+        assert "\n" not in str(err.value)
+    finally:
+        devices.keras.mixed_precision.set_global_policy("float32")
 
 
 def test_use_precision_sets_and_prints_the_policy(capsys):

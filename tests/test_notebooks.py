@@ -90,6 +90,29 @@ def test_the_series_writes_its_report_and_exports_without_secrets(smoke_run):
     assert not secret_leaks(smoke_run, list(FAKE_KAGGLE.values()))
 
 
+def check_gemma4_run(root, run_id: str) -> None:
+    """A tiny Gemma 4 series: the instruction-tuned layout recorded by 01, 02 and 03 alike, your
+    prompts answered, and the exports checked (GGUF skipped: the port covers Gemma 3)."""
+    manifest = json.loads((root / "processed" / "pycode-summary" / "manifest.json").read_text())
+    run = root / "runs" / run_id
+    baseline = json.loads((run / "baseline_metrics.json").read_text())["settings"]
+    adapter = json.loads((run / "adapter.json").read_text())
+    for record in (manifest, baseline, adapter):
+        assert (record["template"], record["stop_token"]) == ("gemma4", "<turn|>"), record
+    predictions = [json.loads(line) for line in (run / "tuned_predictions.jsonl").open()]
+    assert all(p["prompt"].startswith("<|turn>user\n") for p in predictions)
+    assert all(p["prompt"].endswith("<turn|>\n<|turn>model\n") for p in predictions)
+    assert (run / "own_prompts.jsonl").read_text().count("\n") == 1
+    verified = json.loads((run / "export" / "export_verification.json").read_text())
+    checks = verified["checks"]
+    assert {"keras_preset", "transformers", "transformers_tokenizer"} <= set(checks)
+    assert all(c["passed"] for c in checks.values()) and "gguf" not in checks, checks
+
+
+def test_tiny_gemma4_runs_the_series(gemma4_smoke_run):
+    check_gemma4_run(gemma4_smoke_run, "gemma4")
+
+
 @pytest.mark.slow
 def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
     """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in

@@ -193,6 +193,19 @@ def test_lora_variables_stay_float32_under_bf16(policy):
     assert frozen == ("float32" if policy == "mixed_bfloat16" else "bfloat16")
 
 
+def test_bf16_adapters_are_refused(tiny):
+    """What an older Keras builds under a bfloat16 policy is refused in one line."""
+    tiny.backbone.enable_lora(2, target_layer_names=training.lora_layer_names("query,value"))
+    for layer in training.lora_layers(tiny.backbone):
+        # past Keras' state tracking, as an older Keras built it
+        object.__setattr__(
+            layer, "lora_kernel_a", keras.Variable(layer.lora_kernel_a.value, dtype="bfloat16")
+        )
+    with pytest.raises(ValueError, match="LoRA adapters in bfloat16.*Keras 3.15\\+") as err:
+        training.configure_lora(tiny.backbone, alpha=4)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_schedules_warm_up_then_decay(kind):
     cfg = training.TrainConfig(learning_rate=1e-3, warmup_steps=10, schedule=kind)
