@@ -402,20 +402,18 @@ def test_same_seed_same_adapter_and_log(tmp_path):
 
 
 def test_mixed_precision_step_matches_fp32(arrays):
-    """bf16 compute (the GPU/TPU default) trains through the same path; its loss is close to
-    fp32's."""
+    """bf16 compute (the GPU/TPU default), and bf16 weights too (``bf16-weights``), train through
+    the same path; the loss is close to fp32's."""
     import keras
 
     losses = {}
-    for policy in ("float32", "mixed_bfloat16"):
+    for policy in ("float32", "mixed_bfloat16", "bfloat16"):
         keras.mixed_precision.set_global_policy(policy)
         try:
             lm = models.load_gemma("tiny", sequence_length=128)
             training.enable_lora(lm, 4, "all", 8, seed=0)
             trainer = training.Trainer(lm, training_optimizer())
-            assert lm.backbone.compute_dtype == (
-                "bfloat16" if policy == "mixed_bfloat16" else "float32"
-            )
+            assert lm.backbone.compute_dtype == ("float32" if policy == "float32" else "bfloat16")
             losses[policy], state = trainer.update(
                 [batches.make_batch(arrays, np.arange(4))], trainer.state()
             )
@@ -423,11 +421,10 @@ def test_mixed_precision_step_matches_fp32(arrays):
             assert all(np.asarray(v).dtype == np.float32 for v in state[0])
         finally:
             keras.mixed_precision.set_global_policy("float32")
-    assert np.isfinite(losses["mixed_bfloat16"])
-    assert (
-        losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
-        and losses["mixed_bfloat16"] != losses["float32"]
-    )
+    for policy in ("mixed_bfloat16", "bfloat16"):
+        assert np.isfinite(losses[policy])
+        assert losses[policy] == pytest.approx(losses["float32"], rel=2e-2)
+        assert losses[policy] != losses["float32"]
 
 
 @pytest.mark.slow  # the fast tier trains an int8 base in the sweep (sweep-smoke's default)
