@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import pytest
 
-from nbutils import gguf_port, models
+from nbutils import compat, gguf_port, models
 
 TEXTS = [
     "Hello, world!",
@@ -286,3 +286,36 @@ def test_truncated_vocabulary_holds_the_kept_pieces_once():
         assert [p.piece for p in cut.pieces] == expected and cut.trainer_spec.vocab_size == 10
     with pytest.raises(ValueError, match="cannot keep"):
         gguf_port.truncated_proto(model.SerializeToString(), 2, ("p3", "p7", "p15"))
+
+
+def test_a_saved_gemma4_preset_loads_as_gemma4_causal_lm(tmp_path):
+    """keras-hub's ``CausalLM.from_preset`` builds any task class of the backbone (0.32: the
+    speculative-decoding ``Gemma4AssistantCausalLM``); ``load_gemma`` picks ``Gemma4CausalLM``."""
+    import keras_hub
+
+    lm = models.load_gemma(models.TINY_GEMMA4, sequence_length=32)
+    lm.save_to_preset(str(tmp_path / "g4"))
+    assert models.causal_lm_class(str(tmp_path / "g4")) is keras_hub.models.Gemma4CausalLM
+    assert models.causal_lm_class("gemma4_instruct_2b") is keras_hub.models.Gemma4CausalLM
+    assert models.causal_lm_class("gemma3_1b") is keras_hub.models.CausalLM
+    loaded = models.load_gemma(str(tmp_path / "g4"), sequence_length=32)
+    assert type(loaded) is keras_hub.models.Gemma4CausalLM
+    ids = np.array([[2, 10, 20, 30]])
+    inputs = compat.text_inputs(lm.backbone, ids, ids > 0)
+    np.testing.assert_array_equal(
+        np.asarray(loaded.backbone(inputs)), np.asarray(lm.backbone(inputs))
+    )
+
+
+def test_gemma4_facts_the_series_relies_on():
+    """Gemma 4 names its layers as Gemma 3 does (LoRA targets, layout map), its tokenizer has the
+    turn markers as single ids, and its backbone wants position ids."""
+    lm = models.load_gemma(models.TINY_GEMMA4, sequence_length=32)
+    paths = {v.path for v in lm.backbone.weights}
+    for name in ("query", "key", "value", "attention_output"):
+        assert f"decoder_block_0/attention/{name}/kernel" in paths
+    for name in ("ffw_gating", "ffw_gating_2", "ffw_linear"):
+        assert f"decoder_block_1/{name}/kernel" in paths
+    tokenizer = lm.preprocessor.tokenizer
+    assert len(tokenizer("<|turn>user\n")) == 3 and tokenizer.token_to_id("<turn|>") == 106
+    assert "position_ids" in lm.backbone.input
