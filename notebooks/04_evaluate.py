@@ -133,10 +133,10 @@ print(f"report: {report_path}")
 
 # %%
 own = [{"id": str(i), "instruction": p, "input": "", "output": ""} for i, p in enumerate(PROMPTS)]
-decode = (settings["max_new_tokens"], settings["gen_batch_size"], settings["sampler"], SEED, False)
-tuned_own = evaluation.generate(lm, own, template, *decode)
+decode = [settings[k] for k in ("max_new_tokens", "gen_batch_size", "sampler", "seed")]
+tuned_own = evaluation.generate(lm, own, template, *decode, progress=False)
 with training.adapter_off(lm):
-    base_own = evaluation.generate(lm, own, template, *decode)
+    base_own = evaluation.generate(lm, own, template, *decode, progress=False)
 files.write_jsonl(
     out / "own_prompts.jsonl",
     [

@@ -176,6 +176,22 @@ def test_gemma4_adapter_reloads_by_layer_path(tmp_path):
     np.testing.assert_array_equal(np.asarray(fresh.backbone(probe)), expected)
 
 
+def test_adapter_off_computes_the_base_model_and_restores_the_adapter():
+    base = models.load_gemma("tiny-gemma4", sequence_length=32)
+    ids = np.array([[2, 100, 200, 300]])
+    probe = compat.text_inputs(base.backbone, ids, ids > 0)
+    expected = np.asarray(base.backbone(probe))
+    tuned = models.load_gemma("tiny-gemma4", sequence_length=32)
+    training.enable_lora(tuned, 2, "all", 4)
+    for layer in training.lora_layers(tuned.backbone):
+        layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.05, "float32"))
+    with_adapter = np.asarray(tuned.backbone(probe))
+    with training.adapter_off(tuned):
+        np.testing.assert_array_equal(np.asarray(tuned.backbone(probe)), expected)
+    np.testing.assert_array_equal(np.asarray(tuned.backbone(probe)), with_adapter)
+    assert not np.allclose(with_adapter, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
 def test_lora_variables_stay_float32_under_bf16(policy):
     """keras-hub#2629: bf16 LoRA variables make Adam's updates round away; ours are float32 under
