@@ -68,14 +68,41 @@ def low_rank_product(xa, b):
 
 
 def text_inputs(backbone, token_ids, padding_mask) -> dict:
-    """The inputs ``backbone`` takes for text rows: Gemma 4's also takes ``position_ids`` (0, 1, …
-    in every row, as its preprocessor makes them); Gemma 2 and 3 take the two arrays only."""
+    """The inputs ``backbone`` takes for text rows.
+
+    Gemma 4's also takes ``position_ids`` (0, 1, … in every row, as its preprocessor makes them);
+    a multimodal Gemma 4 (keras-hub's E2B and E4B presets) also takes image and audio inputs, given
+    here empty, as its preprocessor does for a prompt without media. Gemma 2 and 3 take the two
+    arrays only. An input not known here is refused, naming it (a keras-hub release added it).
+    """
     inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-    if "position_ids" in backbone.input:
-        inputs = {k: ops.convert_to_tensor(v) for k, v in inputs.items()}
-        positions = ops.arange(ops.shape(token_ids)[1], dtype="int32")
-        inputs["position_ids"] = ops.broadcast_to(positions, ops.shape(token_ids))
-    return inputs
+    wanted = set(backbone.input) - set(inputs)
+    if not wanted:
+        return inputs
+    rows, width = ops.shape(token_ids)
+    empty = {
+        "position_ids": lambda: ops.broadcast_to(ops.arange(width, dtype="int32"), (rows, width)),
+        "pixel_values": lambda: ops.zeros(
+            (rows, 0, 1, 3 * backbone.vision_encoder.patch_size**2), "float32"
+        ),
+        "pixel_position_ids": lambda: ops.zeros((rows, 0, 1, 2), "int32"),
+        "vision_indices": lambda: ops.zeros((rows, 0), "int32"),
+        "vision_mask": lambda: ops.zeros((rows, width), "int32"),
+        "audio_mel": lambda: ops.zeros(
+            (rows, 0, 1, backbone.audio_encoder.input_feat_size), "float32"
+        ),
+        "audio_mel_mask": lambda: ops.zeros((rows, 0, 1), "int32"),
+        "audio_indices": lambda: ops.zeros((rows, 0), "int32"),
+        "audio_mask": lambda: ops.zeros((rows, width), "int32"),
+    }
+    unknown = wanted - set(empty)
+    if unknown:
+        raise RuntimeError(
+            f"compat.text_inputs: {type(backbone).__name__} takes {sorted(unknown)}, unknown to "
+            "this series; this keras-hub release changed its inputs."
+        )
+    inputs = {k: ops.convert_to_tensor(v) for k, v in inputs.items()}
+    return {**inputs, **{name: empty[name]() for name in wanted}}
 
 
 def cached_forward(lm, token_ids, caches, index, key_mask, layout: str):

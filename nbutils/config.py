@@ -202,6 +202,7 @@ PROFILES = {
             "GRAD_ACCUM": 4,
             "GEN_BATCH_SIZE": 16,
         },
+        SERIES[:4],  # 06 checks exports in fp32 on one device: E2B's 20 GB fit neither
     ),
     "kaggle-tpu-gemma4": Profile(
         "Gemma 4 E2B instruct on a TPU v5e-8: weights split over 2 chips, 4 data groups",
@@ -212,6 +213,7 @@ PROFILES = {
             "GEN_BATCH_SIZE": 32,
             "DISTRIBUTION": "model:4x2",
         },
+        SERIES[:4],
     ),
     "kaggle-cpu": Profile("Kaggle without an accelerator", {**_CPU, "MODEL": "gemma3_270m"}),
     "kaggle-smoke": Profile(

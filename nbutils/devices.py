@@ -112,10 +112,11 @@ def use_precision(setting: str = "auto", params: int = 0) -> str:
         need = weights_gb(params, policy, model_axis)
         print(f"weights: {params / 1e9:.2f}B parameters, {need:.1f} GB per device of {device:.1f}")
         if need > 0.9 * device:
+            bf16 = "" if policy == "bfloat16" else "MIXED_PRECISION='bf16-weights', "
             raise ValueError(
                 f"the model's {params / 1e9:.1f}B parameters need {need:.1f} GB per device in "
-                f"{policy}, the device has {device:.1f} GB: use MIXED_PRECISION='bf16-weights', "
-                "more devices on the model axis (DISTRIBUTION='model:<data>x<model>'), or a smaller MODEL."
+                f"{policy}, the device has {device:.1f} GB: use {bf16}more devices on the model "
+                "axis (03 and 05: DISTRIBUTION='model:<data>x<model>'), or a smaller MODEL."
             )
     return policy
 

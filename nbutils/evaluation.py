@@ -103,8 +103,8 @@ def generate(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Generate an answer for every row; returns id, prompt, reference, prediction, stopped,
-    n_tokens.
+    """Generate an answer for every row; returns id, instruction, prompt (as rendered), reference,
+    prediction, stopped, n_tokens.
 
     Each answer has at most ``max_new_tokens`` tokens, its stop token included (see
     :mod:`nbutils.decoding`).
@@ -134,6 +134,7 @@ def generate(
             ids, stopped = answer_tokens(new, stop)
             results[i] = {
                 "id": rows[i].get("id", str(i)),
+                "instruction": rows[i]["instruction"],
                 "prompt": texts[i],
                 "reference": rows[i]["output"],
                 "prediction": tokenizer.detokenize(ids) if ids else "",

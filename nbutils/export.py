@@ -163,13 +163,18 @@ def gemma4_export_fixes(backbone, folder: Path) -> None:
     Its exporter writes ``num_global_key_value_heads`` even for a model without one, and its
     importer takes that field to mean "global layers reuse the key as the value" (26B, 31B): it
     builds those layers without their value projection. Its importer also reads
-    ``processor_config.json``, which a text-only export lacks (no section of it applies).
+    ``processor_config.json``, which a text-only export lacks (no section of it applies; a
+    multimodal export's importer needs its real image and audio sections, not written here).
     """
     config = files.read_json(folder / "config.json")
     if backbone.num_global_key_value_heads is None:
-        config.update(num_global_key_value_heads=None, attention_k_eq_v=False)
+        # a multimodal model's text settings are nested under text_config
+        config.get("text_config", config).update(
+            num_global_key_value_heads=None, attention_k_eq_v=False
+        )
         files.write_json(folder / "config.json", config)
-    if not (folder / "processor_config.json").exists():
+    text_only = not ({"vision_config", "audio_config"} & set(config))
+    if text_only and not (folder / "processor_config.json").exists():
         files.write_json(folder / "processor_config.json", {})
 
 

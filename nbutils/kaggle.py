@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
-from nbutils import config, files, models, paths, pipeline
+from nbutils import config, files, models, paths, pipeline, prompts
 
 CONFIG = paths.REPO_ROOT / "kaggle-metadata.json"
 KAGGLE_DIR = paths.BUILD_DIR / "kaggle"
@@ -37,7 +37,6 @@ IMAGE_PYTHON = "3.12"  # the Kaggle image's Python, for the bundled wheels
 # dependencies so the image's jax and TensorFlow stay as they are; `make test-all` runs the tiny
 # Gemma 4 through the series on the image's stack with these two on top.
 NEWER_STACK = ("keras-hub", "keras")
-NEWER_STACK_FAMILIES = ("gemma4",)
 STACK_REQUIREMENTS = "requirements-kaggle-stack.txt"
 # accelerator -> (enable_gpu, enable_tpu, machine_shape, pipeline profile). Each name says what
 # the session gets; the shapes are the ones the Kaggle CLI's help names (`kaggle kernels push
@@ -343,8 +342,8 @@ def requirements() -> list[str]:
 
 
 def needs_newer_stack(model: str) -> bool:
-    """Whether ``model`` is of a family the image's keras-hub cannot build."""
-    return any(family in model.lower() for family in NEWER_STACK_FAMILIES)
+    """Whether ``model`` is of a family the image's keras-hub cannot build (Gemma 4)."""
+    return prompts.is_gemma4(model)
 
 
 def stack_requirements() -> list[str]:

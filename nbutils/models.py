@@ -26,7 +26,7 @@ from pathlib import Path
 import keras
 import keras_hub
 
-from nbutils import compat, devices, files, gguf_port, network, paths, quiet
+from nbutils import compat, devices, files, gguf_port, network, paths, prompts, quiet
 
 AUTO_MODEL = "auto"
 LOCAL_MODEL = "gemma3_270m_local"
@@ -295,11 +295,15 @@ def kaggle_handle(model: str) -> str:
 
 
 def preset_params(model: str) -> int:
-    """The parameter count keras-hub lists for a preset name or its ``kaggle://`` handle (0 when
-    unknown: local folders, tiny models)."""
-    variation = kaggle_handle(model).rsplit("/", 1)[0]  # any version
+    """The parameter count keras-hub lists for a preset name, a ``kaggle://`` handle of one, or a
+    keras-hub preset folder (0 when unknown: tiny models, other handles)."""
+    metadata = paths.resolve(model) / "metadata.json"  # a keras-hub preset folder's
+    if "://" not in model and metadata.is_file():
+        return int(json.loads(metadata.read_text()).get("parameter_count", 0))
+    variation = kaggle_handle(model).split("/")[:4]  # any version
     for preset in keras_hub.models.CausalLM.presets.values():
-        if variation and preset.get("kaggle_handle", "").rsplit("/", 1)[0].endswith(variation):
+        handle = preset.get("kaggle_handle", "").removeprefix("kaggle://").split("/")[:4]
+        if len(variation) == 4 and handle == variation:
             return int(preset.get("metadata", {}).get("params", 0))
     return 0
 
@@ -319,14 +323,14 @@ def causal_lm_class(preset: str):
 
     ``CausalLM.from_preset`` picks any task class of the preset's backbone: for Gemma 4 (keras-hub
     0.32) it builds ``Gemma4AssistantCausalLM``, the speculative-decoding draft model, which fails.
+    The backbone class is read from a local folder's ``config.json``, else told by the name.
     """
     config = Path(preset) / "config.json"
     # a keras-hub preset names its backbone class; a transformers folder its model_type
     family = json.loads(config.read_text()) if config.is_file() else {}
     family = family.get("class_name") or family.get("model_type") or preset
-    if "gemma4" in family.lower():
-        return keras_hub.models.Gemma4CausalLM
-    return keras_hub.models.CausalLM
+    gemma4 = prompts.is_gemma4(family)
+    return keras_hub.models.Gemma4CausalLM if gemma4 else keras_hub.models.CausalLM
 
 
 def _from_preset(cls, model: str, **kwargs):
@@ -363,19 +367,27 @@ def gemma4_export_folder(model: str) -> Path | None:
     return folder if model_type.startswith("gemma4") else None
 
 
-def gemma4_from_export(folder: Path, policy: str, sequence_length: int):
-    """A ``Gemma4CausalLM`` from a keras-hub transformers export: the weights through keras-hub's
-    converter, the tokenizer from ``tokenizer.model`` with the media tokens it lists."""
+def gemma4_export_tokenizer(folder: Path):
+    """The ``Gemma4Tokenizer`` of a keras-hub transformers export: ``tokenizer.model`` with the
+    media tokens its ``tokenizer_config.json`` lists."""
     listed = json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     names = {token["content"] for token in listed.values()}
     with quiet.native_stderr_filtered():
-        backbone = keras_hub.models.Gemma4Backbone.from_preset(str(folder), dtype=policy)
-        tokenizer = keras_hub.models.Gemma4Tokenizer(
+        return keras_hub.models.Gemma4Tokenizer(
             proto=str(folder / "tokenizer.model"),
             has_vision_tokens="<|image|>" in names,
             has_video_tokens="<|video|>" in names,
         )
-    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer, sequence_length)
+
+
+def gemma4_from_export(folder: Path, policy: str, sequence_length: int):
+    """A ``Gemma4CausalLM`` from a keras-hub transformers export: the weights through keras-hub's
+    converter, the tokenizer from ``tokenizer.model``."""
+    with quiet.native_stderr_filtered():
+        backbone = keras_hub.models.Gemma4Backbone.from_preset(str(folder), dtype=policy)
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
+        gemma4_export_tokenizer(folder), sequence_length=sequence_length
+    )
     return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
@@ -384,6 +396,8 @@ def load_tokenizer(model: str = LOCAL_MODEL):
 
     if model in TINY_MODELS:
         return TINY_MODELS[model][1]()
+    if gemma4_export_folder(model):
+        return gemma4_export_tokenizer(gemma4_export_folder(model))
     return _from_preset(keras_hub.models.Tokenizer, model)
 
 

@@ -7,7 +7,7 @@ token, the same single token id that generation stops on (the token layout is
 
 Which layout: Gemma's chat turns, with the turn markers of the model's family (``gemma``:
 ``<start_of_turn>``/``<end_of_turn>`` for Gemma 2 and 3, ``gemma4``: ``<|turn>``/``<turn|>``), for
-base and instruction-tuned models alike; ``alpaca`` is the plain alternative (docs/design.md
+base and instruction-tuned models alike; ``alpaca`` is the plain alternative (docs/results.md
 compares the two on the base 270M).
 
 Which stop token: the end-of-turn marker is what an instruction-tuned Gemma ends a turn with. The
@@ -20,6 +20,7 @@ every Gemma, so ``stop="auto"`` uses it for base models (tests/test_models.py ch
 from __future__ import annotations
 
 import dataclasses
+import re
 
 STYLES = ("gemma", "gemma4", "alpaca")
 TURNS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "gemma4": ("<|turn>", "<turn|>")}
@@ -34,14 +35,22 @@ def check_style(style: str) -> str:
     """Return ``style`` or raise a one-line error listing the accepted ones."""
     if style not in STYLES:
         raise ValueError(
-            f"TEMPLATE={style!r} is not a template style; use one of {', '.join(STYLES)}."
+            f"TEMPLATE={style!r} is not a template style; use 'auto' or one of {', '.join(STYLES)}."
         )
     return style
 
 
 def instruction_tuned(model: str) -> bool:
-    """Whether ``model`` (a preset name, handle or folder) names an instruction-tuned Gemma."""
-    return any(tag in model.lower() for tag in INSTRUCT_TAGS)
+    """Whether ``model`` (a preset name, handle or folder) names an instruction-tuned Gemma: by its
+    last path part (a handle's variation, not its version), never by the folders above."""
+    parts = [p for p in model.lower().split("/") if p and not p.isdigit()]
+    return any(tag in (parts or [""])[-1] for tag in INSTRUCT_TAGS)
+
+
+def is_gemma4(name: str) -> bool:
+    """Whether a preset name, handle, folder or class name is of the Gemma 4 family
+    (``gemma4_2b``, ``Gemma4Backbone``, ``hf://google/gemma-4-E2B-it``)."""
+    return "gemma4" in re.sub(r"[-_ ]", "", name.lower())
 
 
 def auto_style(model: str, tokenizer=None) -> str:
@@ -49,7 +58,7 @@ def auto_style(model: str, tokenizer=None) -> str:
     Gemma 4's turn markers, else ``gemma``."""
     if tokenizer is not None:
         return "gemma4" if single_token(tokenizer, TURNS["gemma4"][0]) else "gemma"
-    return "gemma4" if "gemma4" in model.lower() else "gemma"
+    return "gemma4" if is_gemma4(model) else "gemma"
 
 
 def single_token(tokenizer, text: str) -> bool:

@@ -28,7 +28,11 @@ NATIVE_NOISE = re.compile(
     r"|To enable the following instructions: .*rebuild TensorFlow"
     r"|\s*$"
 )
-WARNING_NOISE = ("IProgress not found",)  # tqdm without ipywidgets: it falls back to a text bar
+WARNING_NOISE = (
+    "IProgress not found",  # tqdm without ipywidgets: it falls back to a text bar
+    # a multimodal Gemma 4's vision pooling over the empty image batch of a text row
+    r"You are using a softmax over axis -1 of a tensor of shape \(0,",
+)
 
 
 def is_noise(line: str) -> bool:

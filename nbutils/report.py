@@ -70,7 +70,7 @@ def own_prompts_table(baseline: list[dict], tuned: list[dict]) -> str:
     """Each of the user's prompts with the base and the tuned model's answers."""
     lines = ["| prompt | base model | tuned |", "|---|---|---|"]
     for b, t in zip(baseline, tuned, strict=True):
-        prompt = b["prompt"]
+        prompt = b.get("instruction", b["prompt"])
         lines.append(
             f"| `{_cell(prompt, 120)}` | {_cell(b['prediction'])} | {_cell(t['prediction'])} |"
         )

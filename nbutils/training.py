@@ -907,9 +907,11 @@ def load_adapter(lm, path: Path, model: str) -> dict:
     stored, layers = stored_adapter(path), {layer.path: layer for layer in lora_layers(lm.backbone)}
     shapes = {p: tuple(layer.lora_kernel_a.shape) for p, layer in layers.items()}
     if {p: a.shape for p, (a, _) in stored.items()} != shapes:
+        ranks = sorted({a.shape[-1] for a, _ in stored.values()})
         raise ValueError(
-            f"{path}: its {len(stored)} adapted layers do not match the {len(layers)} that rank "
-            f"{spec['rank']} on {spec['targets']!r} gives this model; the adapter files are inconsistent."
+            f"{path}: it holds {len(stored)} layers of rank {'/'.join(map(str, ranks))}, its spec "
+            f"(rank {spec['rank']}, targets {spec['targets']!r}) gives this model {len(layers)}; "
+            "the adapter files are inconsistent."
         )
     for layer_path, (a, b) in stored.items():
         layers[layer_path].lora_kernel_a.assign(a)

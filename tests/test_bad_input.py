@@ -271,11 +271,11 @@ def test_missing_adapter_file(tmp_path):
         ),
         (
             {"rank": 8},
-            r"its 14 adapted layers do not match the 14 that rank 8 on 'all' gives this model",
+            r"it holds 14 layers of rank 4, its spec \(rank 8, targets 'all'\) gives this model 14",
         ),
         (
             {"targets": "query,value"},
-            r"its 14 adapted layers do not match the 4 that rank 4 on 'query,value' gives",
+            r"it holds 14 layers of rank 4, its spec \(rank 4, targets 'query,value'\) gives this model 4",
         ),
     ],
 )

@@ -377,6 +377,8 @@ def test_stop_token_choice(tokenizer, tmp_path):
         ("gemma4_2b", "gemma4", "<eos>"),
         ("gemma4_instruct_2b", "gemma4", "<turn|>"),
         ("kaggle://keras/gemma4/keras/gemma4_instruct_4b/2", "gemma4", "<turn|>"),
+        ("hf://google/gemma-4-E2B-it", "gemma4", "<turn|>"),
+        ("runs/split-it/export/keras", "gemma", "<eos>"),  # only the last part names the model
     ],
 )
 def test_auto_template_follows_the_model(model, style, stop):

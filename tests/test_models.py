@@ -319,3 +319,48 @@ def test_gemma4_facts_the_series_relies_on():
     tokenizer = lm.preprocessor.tokenizer
     assert len(tokenizer("<|turn>user\n")) == 3 and tokenizer.token_to_id("<turn|>") == 106
     assert "position_ids" in lm.backbone.input
+
+
+def test_preset_params_before_loading(tmp_path):
+    """The parameter count that sizes the weights before loading: a preset name, any version of its
+    handle, a keras-hub preset folder's metadata; 0 when unknown."""
+    e2b = models.preset_params("gemma4_instruct_2b")
+    assert e2b == 5_100_000_000
+    assert models.preset_params("kaggle://keras/gemma4/keras/gemma4_instruct_2b") == e2b
+    assert models.preset_params("kaggle://keras/gemma4/keras/gemma4_instruct_2b/1") == e2b
+    assert models.preset_params("gemma4_instruct_4b") > e2b
+    (tmp_path / "metadata.json").write_text('{"parameter_count": 1234}')
+    assert models.preset_params(str(tmp_path)) == 1234
+    assert models.preset_params("tiny") == models.preset_params("hf://google/gemma-4-E2B-it") == 0
+
+
+def test_multimodal_gemma4_takes_text_rows_with_empty_media():
+    """keras-hub's E2B/E4B presets carry vision and audio encoders, whose inputs text rows leave
+    empty: a tiny multimodal Gemma 4 then computes what the text-only one with its weights does,
+    and LoRA leaves the encoders alone."""
+    import keras_hub
+
+    from nbutils import training
+
+    vision = keras_hub.models.Gemma4VisionEncoder(
+        image_size=32, patch_size=4, num_heads=2, hidden_dim=16, num_layers=1,
+        intermediate_dim=32, head_dim=8, output_dim=64, pool_size=2,
+    )  # fmt: skip
+    audio = keras_hub.models.Gemma4AudioEncoder(
+        input_feat_size=8, hidden_size=16, num_heads=2, num_layers=1, chunk_size=4,
+        context_left=5, output_proj_dims=16, output_dim=64, sscp_conv_channels=(4, 4),
+    )  # fmt: skip
+    media = models.tiny_gemma4(32, vision_encoder=vision, audio_encoder=audio, image_size=32)
+    text = models.tiny_gemma4(32)
+    weights = {v.path: v for v in media.backbone.weights}
+    for v in text.backbone.weights:
+        v.assign(weights[v.path])
+    ids = np.array([[2, 10, 20, 30, 0, 0]])
+    inputs = compat.text_inputs(media.backbone, ids, ids > 0)
+    assert {"pixel_values", "audio_mel", "vision_mask"} <= set(inputs)
+    np.testing.assert_array_equal(
+        np.asarray(media.backbone(inputs)),
+        np.asarray(text.backbone(compat.text_inputs(text.backbone, ids, ids > 0))),
+    )
+    training.enable_lora(media, 2, "all", 4)
+    assert all(l.path.startswith("decoder_block_") for l in training.lora_layers(media.backbone))

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from nbutils import compat, evaluation, models, sequences, training
+from nbutils import compat, evaluation, files, models, sequences, training
 
 ROWS = [
     {
@@ -146,7 +146,7 @@ def test_adapter_round_trip_and_mismatches(tiny, tmp_path):
         training.load_adapter(models.load_gemma("tiny"), path, "gemma3_270m_local")
     spec = json.loads(spec_path.read_text())
     spec_path.write_text(json.dumps({**spec, "rank": 8}))
-    with pytest.raises(ValueError, match="do not match the 4 that rank 8"):
+    with pytest.raises(ValueError, match="holds 4 layers of rank 4, its spec \\(rank 8"):
         training.load_adapter(models.load_gemma("tiny"), path, "tiny")
     with pytest.raises(FileNotFoundError, match="run notebooks/03_lora_finetune.ipynb first"):
         training.load_adapter(models.load_gemma("tiny"), tmp_path / "missing.lora.h5", "tiny")
@@ -174,6 +174,25 @@ def test_gemma4_adapter_reloads_by_layer_path(tmp_path):
     assert not np.allclose(np.asarray(fresh.backbone(probe)), expected, atol=1e-3)
     training.load_adapter(fresh, path, "tiny-gemma4")
     np.testing.assert_array_equal(np.asarray(fresh.backbone(probe)), expected)
+
+
+def test_adapter_written_by_keras_hub_still_loads(tiny, tmp_path):
+    """Adapter files from before the path-keyed format (keras-hub's save_lora_weights) load."""
+    training.enable_lora(tiny, 4, "query,value", 8)
+    for v in tiny.backbone.trainable_weights:
+        v.assign(np.random.default_rng(1).normal(size=v.shape).astype("float32") * 0.05)
+    cfg = training.TrainConfig(rank=4, targets="query,value", alpha=8)
+    spec = training.adapter_spec(cfg, "tiny", "gemma", 64, {"train": "t", "val": "v"})
+    path = tmp_path / "old.lora.h5"
+    tiny.backbone.save_lora_weights(str(path))
+    files.write_json(tmp_path / "old.json", spec)
+    ids = np.array([[2, 100, 200, 300]])
+    probe = {"token_ids": ids, "padding_mask": ids > 0}
+    fresh = models.load_gemma("tiny", sequence_length=64)
+    training.load_adapter(fresh, path, "tiny")
+    np.testing.assert_array_equal(
+        np.asarray(fresh.backbone(probe)), np.asarray(tiny.backbone(probe))
+    )
 
 
 def test_adapter_off_computes_the_base_model_and_restores_the_adapter():
