@@ -150,6 +150,23 @@ def tiny_tokenizer():
         return keras_hub.models.Gemma3Tokenizer(proto=proto)
 
 
+def tiny_shape() -> dict:
+    """The tiny test models' backbone arguments both families share, in the global dtype
+    policy."""
+    return {
+        "vocabulary_size": TINY_VOCABULARY,
+        "image_size": None,
+        "num_layers": 2,
+        "num_query_heads": 2,
+        "num_key_value_heads": 1,
+        "hidden_dim": 64,
+        "intermediate_dim": 128,
+        "head_dim": 32,
+        "sliding_window_size": 64,
+        "dtype": keras.mixed_precision.global_policy().name,
+    }
+
+
 def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
     """A 2-layer, 64-wide random-weight Gemma 3 with a small vocabulary (``tiny_tokenizer``), for
     fast tests; ``config`` overrides backbone arguments (e.g. ``final_logit_soft_cap``)."""
@@ -157,19 +174,10 @@ def tiny_gemma(sequence_length: int = 128, seed: int = 0, **config):
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Gemma3Backbone(
         **{
-            "vocabulary_size": TINY_VOCABULARY,
-            "image_size": None,
-            "num_layers": 2,
-            "num_query_heads": 2,
-            "num_key_value_heads": 1,
-            "hidden_dim": 64,
-            "intermediate_dim": 128,
-            "head_dim": 32,
+            **tiny_shape(),
             "use_post_ffw_norm": True,
             "use_post_attention_norm": True,
             "use_sliding_window_attention": True,
-            "sliding_window_size": 64,
-            "dtype": keras.mixed_precision.global_policy().name,
             **config,
         }
     )
@@ -196,21 +204,7 @@ def tiny_gemma4(sequence_length: int = 128, seed: int = 0, **config):
 
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Gemma4Backbone(
-        **{
-            "vocabulary_size": TINY_VOCABULARY,
-            "image_size": None,
-            "num_layers": 2,
-            "num_query_heads": 2,
-            "num_key_value_heads": 1,
-            "hidden_dim": 64,
-            "intermediate_dim": 128,
-            "head_dim": 32,
-            "sliding_window_size": 64,
-            "sliding_window_pattern": 2,
-            "hidden_size_per_layer_input": 8,
-            "dtype": keras.mixed_precision.global_policy().name,
-            **config,
-        }
+        **{**tiny_shape(), "sliding_window_pattern": 2, "hidden_size_per_layer_input": 8, **config}
     )
     preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
         tiny_gemma4_tokenizer(), sequence_length=sequence_length
