@@ -9,7 +9,7 @@ IMAGE_REQ := tests/kaggle-image-requirements.txt
 IMAGE_STACK := $(IMAGE_VENV)/newer-stack
 STACK_PINS := $(shell grep -E '^keras(-hub)?==' requirements.txt)
 IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(shell (cat $(IMAGE_REQ) requirements-kaggle.txt; echo $(STACK_PINS)) | sha1sum | cut -c1-12)
-# TensorFlow 2.19 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these that runs one.
+# TensorFlow 2.20 wheels exist for Python 3.9-3.12 (Kaggle's image runs 3.12): the first of these that runs one.
 SUPPORTED := 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))'
 IMAGE_PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do $$p -c $(SUPPORTED) >/dev/null 2>&1 && echo $$p && break; done)
 # The Kaggle CLI (its dependencies clash with keras-hub's), for the tests that drive it offline.
@@ -35,7 +35,7 @@ venv: $(STAMP)
 
 $(IMAGE_STAMP): $(IMAGE_REQ) requirements-kaggle.txt
 	@test -n "$(IMAGE_PYTHON)" || \
-	  { echo "The Kaggle-image check needs Python 3.9-3.12 (TensorFlow 2.19); set IMAGE_PYTHON=python3.12."; exit 1; }
+	  { echo "The Kaggle-image check needs Python 3.9-3.12 (TensorFlow 2.20); set IMAGE_PYTHON=python3.12."; exit 1; }
 	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(IMAGE_REQ)
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .

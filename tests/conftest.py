@@ -83,7 +83,7 @@ def image_smoke_run(tmp_path_factory):
     versions = subprocess.run(
         [str(IMAGE_PYTHON), "-c", probe], capture_output=True, text=True
     ).stdout.split()
-    assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.19.0"], versions
+    assert versions == ["0.7.2", "3.13.2", "0.26.0", "2.20.0"], versions
     root = tmp_path_factory.mktemp("image-smoke")
     run_smoke_series(root, str(IMAGE_PYTHON), "image")
     return root
@@ -112,7 +112,7 @@ def image_gemma4_smoke_run(tmp_path_factory):
         text=True,
         env={**os.environ, "PYTHONPATH": str(stack)},
     ).stdout.split()
-    assert versions == ["0.7.2", "3.15.1", "0.32.0", "2.19.0"], versions
+    assert versions == ["0.7.2", "3.15.1", "0.32.0", "2.20.0"], versions
     root = tmp_path_factory.mktemp("image-gemma4-smoke")
     run_smoke_series(root, str(IMAGE_PYTHON), "image-gemma4", GEMMA4_PARAMS, PYTHONPATH=str(stack))
     return root

@@ -355,7 +355,7 @@ def test_padded_rows_add_zero_weight_copies_to_a_multiple():
 
 
 def test_tiny_gemma4_on_the_kaggle_image_stack(image_gemma4_smoke_run):
-    """Gemma 4 on the image's jax 0.7.2 and TensorFlow 2.19 with our keras-hub and keras on top."""
+    """Gemma 4 on the image's jax 0.7.2 and TensorFlow 2.20 with our keras-hub and keras on top."""
     from test_notebooks import check_gemma4_run
 
     check_gemma4_run(image_gemma4_smoke_run, "image-gemma4")
