@@ -55,6 +55,25 @@ def unmerge_lora(layer) -> None:
     layer.call = call
 
 
+def base_kernel(layer):
+    """The frozen kernel ``W`` of a LoRA-enabled ``EinsumDense`` (Keras' ``kernel`` adds ``A·B``)."""
+    return layer._kernel
+
+
+def add_weight_after_build(layer, name: str, shape: tuple, initializer) -> None:
+    """Add a trainable float32 weight ``name`` to a built layer, as Keras' own ``enable_lora`` does
+    (a built layer's variable tracker is locked); never autocast, so it keeps float32 under a
+    mixed-precision policy."""
+    layer._tracker.unlock()
+    try:
+        variable = layer.add_weight(
+            name=name, shape=shape, initializer=initializer, dtype="float32", autocast=False
+        )
+    finally:
+        layer._tracker.lock()
+    setattr(layer, name, variable)
+
+
 def low_rank_product(xa, b):
     """``xa · b`` for ``xa`` of shape ``(..., r)`` and ``b`` of ``(r, out)``, as one 2-D matmul when
     the shape is known."""

@@ -17,12 +17,14 @@ from collections.abc import Callable
 
 import jax
 import keras
+import keras_hub
 import numpy as np
 from keras import ops
 
 from nbutils import batches, compat
 
 CHUNK = 32  # prompt tokens seeded into the cache per call of the compiled prefill
+BARRED = -1e9  # the logit of a token a row may not pick
 
 
 def prompt_end(prompt_ids: list[list[int]]) -> int:
@@ -44,15 +46,47 @@ def left_padded(
     return token_ids, mask
 
 
+def steer(logits, prompt, index, end: int, stop_token_ids: list[int], min_new: int, beams: int):
+    """Logits after two rules: the stop tokens are barred for the first ``min_new`` new tokens; with
+    beam search, a beam that has stopped puts all its probability on a stop token, so it keeps its
+    score and stays finished (keras-hub's ``BeamSampler`` would go on adding tokens to it)."""
+    is_stop = np.isin(np.arange(logits.shape[-1]), stop_token_ids)
+    if min_new:
+        barred = ops.logical_and(is_stop[None], index - end < min_new)
+        logits = ops.where(barred, BARRED, logits)
+    if beams > 1:
+        positions = ops.arange(prompt.shape[1])
+        new = ops.logical_and(positions >= end, positions < index)[None]
+        stopped = ops.any(ops.logical_and(_is_any(prompt, stop_token_ids), new), axis=1)
+        logits = ops.where(stopped[:, None], ops.where(is_stop[None], 0.0, BARRED), logits)
+    return logits
+
+
+def _is_any(ids, values: list[int]):
+    """Whether each entry of ``ids`` is one of ``values``."""
+    hits = [ops.equal(ids, v) for v in values]
+    out = hits[0]
+    for hit in hits[1:]:
+        out = ops.logical_or(out, hit)
+    return out
+
+
 def make_decoder(
-    lm, sampler, batch_size: int, end: int, max_new_tokens: int, stop_token_ids: list[int]
+    lm,
+    sampler,
+    batch_size: int,
+    end: int,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    min_new_tokens: int = 0,
 ) -> Callable[[list[list[int]]], np.ndarray]:
     """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks
-    after each of up to ``batch_size`` prompts.
+    after each of up to ``batch_size`` prompts, never a stop token among the first
+    ``min_new_tokens``.
 
     Decoding ends early once every row has produced one of ``stop_token_ids``; steps not run leave 0
     (a row that stopped earlier keeps decoding until then: callers cut each row at its first stop
-    token).
+    token). A ``BeamSampler`` decodes ``num_beams`` copies of each row and returns the best.
     """
 
     if end <= 0 or end % CHUNK:
@@ -60,6 +94,7 @@ def make_decoder(
             f"end={end}: prompts must end at a positive multiple of {CHUNK} (see prompt_end)."
         )
     backbone, length, layout = lm.backbone, end + max_new_tokens, compat.cache_layout(lm)
+    beams = sampler.num_beams if isinstance(sampler, keras_hub.samplers.BeamSampler) else 1
 
     def scope(state):
         sampler_values, trainable, non_trainable = state
@@ -75,16 +110,20 @@ def make_decoder(
             return compat.cached_forward(lm, token_ids, caches, start, key_mask, layout)[1]
 
     def decode(state, caches, token_ids, key_mask):
+        beam_mask = ops.repeat(key_mask, beams, axis=0)  # as the BeamSampler repeats each row
+
         def next(prompt, cache, index):
             hidden, cache = compat.cached_forward(
                 lm,
-                ops.slice(prompt, [0, index - 1], [batch_size, 1]),
+                ops.slice(prompt, [0, index - 1], [batch_size * beams, 1]),
                 cache,
                 index - 1,
-                key_mask,
+                beam_mask,
                 layout,
             )
-            return backbone.token_embedding(hidden[:, 0], reverse=True), hidden[:, 0], cache
+            logits = backbone.token_embedding(hidden[:, 0], reverse=True)
+            logits = steer(logits, prompt, index, end, stop_token_ids, min_new_tokens, beams)
+            return logits, hidden[:, 0], cache
 
         with scope(state) as s:
             out = sampler(

@@ -32,27 +32,43 @@ HIGHER_IS_BETTER = {
 
 
 def make_sampler(spec: str = "greedy", seed: int = 0):
-    """A keras-hub sampler from ``greedy``, ``top_k:<k>`` or ``top_p:<p>`` (sampling is seeded)."""
+    """A keras-hub sampler from ``greedy``, ``beam:<beams>``, ``top_k:<k>`` or ``top_p:<p>``
+    (sampling is seeded)."""
 
     kind, _, value = spec.partition(":")
     try:
         k, p = (
-            int(value or 50) if kind == "top_k" else 1,
+            int(value or (4 if kind == "beam" else 50)) if kind in ("top_k", "beam") else 1,
             float(value or 0.9) if kind == "top_p" else 0.5,
         )
     except ValueError:
         k = p = None
     if kind == "greedy" and not value:
         cls, kwargs = greedy_sampler_class(), {}
+    elif kind == "beam" and k is not None and k >= 2:
+        cls, kwargs = keras_hub.samplers.BeamSampler, {"num_beams": k}
     elif kind == "top_k" and k is not None and k >= 1:
         cls, kwargs = keras_hub.samplers.TopKSampler, {"k": k, "seed": seed}
     elif kind == "top_p" and p is not None and 0 < p <= 1:
         cls, kwargs = keras_hub.samplers.TopPSampler, {"p": p, "seed": seed}
     else:
         raise ValueError(
-            f"SAMPLER={spec!r}: use 'greedy', 'top_k:<k>' (k >= 1) or 'top_p:<p>' (0 < p <= 1)."
+            f"SAMPLER={spec!r}: use 'greedy', 'beam:<beams>' (beams >= 2), 'top_k:<k>' (k >= 1) "
+            "or 'top_p:<p>' (0 < p <= 1)."
         )
     return cls(**kwargs)
+
+
+def keras_hub_generate_sampler(spec: str, seed: int = 0):
+    """The sampler for keras-hub's own ``generate``: ``spec``'s, except greedy for beam search
+    (keras-hub 0.32's Gemma 3 generate step fails with its ``BeamSampler``: it slices its padding
+    mask, one row per prompt, as if it had a row per beam; our batched decoder runs beams)."""
+    if spec.startswith("beam"):
+        print(
+            f"SAMPLER={spec!r}: keras-hub's generate cannot run beam search on Gemma; greedy here"
+        )
+        spec = "greedy"
+    return make_sampler(spec, seed)
 
 
 def first_argmax(x, block: int = 512):
@@ -102,12 +118,13 @@ def generate(
     sampler: str = "greedy",
     seed: int = 0,
     progress: bool = True,
+    min_new_tokens: int = 0,
 ) -> list[dict]:
     """Generate an answer for every row; returns id, instruction, prompt (as rendered), reference,
     prediction, stopped, n_tokens.
 
-    Each answer has at most ``max_new_tokens`` tokens, its stop token included (see
-    :mod:`nbutils.decoding`).
+    Each answer has at most ``max_new_tokens`` tokens, its stop token included, and no stop token
+    among its first ``min_new_tokens`` (see :mod:`nbutils.decoding`).
     """
     if not rows:
         return []
@@ -123,6 +140,7 @@ def generate(
         decoding.prompt_end(prompt_ids),
         max_new_tokens,
         [stop],
+        min_new_tokens,
     )
     # similar lengths: fewer prefill chunks
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
@@ -305,10 +323,13 @@ def run_inference(
     batch_size: int,
     sampler: str,
     seed: int,
+    min_new_tokens: int = 0,
 ) -> tuple[list[dict], list[dict], dict]:
     """Generate + teacher-forced loss + per-row scores; returns predictions, scores and timings."""
     t0 = time.perf_counter()
-    predictions = generate(lm, rows, template, max_new_tokens, batch_size, sampler, seed)
+    predictions = generate(
+        lm, rows, template, max_new_tokens, batch_size, sampler, seed, min_new_tokens=min_new_tokens
+    )
     t1 = time.perf_counter()
     losses = response_losses(lm, rows, template, sequence_length)
     t2 = time.perf_counter()

@@ -6,7 +6,8 @@ final hidden states). Every export is reloaded and its logits on the probe are c
 logits of those saved hidden states (same frozen output layer), as ``max |Δlogit|``.
 
 keras-hub's exporters read each layer's raw kernel, so they would drop the LoRA update; exports are
-made from :func:`merged_copy`, a LoRA-free model whose kernels are ``W + (alpha/r)·A·B``.
+made from :func:`merged_copy`, a LoRA-free model whose kernels are ``W + (alpha/r)·A·B`` (for DoRA
+``m·(W + s·A·B)/‖W + s·A·B‖``, see :mod:`nbutils.variants`).
 
 Every matmul here runs at full float32 precision (:data:`CHECK_PRECISION`): by default a TPU
 multiplies float32 matrices in one bf16 pass (an Ampere+ GPU in TF32), whose round-off would
@@ -23,7 +24,7 @@ import jax
 import keras
 import numpy as np
 
-from nbutils import compat, devices, files, paths, sequences
+from nbutils import compat, devices, files, paths, sequences, variants
 from nbutils.training import lora_layers
 
 PROBE_FILE = "probe.npz"
@@ -122,12 +123,15 @@ def adapter_is_empty(backbone) -> bool:
 
 
 def merged_copy(lm):
-    """A LoRA-free copy of ``lm`` (same class, same preprocessor) whose kernels are ``W +
-    (alpha/r)·A·B``."""
+    """A LoRA-free copy of ``lm`` (same class, same preprocessor) whose kernels are the adapted
+    ones (``variants.merged_kernel``)."""
     backbone = lm.backbone.__class__.from_config(lm.backbone.get_config())
     source = {v.path: v for v in lm.backbone.weights}
-    with full_precision():  # Keras' public merged kernel, W + (alpha/r)·A·B
-        merged = {f"{layer.path}/kernel": layer.kernel for layer in lora_layers(lm.backbone)}
+    with full_precision():
+        merged = {
+            f"{layer.path}/kernel": variants.merged_kernel(layer)
+            for layer in lora_layers(lm.backbone)
+        }
     missing = [v.path for v in backbone.weights if v.path not in source]
     if missing or not set(merged) <= {v.path for v in backbone.weights}:
         raise ValueError(

@@ -1,10 +1,12 @@
 """Notebook 05's sweep: LoRA configurations trained on one shared budget, resumable, chosen on
 validation.
 
-A configuration is a dict of ``rank``, ``targets``, ``learning_rate``, ``alpha`` and ``quantize``
-(missing keys take the notebook's defaults). Each one lives in ``runs/<RUN_ID>/sweep/<name>/``; its
-``result.json``, written last and atomically, marks it finished, so a rerun skips it and a changed
-grid trains only what is new.
+A configuration is a dict of :data:`KEYS`: what is trained (rank, targets, learning rate, alpha,
+base quantization, and the LoRA variants) and how validation answers are decoded (``sampler``,
+``min_new_tokens``); missing keys take the notebook's defaults. Each one lives in
+``runs/<RUN_ID>/sweep/<name>/``; its ``result.json``, written last and atomically, marks it
+finished, so a rerun skips it and a changed grid trains only what is new. Configurations that differ
+in decoding only share one trained adapter (:func:`training_twin`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,45 @@ from pathlib import Path
 from nbutils import evaluation, files, report, training
 
 # quantize: "" (float base) or "int8"
-KEYS = ("rank", "targets", "learning_rate", "alpha", "quantize")
-CSV_COLUMNS = (
-    "name",
+TRAINING_KEYS = (
     "rank",
     "targets",
     "learning_rate",
     "alpha",
     "quantize",
+    "scaling",
+    "loraplus_ratio",
+    "dora",
+    "neftune_alpha",
+)
+DECODING_KEYS = ("sampler", "min_new_tokens")
+KEYS = TRAINING_KEYS + DECODING_KEYS
+# a variant's value that adds nothing to a configuration's name
+PLAIN = {
+    "scaling": "standard",
+    "loraplus_ratio": 1.0,
+    "dora": False,
+    "neftune_alpha": 0.0,
+    "sampler": "greedy",
+    "min_new_tokens": 0,
+}
+# the notebook parameter of each key
+PARAMETERS = {
+    "rank": "RANK",
+    "targets": "LORA_TARGETS",
+    "learning_rate": "LEARNING_RATE",
+    "alpha": "LORA_ALPHA",
+    "quantize": "QUANTIZE",
+    "scaling": "LORA_SCALING",
+    "loraplus_ratio": "LORAPLUS_RATIO",
+    "dora": "DORA",
+    "neftune_alpha": "NEFTUNE_ALPHA",
+    "sampler": "SAMPLER",
+    "min_new_tokens": "MIN_NEW_TOKENS",
+}
+CSV_COLUMNS = (
+    "name",
+    *KEYS,
     "trainable_params",
     "trainable_share_pct",
     "adapter_mb",
@@ -51,37 +84,71 @@ def expand(sweep: dict | list, defaults: dict) -> list[dict]:
             raise ValueError(
                 f"SWEEP: unknown key(s) {sorted(unknown)}; a configuration may set {', '.join(KEYS)}."
             )
-        full = {**{k: defaults[k] for k in KEYS}, **c}
+        full = {**PLAIN, **{k: defaults[k] for k in KEYS if k in defaults}, **c}
         if not isinstance(full["rank"], int) or full["rank"] < 1:
             raise ValueError(f"SWEEP: rank {full['rank']!r} must be a positive integer.")
         training.lora_layer_names(full["targets"])  # one-line error for an unknown target
         # 0 means alpha = rank: one name, one configuration
         full["alpha"] = float(full["alpha"] or full["rank"])
         full["learning_rate"] = float(full["learning_rate"])
+        full["loraplus_ratio"], full["neftune_alpha"] = (
+            float(full["loraplus_ratio"]),
+            float(full["neftune_alpha"]),
+        )
         if full["quantize"] not in ("", "int8"):
             raise ValueError(
                 f"SWEEP: quantize {full['quantize']!r}: use '' (float base weights) or 'int8'."
             )
+        try:  # one-line errors for the variants' and the sampler's values
+            training.TrainConfig(**{k: full[k] for k in TRAINING_KEYS[5:]})
+            evaluation.make_sampler(full["sampler"])
+        except ValueError as error:
+            raise ValueError(f"SWEEP: {error}") from None
         if full not in out:
             out.append(full)
     return out
 
 
-def parameters(config: dict) -> dict:
-    """A configuration as notebook 03's parameters (no checkpoints: a configuration is short)."""
-    return {
-        "RANK": config["rank"],
-        "LORA_TARGETS": config["targets"],
-        "LORA_ALPHA": config["alpha"],
-        "LEARNING_RATE": config["learning_rate"],
-        "CHECKPOINT_EVERY": 0,
+def notebook_defaults(params: dict, settings: dict) -> dict:
+    """What a configuration does not say: notebook 05's parameters for training (notebook 03's
+    recipe), notebook 02's settings for decoding."""
+    return {k: params[PARAMETERS[k]] for k in TRAINING_KEYS} | {
+        k: settings.get(k, PLAIN[k]) for k in DECODING_KEYS
     }
 
 
-def config_name(config: dict) -> str:
-    """A folder name that says what the configuration is, e.g. ``r8-query+value-lr0.0005-a8``."""
+def parameters(config: dict) -> dict:
+    """A configuration as notebook 03's parameters (no checkpoints: a configuration is short)."""
+    return {PARAMETERS[k]: config[k] for k in TRAINING_KEYS if k != "quantize"} | {
+        "CHECKPOINT_EVERY": 0
+    }
+
+
+def config_name(config: dict, keys: tuple = KEYS) -> str:
+    """A folder name that says what the configuration is, e.g. ``r8-query+value-lr0.0005-a8``, then
+    each variant that is not plain (``-rslora``, ``-lp16``, ``-dora``, ``-neft5``, ``-beam4``,
+    ``-min8``)."""
     name = f"r{config['rank']}-{config['targets'].replace(',', '+')}-lr{config['learning_rate']:g}-a{config['alpha']:g}"
-    return name + (f"-{config['quantize']}" if config.get("quantize") else "")
+    tags = {
+        "quantize": config.get("quantize"),
+        "scaling": config.get("scaling"),
+        "loraplus_ratio": f"lp{config.get('loraplus_ratio', 1.0):g}",
+        "dora": "dora",
+        "neftune_alpha": f"neft{config.get('neftune_alpha', 0.0):g}",
+        "sampler": str(config.get("sampler")).replace(":", ""),
+        "min_new_tokens": f"min{config.get('min_new_tokens', 0)}",
+    }
+    for key, tag in tags.items():
+        if key in keys and config.get(key, PLAIN.get(key, "")) not in ("", PLAIN.get(key)):
+            name += f"-{tag}"
+    return name
+
+
+def training_twin(config: dict, results: list[dict]) -> dict | None:
+    """A finished result whose adapter was trained exactly as ``config``'s (the configurations
+    differ in decoding only), or None."""
+    key = config_name(config, TRAINING_KEYS)
+    return next((r for r in results if config_name(r, TRAINING_KEYS) == key), None)
 
 
 def finished(folder: Path, budget: dict) -> dict | None:
@@ -103,6 +170,17 @@ def finished(folder: Path, budget: dict) -> dict | None:
             "use a new RUN_ID for a new budget, or delete that folder to retrain it."
         )
     return result
+
+
+def twin_training(twin: dict) -> dict:
+    """A twin's training result, as ``train_lora`` returned it (what :func:`record` reads)."""
+    return {
+        "updates_run": twin["updates_run"],
+        "train_seconds": twin["train_seconds"],
+        "useful_tokens_per_s": twin["useful_tokens_per_s"],
+        "best_val_loss": twin["best_val_loss"],
+        "history": twin["val_curve"],
+    }
 
 
 def record(config: dict, budget: dict, train: dict, params: dict, val_scores: list[dict]) -> dict:
@@ -188,14 +266,20 @@ def conclusion(choice: dict, results: list[dict]) -> str:
 
 
 def choice_parameters(result: dict) -> dict:
-    """The chosen configuration as notebook parameters (``--params`` or a profile takes them)."""
+    """The chosen configuration as notebook parameters (``--params`` or a profile takes them): the
+    four core ones, and each variant that is not plain."""
     params = {
         "RANK": int(result["rank"]),
         "LORA_TARGETS": result["targets"],
         "LEARNING_RATE": float(result["learning_rate"]),
         "LORA_ALPHA": float(result["alpha"]),
     }
-    return {**params, "QUANTIZE": result["quantize"]} if result.get("quantize") else params
+    if result.get("quantize"):
+        params["QUANTIZE"] = result["quantize"]
+    for key, plain in PLAIN.items():
+        if result.get(key, plain) != plain:
+            params[PARAMETERS[key]] = result[key]
+    return params
 
 
 def test_sentence(chosen: str, default: str, vs_base: dict, vs_default: dict) -> str:

@@ -37,6 +37,7 @@ from nbutils import (
     progress,
     prompts,
     sequences,
+    variants,
 )
 
 # Our target names -> layer names inside keras-hub's Gemma decoder blocks.
@@ -61,6 +62,10 @@ FIELD_PARAMETERS = {
     "rank": "RANK",
     "targets": "LORA_TARGETS",
     "alpha": "LORA_ALPHA",
+    "scaling": "LORA_SCALING",
+    "loraplus_ratio": "LORAPLUS_RATIO",
+    "dora": "DORA",
+    "neftune_alpha": "NEFTUNE_ALPHA",
     "learning_rate": "LEARNING_RATE",
     "weight_decay": "WEIGHT_DECAY",
     "warmup_steps": "WARMUP_STEPS",
@@ -72,6 +77,7 @@ FIELD_PARAMETERS = {
     "max_steps": "MAX_STEPS",
     "eval_every": "EVAL_EVERY",
     "patience": "PATIENCE",
+    "min_delta": "MIN_DELTA",
     "seed": "SEED",
     "checkpoint_every": "CHECKPOINT_EVERY",
     "keep_checkpoints": "KEEP_CHECKPOINTS",
@@ -87,6 +93,10 @@ class TrainConfig:
     rank: int = config.default("RANK")
     targets: str = config.default("LORA_TARGETS")
     alpha: float = config.default("LORA_ALPHA")
+    scaling: str = config.default("LORA_SCALING")
+    loraplus_ratio: float = config.default("LORAPLUS_RATIO")
+    dora: bool = config.default("DORA")
+    neftune_alpha: float = config.default("NEFTUNE_ALPHA")
     learning_rate: float = config.default("LEARNING_RATE")
     weight_decay: float = config.default("WEIGHT_DECAY")
     warmup_steps: int = config.default("WARMUP_STEPS")
@@ -98,6 +108,7 @@ class TrainConfig:
     max_steps: int = config.default("MAX_STEPS")
     eval_every: int = config.default("EVAL_EVERY")
     patience: int = config.default("PATIENCE")
+    min_delta: float = config.default("MIN_DELTA")
     seed: int = config.default("SEED")
     checkpoint_every: int = config.default("CHECKPOINT_EVERY")
     keep_checkpoints: int = config.default("KEEP_CHECKPOINTS")
@@ -129,12 +140,21 @@ class TrainConfig:
             raise ValueError(
                 f"LEARNING_RATE={self.learning_rate!r} must be a number in (0, 1); LoRA typically uses 1e-4 to 1e-3."
             )
-        for name in ("weight_decay", "clipnorm", "alpha", "epochs"):
+        for name in ("weight_decay", "clipnorm", "alpha", "epochs", "neftune_alpha", "min_delta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"{'LORA_ALPHA' if name == 'alpha' else name.upper()}={value!r} must be a number >= 0."
-                )
+                raise ValueError(f"{parameter_name(name)}={value!r} must be a number >= 0.")
+        ratio = self.loraplus_ratio
+        if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"LORAPLUS_RATIO={ratio!r} must be a number > 0 (1: plain LoRA).")
+        if not isinstance(self.dora, bool):
+            raise ValueError(f"DORA={self.dora!r} must be True or False.")
+        variants.lora_scale(1.0, 1, self.scaling)  # one-line error for an unknown scaling
+
+
+def parameter_name(field: str) -> str:
+    """The notebook parameter of a ``TrainConfig`` field, e.g. ``ALPHA`` -> ``LORA_ALPHA``."""
+    return FIELD_PARAMETERS.get(field, field.upper())
 
 
 # Knobs that may change between a run and its resumption (they do not change what is trained).
@@ -178,21 +198,31 @@ def lora_layers(backbone) -> list:
 
 @contextlib.contextmanager
 def adapter_off(lm):
-    """Within the block ``lm`` computes as its base model: every LoRA ``B`` is zero (its values are
-    put back after)."""
-    saved = [(layer.lora_kernel_b, layer.lora_kernel_b.value) for layer in lora_layers(lm.backbone)]
+    """Within the block ``lm`` computes as its base model: every LoRA ``B`` is zero and every DoRA
+    magnitude ``‖W‖`` (their values are put back after)."""
+    layers = lora_layers(lm.backbone)
+    saved = [(layer.lora_kernel_b, layer.lora_kernel_b.value) for layer in layers] + [
+        (layer.dora_magnitude, layer.dora_magnitude.value)
+        for layer in layers
+        if variants.is_dora(layer)
+    ]
     try:
-        for variable, value in saved:
-            variable.assign(keras.ops.zeros_like(value))
+        for layer in layers:
+            layer.lora_kernel_b.assign(keras.ops.zeros(layer.lora_kernel_b.shape))
+            if variants.is_dora(layer):
+                variants.reset_magnitude(layer)
         yield lm
     finally:
         for variable, value in saved:
             variable.assign(value)
 
 
-def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
-    """Set ``alpha`` on every LoRA-enabled layer, draw its ``A`` from ``seed`` and compute it
-    unmerged; returns the layers.
+def configure_lora(
+    backbone, alpha: float, seed: int = 0, scaling: str = "standard", dora: bool = False
+) -> list:
+    """Scale every LoRA-enabled layer's update by ``alpha / r`` (``scaling="rslora"``: ``alpha /
+    sqrt(r)``), draw its ``A`` from ``seed``, compute it unmerged, and with ``dora`` add DoRA's
+    magnitude; returns the layers.
 
     keras-hub's ``enable_lora`` has no alpha argument and draws ``A`` from Keras' global RNG;
     seeding each layer's initializer here keeps runs reproducible without resetting global seeds.
@@ -212,20 +242,29 @@ def configure_lora(backbone, alpha: float, seed: int = 0) -> list:
             f"Keras {keras.__version__} stores the LoRA adapters in {', '.join(sorted(stored))}, "
             "where Adam's small updates round away; use Keras 3.15+ or MIXED_PRECISION='bf16'."
         )
+    scale = variants.lora_scale(float(alpha), layers[0].lora_rank, scaling)
     for layer in layers:
         compat.unmerge_lora(layer)
-        layer.lora_alpha = float(alpha)
+        layer.lora_alpha = scale * layer.lora_rank  # Keras scales by lora_alpha / rank
+        if dora:
+            variants.enable_dora(layer)
     seed_lora_a(layers, seed)
     return layers
 
 
 def enable_lora(
-    lm, rank: int, targets: str = "query,value", alpha: float = 0.0, seed: int = 0
+    lm,
+    rank: int,
+    targets: str = "query,value",
+    alpha: float = 0.0,
+    seed: int = 0,
+    scaling: str = "standard",
+    dora: bool = False,
 ) -> dict:
-    """Freeze the model and add seeded rank-``rank`` adapters scaled by ``alpha / rank``; returns a
-    parameter summary."""
+    """Freeze the model and add seeded rank-``rank`` adapters (see :func:`configure_lora`); returns
+    a parameter summary."""
     lm.backbone.enable_lora(rank, target_layer_names=lora_layer_names(targets))
-    configure_lora(lm.backbone, alpha or rank, seed)
+    configure_lora(lm.backbone, alpha or rank, seed, scaling, dora)
     return parameter_summary(lm)
 
 
@@ -346,13 +385,21 @@ class Trainer:
     read its compiled HLO).
     """
 
-    def __init__(self, lm, optimizer, max_batch_tokens: int = 0):
+    def __init__(
+        self,
+        lm,
+        optimizer,
+        max_batch_tokens: int = 0,
+        loraplus_ratio: float = 1.0,
+        neftune_alpha: float = 0.0,
+    ):
 
         self.backbone, self.optimizer, self.max_batch_tokens = (
             lm.backbone,
             optimizer,
             max_batch_tokens,
         )
+        self.loraplus_ratio, self.neftune_alpha = loraplus_ratio, neftune_alpha
         self.trainable = list(self.backbone.trainable_variables)
         if not self.trainable:
             raise ValueError(
@@ -361,14 +408,23 @@ class Trainer:
         self.optimizer.build(self.trainable)
         self.grad_step = jax.jit(jax.value_and_grad(self._loss_sum))
         self._loss = jax.jit(self._loss_sum)
-        self._apply = jax.jit(self.optimizer.stateless_apply, donate_argnums=(0, 2))
+        self._apply = jax.jit(self._apply_update, donate_argnums=(0, 2))
         self.compiled: set = set()  # (step kind, batch shape): one XLA compilation each
 
-    def _loss_sum(self, trainable, non_trainable, inputs, denominator):
+    def _loss_sum(self, trainable, non_trainable, inputs, denominator, noise_seed=None):
         """Summed response-token loss of one batch divided by ``denominator`` (the whole update's
-        token count)."""
-        nll = objective.scored_nll(self.backbone, trainable, non_trainable, inputs)
+        token count); with a ``noise_seed``, on NEFTune's noisy embeddings."""
+        alpha = self.neftune_alpha if noise_seed is not None else 0.0
+        key = jax.random.PRNGKey(noise_seed) if alpha else None
+        with variants.noisy_embeddings(self.backbone, alpha, key):
+            nll = objective.scored_nll(self.backbone, trainable, non_trainable, inputs)
         return response_nll(nll, inputs["weights"]) / denominator
+
+    def _apply_update(self, opt_vars, grads, trainable):
+        """The optimizer's step, each ``B``'s multiplied by LORAPLUS_RATIO (LoRA+)."""
+        new, opt_vars = self.optimizer.stateless_apply(opt_vars, grads, trainable)
+        b_mask = [variants.is_b(v) for v in self.trainable]
+        return variants.scale_b_updates(trainable, new, b_mask, self.loraplus_ratio), opt_vars
 
     def state(self) -> tuple[list, list, list]:
         """Copies of the adapter and optimizer values (the steps donate them) and the frozen
@@ -399,19 +455,20 @@ class Trainer:
         """Whether running ``batch_list`` meets a step shape not compiled yet."""
         return any((kind, step_shape(b)) not in self.compiled for b in self.steps(batch_list))
 
-    def update(self, micro_batches: list, state: tuple) -> tuple[float, tuple]:
+    def update(self, micro_batches: list, state: tuple, noise_seed: int = 0) -> tuple[float, tuple]:
         """One optimizer update over ``micro_batches``; returns their mean loss per response token
         and the new state. A non-finite loss returns the old state untouched (nothing is
-        applied)."""
+        applied). ``noise_seed`` draws NEFTune's noise (when NEFTUNE_ALPHA is above 0)."""
 
         trainable, non_trainable, opt_vars = state
         denominator = float(sum(b.useful_tokens for b in micro_batches))
         self._release_free_heap()
         total, grads = 0.0, None
-        for b in self.steps(micro_batches):
+        for i, b in enumerate(self.steps(micro_batches)):
             self._mark("train", b)
+            seed = np.uint32((noise_seed * 1009 + i) % 2**32) if self.neftune_alpha else None
             loss, g = self.grad_step(
-                trainable, non_trainable, devices.place_batch(b.inputs()), denominator
+                trainable, non_trainable, devices.place_batch(b.inputs()), denominator, seed
             )
             total, grads = (
                 total + loss,
@@ -503,7 +560,7 @@ def train_lora(
         sequences.make_arrays(tokenizer, val_rows, template, sequence_length), cfg.batch_size
     )
     p = plan(cfg, len(train_rows))
-    trainer = Trainer(lm, optimizer, cfg.max_batch_tokens)
+    trainer = Trainer(lm, optimizer, cfg.max_batch_tokens, cfg.loraplus_ratio, cfg.neftune_alpha)
     state, log = trainer.state(), TrainLog(out_dir / "train_log.csv")
     run = {"update": 0, "best": math.inf, "waited": 0, "history": {"val_loss": [], "val_step": []}}
     best_adapter, checkpoints = None, out_dir / CHECKPOINT_DIR
@@ -538,7 +595,7 @@ def train_lora(
                 lr = trainer.learning_rate(state)
                 compiles = trainer.will_compile(micro)
                 t0 = time.perf_counter()
-                loss, state = trainer.update(micro, state)
+                loss, state = trainer.update(micro, state, cfg.seed * 1_000_003 + update)
                 seconds = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     # nothing was applied: the state is still that of the previous update
@@ -570,7 +627,7 @@ def train_lora(
                     run["history"]["val_step"].append(update)
                     log.set_val(val)
                     print(log.summary_line(p["updates"], time.perf_counter() - start), flush=True)
-                    if val < run["best"]:
+                    if val < run["best"] - cfg.min_delta:  # an improvement by more than MIN_DELTA
                         # adapter only
                         run["best"], run["waited"], best_adapter = (
                             val,
@@ -583,7 +640,8 @@ def train_lora(
                 if stop_early:  # finishes normally, even if a stop signal came during this update
                     history = run["history"]
                     print(
-                        f"early stop: no improvement in {cfg.patience} evaluations; keeping the adapter of update "
+                        f"early stop: no improvement by more than {cfg.min_delta:g} in {cfg.patience} evaluations; "
+                        "keeping the adapter of update "
                         f"{history['val_step'][history['val_loss'].index(run['best'])]}"
                     )
                     break
@@ -846,6 +904,8 @@ def adapter_spec(
         "targets": cfg.targets,
         "lora_layers": lora_layer_names(cfg.targets),
         "alpha": float(cfg.alpha or cfg.rank),
+        "scaling": cfg.scaling,
+        "dora": cfg.dora,
         "split_sha256": {s: split_sha256[s] for s in ("train", "val")},
         "config": dataclasses.asdict(cfg),
     }
@@ -866,17 +926,20 @@ def save_adapter(lm, path: Path, spec: dict) -> tuple[Path, Path]:
             group = f.create_group(f"{ADAPTER_GROUP}/{layer.path}")
             group["a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
             group["b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
+            if variants.is_dora(layer):
+                group["m"] = keras.ops.convert_to_numpy(layer.dora_magnitude)
     spec_path = files.write_json(path.with_name(path.name.replace(".lora.h5", ".json")), spec)
     return path, spec_path
 
 
-def stored_adapter(path: Path) -> dict[str, tuple]:
-    """``{layer path: (A, B)}`` of an adapter file written by :func:`save_adapter`."""
+def stored_adapter(path: Path) -> dict[str, dict]:
+    """``{layer path: {"a": A, "b": B[, "m": DoRA magnitude]}}`` of an adapter file written by
+    :func:`save_adapter`."""
     with h5py.File(path, "r") as f:
         stored = {}
         f[ADAPTER_GROUP].visititems(
             lambda name, item: (
-                stored.update({name: (item["a"][()], item["b"][()])})
+                stored.update({name: {k: item[k][()] for k in item}})
                 if isinstance(item, h5py.Group) and "a" in item
                 else None
             )
@@ -898,7 +961,8 @@ def load_adapter(lm, path: Path, model: str) -> dict:
             f"{path}: adapter was trained on model={spec['model']!r}, not {model!r}; set MODEL to match."
         )
 
-    enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"])
+    scaling, dora = spec.get("scaling", "standard"), spec.get("dora", False)
+    enable_lora(lm, spec["rank"], spec["targets"], spec["alpha"], scaling=scaling, dora=dora)
     with h5py.File(path, "r") as f:
         legacy = ADAPTER_GROUP not in f
     if legacy:  # written by keras-hub's save_lora_weights (before this format)
@@ -906,16 +970,21 @@ def load_adapter(lm, path: Path, model: str) -> dict:
         return spec
     stored, layers = stored_adapter(path), {layer.path: layer for layer in lora_layers(lm.backbone)}
     shapes = {p: tuple(layer.lora_kernel_a.shape) for p, layer in layers.items()}
-    if {p: a.shape for p, (a, _) in stored.items()} != shapes:
-        ranks = sorted({a.shape[-1] for a, _ in stored.values()})
+    if {p: arrays["a"].shape for p, arrays in stored.items()} != shapes or any(
+        ("m" in arrays) != dora for arrays in stored.values()
+    ):
+        ranks = sorted({arrays["a"].shape[-1] for arrays in stored.values()})
         raise ValueError(
             f"{path}: it holds {len(stored)} layers of rank {'/'.join(map(str, ranks))}, its spec "
-            f"(rank {spec['rank']}, targets {spec['targets']!r}) gives this model {len(layers)}; "
+            f"(rank {spec['rank']}, targets {spec['targets']!r}, DoRA {dora}) gives this model {len(layers)}; "
             "the adapter files are inconsistent."
         )
-    for layer_path, (a, b) in stored.items():
-        layers[layer_path].lora_kernel_a.assign(a)
-        layers[layer_path].lora_kernel_b.assign(b)
+    for layer_path, arrays in stored.items():
+        layer = layers[layer_path]
+        layer.lora_kernel_a.assign(arrays["a"])
+        layer.lora_kernel_b.assign(arrays["b"])
+        if dora:
+            layer.dora_magnitude.assign(arrays["m"])
     return spec
 
 

@@ -32,7 +32,8 @@ RUN_ID = "manual"  # outputs go to runs/<RUN_ID>/
 SEED = 0  # seeds the split, the adapters, the data order and sampling
 MAX_TEST_ROWS = 0  # test rows to answer (0: the whole split)
 MAX_NEW_TOKENS = 48  # answer length cap
-SAMPLER = "greedy"  # 'greedy', 'top_k:<k>' or 'top_p:<p>' (seeded)
+SAMPLER = "greedy"  # 'greedy', 'beam:<beams>', 'top_k:<k>' or 'top_p:<p>' (seeded)
+MIN_NEW_TOKENS = 0  # the stop token is barred for the first this many new tokens
 GEN_BATCH_SIZE = 16  # prompts decoded together
 MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 
@@ -63,7 +64,7 @@ print(f"{len(test_rows)} test rows · {template} · model {MODEL} loaded in {lm.
 # follows the prompt.
 
 # %%
-lm.compile(sampler=evaluation.make_sampler(SAMPLER, SEED))
+lm.compile(sampler=evaluation.keras_hub_generate_sampler(SAMPLER, SEED))
 prompt = prompts.render_prompt(test_rows[0], template)
 stop_id = sequences.stop_token_id(lm.preprocessor.tokenizer, template)
 answer = lm.generate(prompt, max_length=SEQUENCE_LENGTH + MAX_NEW_TOKENS, stop_token_ids=[stop_id])
@@ -77,7 +78,15 @@ print(prompt + "⟶", answer.removeprefix(prompt)[:300])
 
 # %%
 predictions, scores, timing = evaluation.run_inference(
-    lm, test_rows, template, SEQUENCE_LENGTH, MAX_NEW_TOKENS, GEN_BATCH_SIZE, SAMPLER, SEED
+    lm,
+    test_rows,
+    template,
+    SEQUENCE_LENGTH,
+    MAX_NEW_TOKENS,
+    GEN_BATCH_SIZE,
+    SAMPLER,
+    SEED,
+    min_new_tokens=MIN_NEW_TOKENS,
 )
 metrics = evaluation.aggregate(scores)
 settings = {
@@ -88,6 +97,7 @@ settings = {
     "sequence_length": SEQUENCE_LENGTH,
     "max_new_tokens": MAX_NEW_TOKENS,
     "sampler": SAMPLER,
+    "min_new_tokens": MIN_NEW_TOKENS,
     "gen_batch_size": GEN_BATCH_SIZE,
     "seed": SEED,
     "policy": policy,

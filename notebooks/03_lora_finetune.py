@@ -47,6 +47,10 @@ SEED = 0  # seeds the split, the adapters, the data order and sampling
 RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
 LORA_ALPHA = 0.0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
+LORA_SCALING = "standard"  # 'standard': alpha / r; 'rslora': alpha / sqrt(r) (rank-stabilised)
+LORAPLUS_RATIO = 1.0  # LoRA+: B's learning rate over A's (1: plain LoRA)
+DORA = False  # DoRA: a trained magnitude per output unit times the normalised W + s·A·B
+NEFTUNE_ALPHA = 0.0  # NEFTune: noise alpha / sqrt(L·d) on the embeddings while training (0: off)
 LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
 WARMUP_STEPS = 10  # linear warmup updates
@@ -59,6 +63,7 @@ EPOCHS = 1.0  # passes over the train split (when MAX_STEPS is 0)
 MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
 EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement
+MIN_DELTA = 0.0  # early stopping: a fall of the validation loss by less is no improvement
 CHECKPOINT_EVERY = 50  # updates between checkpoints (0: none)
 KEEP_CHECKPOINTS = 2  # newest checkpoints kept
 RESUME = False  # continue from RUN_ID's latest checkpoint
@@ -73,7 +78,9 @@ REQUIRE_ACCELERATOR = False  # stop at once when JAX sees only the CPU
 # LoRA replaces a frozen weight `W` by `W + (alpha / r) · A·B` with small trainable `A` (random) and
 # `B` (zeros, so training starts from the base model). keras-hub's `enable_lora` freezes the
 # backbone and adds `A` and `B` to the named layers; it has no `alpha` argument, so `configure_lora`
-# sets it on each LoRA layer (and draws `A` from `SEED`).
+# sets it on each LoRA layer (and draws `A` from `SEED`). It also offers what Keras lacks:
+# `LORA_SCALING="rslora"` scales by `alpha / sqrt(r)`, and `DORA=True` trains a magnitude per output
+# unit times the normalised `W + s·A·B` (DoRA; it starts equal to the base model too).
 
 # %%
 MODEL = models.choose_model(MODEL)
@@ -90,10 +97,14 @@ out = runs.run_dir(RUN_ID)
 lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
 
 lm.backbone.enable_lora(rank=RANK, target_layer_names=training.lora_layer_names(LORA_TARGETS))
-lora_layers = training.configure_lora(lm.backbone, alpha=LORA_ALPHA or RANK, seed=SEED)
+lora_layers = training.configure_lora(
+    lm.backbone, alpha=LORA_ALPHA or RANK, seed=SEED, scaling=LORA_SCALING, dora=DORA
+)
 
 summary = training.parameter_summary(lm)
+scale = lora_layers[0].lora_alpha / RANK
 print(f"LoRA on {len(lora_layers)} layers ({', '.join(sorted({l.name for l in lora_layers}))})")
+print(f"update scale {scale:g} ({LORA_SCALING}){', DoRA' if DORA else ''}")
 print(
     f"parameters: {summary['total_params']:,} total, {summary['trainable_params']:,} trainable "
     f"({summary['trainable_share_pct']:.3f}%), adapter {summary['adapter_mb']:.2f} MB"
@@ -102,7 +113,9 @@ print(
 # %% [markdown]
 # ## 2. Optimizer and loss
 # AdamW with linear warmup then cosine (or linear) decay, clipping on the global norm of all adapter
-# gradients; biases and norm scales are not decayed. The loss is cross-entropy **at the response
+# gradients; biases and norm scales are not decayed. `LORAPLUS_RATIO` (LoRA+) multiplies every
+# `B`'s step, and `NEFTUNE_ALPHA` adds noise to the embeddings while training (never when
+# evaluating); both act inside `train_lora`. The loss is cross-entropy **at the response
 # positions only** (prompt and padding are never scored, and the 262k-word output layer runs only
 # there), summed over the response tokens and divided by their count in the whole update:
 
@@ -128,7 +141,8 @@ print(
 # Rows are batched by length (a batch is only as wide as its longest row), each step is compiled
 # once per batch shape (a batch over `MAX_BATCH_TOKENS` runs as smaller steps of the same update, to
 # save memory), validation loss is computed every `EVAL_EVERY` updates, and early stopping keeps the
-# best adapter. Every update is logged to `train_log.csv` (loss, learning rate, tokens/s). A
+# best adapter (it stops after `PATIENCE` evaluations that did not lower the loss by more than
+# `MIN_DELTA`). Every update is logged to `train_log.csv` (loss, learning rate, tokens/s). A
 # checkpoint every `CHECKPOINT_EVERY` updates (and on SIGTERM or Ctrl-C) lets `RESUME=True` continue
 # a run that died, to the same result as if it never had; `RESUME_FROM` continues from another
 # folder's, such as an earlier Kaggle session's output.

@@ -79,6 +79,7 @@ predictions, scores, timing = evaluation.run_inference(
     settings["gen_batch_size"],
     settings["sampler"],
     settings["seed"],
+    min_new_tokens=settings.get("min_new_tokens", 0),
 )
 files.write_jsonl(out / "tuned_predictions.jsonl", predictions)
 files.write_jsonl(out / "tuned_scores.jsonl", scores)
@@ -134,9 +135,10 @@ print(f"report: {report_path}")
 # %%
 own = [{"id": str(i), "instruction": p, "input": "", "output": ""} for i, p in enumerate(PROMPTS)]
 decode = [settings[k] for k in ("max_new_tokens", "gen_batch_size", "sampler", "seed")]
-tuned_own = evaluation.generate(lm, own, template, *decode, progress=False)
+least = {"min_new_tokens": settings.get("min_new_tokens", 0), "progress": False}
+tuned_own = evaluation.generate(lm, own, template, *decode, **least)
 with training.adapter_off(lm):
-    base_own = evaluation.generate(lm, own, template, *decode, progress=False)
+    base_own = evaluation.generate(lm, own, template, *decode, **least)
 files.write_jsonl(
     out / "own_prompts.jsonl",
     [

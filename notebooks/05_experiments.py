@@ -43,6 +43,10 @@ SEED = 0  # seeds the split, the adapters, the data order and sampling
 RANK = 8  # LoRA rank r: adapters are (d x r) and (r x k)
 LORA_TARGETS = "query,value"  # 'query,value', 'attention', 'all', or a list of query,key,value,output,gate,up,down
 LORA_ALPHA = 0.0  # the update is scaled by alpha / rank; 0 means alpha equal to the rank
+LORA_SCALING = "standard"  # 'standard': alpha / r; 'rslora': alpha / sqrt(r) (rank-stabilised)
+LORAPLUS_RATIO = 1.0  # LoRA+: B's learning rate over A's (1: plain LoRA)
+DORA = False  # DoRA: a trained magnitude per output unit times the normalised W + s·A·B
+NEFTUNE_ALPHA = 0.0  # NEFTune: noise alpha / sqrt(L·d) on the embeddings while training (0: off)
 LEARNING_RATE = 0.0002  # AdamW peak learning rate, in (0, 1)
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not on biases and norm scales)
 WARMUP_STEPS = 10  # linear warmup updates
@@ -54,6 +58,7 @@ EPOCHS = 1.0  # passes over the train split (when MAX_STEPS is 0)
 MAX_STEPS = 0  # optimizer updates (0: EPOCHS passes); 05: per configuration
 EVAL_EVERY = 25  # validation loss every this many updates
 PATIENCE = 3  # early stopping: evaluations without improvement
+MIN_DELTA = 0.0  # early stopping: a fall of the validation loss by less is no improvement
 MAX_VAL_ROWS = 0  # validation rows used (0: the whole split)
 MIXED_PRECISION = "auto"  # 'auto': bf16 on TPU and GPUs of compute capability 8.0+, else fp32; weights in bf16 where fp32 cannot fit
 DISTRIBUTION = "auto"  # 'auto', 'none', 'data' or 'model:<data>x<model>'
@@ -88,14 +93,9 @@ template, SEQUENCE_LENGTH = (
 val_rows, test_rows = splits["val"][: MAX_VAL_ROWS or None], splits["test"][: settings["test_rows"]]
 out = runs.run_dir(RUN_ID)
 # %%
-# where a configuration does not say, notebook 03's parameters: they also make the default one
-defaults = {
-    "rank": RANK,
-    "targets": LORA_TARGETS,
-    "learning_rate": LEARNING_RATE,
-    "alpha": LORA_ALPHA,
-    "quantize": QUANTIZE,
-}
+# where a configuration does not say, notebook 03's parameters (RANK, LORA_TARGETS, …, DORA) and
+# 02's decoding: they also make the default configuration
+defaults = sweep.notebook_defaults(globals(), settings)
 configs = sweep.expand(SWEEP, defaults)
 default_config = sweep.expand([{}], defaults)[0]
 if default_config not in configs:
@@ -118,7 +118,7 @@ budget = {
     "val_rows": len(val_rows),
     "precision": policy,
     "seed": SEED,
-    "generation": {k: settings[k] for k in ("max_new_tokens", "sampler", "seed", "gen_batch_size")},
+    "generation": {k: settings[k] for k in ("max_new_tokens", "seed", "gen_batch_size")},
 }
 done = {
     sweep.config_name(c)
@@ -133,23 +133,32 @@ print(
 # ## 2. Train each configuration
 # Notebook 03's recipe for each configuration (`training.enable_lora` and `training.adamw` are its
 # steps 1 and 2 as functions): a fresh base model, adapters on the targets, AdamW with the shared
-# schedule; then an answer for every validation row (greedy, as in 02) to score validation ROUGE-L.
-# Finished configurations are skipped, so a killed sweep continues where it stopped.
+# schedule; then an answer for every validation row, decoded as the configuration says (02's way by
+# default), to score validation ROUGE-L. Configurations that differ in decoding only share one
+# trained adapter; finished ones are skipped, so a killed sweep continues where it stopped.
 
 
 # %%
-def train_config(config: dict, folder) -> dict:
-    """Train one configuration on the shared budget; save its adapter and validation answers."""
+def train_config(config: dict, folder, twin: dict | None) -> dict:
+    """Train one configuration on the shared budget (or load its ``twin``'s adapter); save its
+    adapter and validation answers."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
     if config["quantize"]:
         # before enable_lora, as keras.io's QLoRA recipe does
         training.quantize_base(lm, config["quantize"])
-    params = training.enable_lora(lm, config["rank"], config["targets"], config["alpha"], seed=SEED)
-    cfg = training.TrainConfig.from_parameters({**globals(), **sweep.parameters(config)})
-    optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
-    result = training.train_lora(
-        lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder
+    variant = {"scaling": config["scaling"], "dora": config["dora"]}
+    params = training.enable_lora(
+        lm, config["rank"], config["targets"], config["alpha"], seed=SEED, **variant
     )
+    cfg = training.TrainConfig.from_parameters({**globals(), **sweep.parameters(config)})
+    if twin is None:
+        optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
+        result = training.train_lora(
+            lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder
+        )
+    else:  # trained already: the same adapter, decoded another way
+        training.load_adapter(lm, out / "sweep" / twin["name"] / "adapter.lora.h5", MODEL)
+        result = sweep.twin_training(twin)
     training.save_adapter(
         lm,
         folder / "adapter.lora.h5",
@@ -161,8 +170,9 @@ def train_config(config: dict, folder) -> dict:
         template,
         settings["max_new_tokens"],
         settings["gen_batch_size"],
-        settings["sampler"],
+        config["sampler"],
         settings["seed"],
+        min_new_tokens=config["min_new_tokens"],
     )
     files.write_jsonl(folder / "val_scores.jsonl", evaluation.score_rows(answers))
     return sweep.record(
@@ -176,8 +186,11 @@ for n, config in enumerate(configs, 1):
     folder = out / "sweep" / sweep.config_name(config)
     result = sweep.finished(folder, budget)
     if result is None:
-        print(f"[{n}/{len(configs)}] {folder.name}: training", flush=True)
-        result = train_config(config, folder)
+        twin = sweep.training_twin(config, results)
+        print(
+            f"[{n}/{len(configs)}] {folder.name}: {'decoding' if twin else 'training'}", flush=True
+        )
+        result = train_config(config, folder, twin)
         # written last: marks the configuration finished
         files.write_json(folder / "result.json", result)
     print(
@@ -225,9 +238,9 @@ def test_scores(name: str) -> list[dict]:
     """Test-split scores of one configuration's saved adapter (on a base quantized as in
     training)."""
     lm = models.load_gemma(MODEL, sequence_length=SEQUENCE_LENGTH, seed=SEED)
-    quantize = files.read_json(out / "sweep" / name / "result.json").get("quantize")
-    if quantize:
-        training.quantize_base(lm, quantize)
+    config = files.read_json(out / "sweep" / name / "result.json")
+    if config.get("quantize"):
+        training.quantize_base(lm, config["quantize"])
     training.load_adapter(lm, out / "sweep" / name / "adapter.lora.h5", MODEL)
     _, scores, _ = evaluation.run_inference(
         lm,
@@ -236,8 +249,9 @@ def test_scores(name: str) -> list[dict]:
         SEQUENCE_LENGTH,
         settings["max_new_tokens"],
         settings["gen_batch_size"],
-        settings["sampler"],
+        config.get("sampler", settings["sampler"]),
         settings["seed"],
+        min_new_tokens=config.get("min_new_tokens", 0),
     )
     return scores
 

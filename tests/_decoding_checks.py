@@ -135,6 +135,56 @@ def check_seeded_sampling(lm) -> None:
     np.testing.assert_array_equal(runs[0], keras_hub_tokens(lm, prompt[0], 10))
 
 
+def reference_beam_search(lm, prompt: list[int], n: int, beams: int) -> list[int]:
+    """Beam search by its definition, one unpadded prompt, the whole sequence recomputed each step:
+    keep the ``beams`` highest sums of log-probabilities; the best after ``n`` tokens."""
+    import keras
+
+    hypotheses = [(0.0, list(prompt))]
+    for _ in range(n):
+        candidates = []
+        for score, ids in hypotheses:
+            x = np.array([ids], np.int32)
+            hidden = lm.backbone(compat.text_inputs(lm.backbone, x, np.ones_like(x, bool)))
+            logits = lm.backbone.token_embedding(hidden[:, -1], reverse=True)
+            logp = np.asarray(keras.ops.log_softmax(keras.ops.cast(logits, "float32")))[0]
+            candidates += [
+                (score + float(logp[t]), ids + [int(t)]) for t in np.argsort(-logp)[:beams]
+            ]
+        hypotheses = sorted(candidates, key=lambda c: -c[0])[:beams]
+    return hypotheses[0][1][len(prompt) :]
+
+
+def check_beam_search(lm) -> None:
+    """Beam search (keras-hub's BeamSampler, 3 beams) over left-padded batches gives beam search's
+    tokens by its definition per row (no stop token reached), and differs from greedy somewhere."""
+    vocab, n = lm.backbone.vocabulary_size, 6
+    prompt_ids = prompts_of(LENGTHS, vocab)
+    beam = evaluation.make_sampler("beam:3")
+    new = decoding.make_decoder(lm, beam, 4, 96, n, [vocab - 1])(prompt_ids)
+    greedy = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 96, n, [vocab - 1])
+    for row, prompt in enumerate(prompt_ids):
+        np.testing.assert_array_equal(new[row], reference_beam_search(lm, prompt, n, 3))
+    assert (new != greedy(prompt_ids)).any()  # beams found another answer somewhere
+
+
+def check_min_new_tokens(lm) -> None:
+    """No stop token among the first MIN_NEW_TOKENS; until a stop is barred, greedy's tokens."""
+    vocab, n = lm.backbone.vocabulary_size, 12
+    prompt_ids = prompts_of(LENGTHS[:2], vocab)
+    plain = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 64, n, [vocab - 1])(
+        prompt_ids
+    )
+    stops = sorted({int(plain[0, 2]), int(plain[1, 3])})
+    ends = [first_stop(plain[r], stops) for r in (0, 1)]
+    new = decoding.make_decoder(
+        lm, evaluation.make_sampler("greedy"), 2, 64, n, stops, min_new_tokens=6
+    )(prompt_ids)
+    assert not np.isin(new[:, :6], stops).any(), new
+    for row, end in enumerate(ends):
+        np.testing.assert_array_equal(new[row, :end], plain[row, :end])
+
+
 def check_forward(lm) -> str:
     """compat.cached_forward + the output layer gives call_with_cache's logits; returns the model's
     cache layout."""
@@ -149,7 +199,13 @@ def check_forward(lm) -> str:
     return layout
 
 
-CHECKS = (check_batch_matches_keras_hub, check_early_stop, check_seeded_sampling)
+CHECKS = (
+    check_batch_matches_keras_hub,
+    check_early_stop,
+    check_seeded_sampling,
+    check_beam_search,
+    check_min_new_tokens,
+)
 
 if __name__ == "__main__":
     layouts = {}

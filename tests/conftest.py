@@ -28,9 +28,15 @@ SLOW_FIXTURES = {
     "image_smoke_run",
     "gemma4_smoke_run",
     "image_gemma4_smoke_run",
+    "variants_smoke_run",
 }
 # the tiny Gemma 4 with the instruction-tuned layout (stop on its end-of-turn token)
 GEMMA4_PARAMS = ("MODEL", "tiny-gemma4", "STOP_TOKEN", "<turn|>")
+# every LoRA variant and decoding choice at once (issue 28)
+VARIANT_PARAMS = (
+    *("DORA", "True", "LORA_SCALING", "rslora", "LORAPLUS_RATIO", "4", "NEFTUNE_ALPHA", "5"),
+    *("MIN_DELTA", "0.01", "SAMPLER", "beam:2", "MIN_NEW_TOKENS", "2"),
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -95,6 +101,15 @@ def gemma4_smoke_run(tmp_path_factory):
     folder."""
     root = tmp_path_factory.mktemp("gemma4-smoke")
     run_smoke_series(root, sys.executable, "gemma4", GEMMA4_PARAMS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def variants_smoke_run(tmp_path_factory):
+    """The series on the tiny Gemma 3 with DoRA, rsLoRA, LoRA+, NEFTune, beam search and a minimum
+    answer length. Returns its folder."""
+    root = tmp_path_factory.mktemp("variants-smoke")
+    run_smoke_series(root, sys.executable, "variants", VARIANT_PARAMS)
     return root
 
 

@@ -271,11 +271,11 @@ def test_missing_adapter_file(tmp_path):
         ),
         (
             {"rank": 8},
-            r"it holds 14 layers of rank 4, its spec \(rank 8, targets 'all'\) gives this model 14",
+            r"it holds 14 layers of rank 4, its spec \(rank 8, targets 'all', DoRA False\) gives this model 14",
         ),
         (
             {"targets": "query,value"},
-            r"it holds 14 layers of rank 4, its spec \(rank 4, targets 'query,value'\) gives this model 4",
+            r"it holds 14 layers of rank 4, its spec \(rank 4, targets 'query,value', DoRA False\) gives this model 4",
         ),
     ],
 )
@@ -313,10 +313,13 @@ def test_rank_zero_through_keras_hub_enable_lora():
         training.configure_lora(lm.backbone, alpha=8)
 
 
-@pytest.mark.parametrize("spec", ["beam", "top_k:abc", "top_k:0", "top_p:1.5", "greedy:3"])
+@pytest.mark.parametrize(
+    "spec", ["beam:1", "beam:x", "beams", "top_k:abc", "top_k:0", "top_p:1.5", "greedy:3"]
+)
 def test_unknown_or_malformed_sampler(spec):
     with pytest.raises(
-        ValueError, match=rf"SAMPLER='{spec}': use 'greedy', 'top_k:<k>' \(k >= 1\) or 'top_p:<p>'"
+        ValueError,
+        match=rf"SAMPLER='{spec}': use 'greedy', 'beam:<beams>' \(beams >= 2\), 'top_k:<k>' \(k >= 1\) or 'top_p:<p>'",
     ):
         evaluation.make_sampler(spec)
 

@@ -146,8 +146,11 @@ def test_sampler_spec():
 
     assert isinstance(evaluation.make_sampler("top_k:5", 1), keras_hub.samplers.TopKSampler)
     assert isinstance(evaluation.make_sampler("top_p:0.8", 1), keras_hub.samplers.TopPSampler)
-    with pytest.raises(ValueError, match="SAMPLER='beam'"):
-        evaluation.make_sampler("beam")
+    beam = evaluation.make_sampler("beam:3")
+    assert isinstance(beam, keras_hub.samplers.BeamSampler) and beam.num_beams == 3
+    assert evaluation.make_sampler("beam").num_beams == 4
+    with pytest.raises(ValueError, match="SAMPLER='beam:1'"):
+        evaluation.make_sampler("beam:1")
 
 
 def test_generation_records_tokens_and_stop(tiny_lm):

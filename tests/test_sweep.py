@@ -135,3 +135,45 @@ def test_an_int8_choice_is_passed_on_not_dropped():
     assert sweep.choice_parameters(chosen)["QUANTIZE"] == "int8"
     with pytest.raises(SystemExit, match="-p QUANTIZE: only notebook"):
         pipeline.notebook_parameters("cpu", sweep.choice_parameters(chosen))
+
+
+def test_variants_and_decoding_are_keys_named_and_passed_on():
+    configs = sweep.expand(
+        [{}, {"scaling": "rslora"}, {"loraplus_ratio": 16}, {"dora": True}, {"neftune_alpha": 5}]
+        + [{"sampler": "beam:4"}, {"min_new_tokens": 8}, {"dora": True, "sampler": "beam:4"}],
+        DEFAULTS,
+    )
+    names = [sweep.config_name(c) for c in configs]
+    base = "r8-query+value-lr0.0005-a8"
+    assert names == [
+        base,
+        f"{base}-rslora",
+        f"{base}-lp16",
+        f"{base}-dora",
+        f"{base}-neft5",
+        f"{base}-beam4",
+        f"{base}-min8",
+        f"{base}-dora-beam4",
+    ]
+    # decoding-only configurations share the adapter trained for their training keys
+    finished = [{**c, "name": n} for c, n in zip(configs[:5], names)]
+    assert sweep.training_twin(configs[5], finished)["name"] == base
+    assert sweep.training_twin(configs[7], finished)["name"] == f"{base}-dora"
+    assert sweep.training_twin(configs[1], finished[:1]) is None
+    assert sweep.parameters(configs[3])["DORA"] is True
+    assert sweep.choice_parameters(configs[7]) == {
+        "RANK": 8,
+        "LORA_TARGETS": "query,value",
+        "LEARNING_RATE": 5e-4,
+        "LORA_ALPHA": 8.0,
+        "DORA": True,
+        "SAMPLER": "beam:4",
+    }
+    config.check_all(sweep.choice_parameters(configs[7]))
+    for bad, message in (
+        ({"scaling": "sqrt"}, "SWEEP: LORA_SCALING='sqrt'"),
+        ({"loraplus_ratio": 0}, "SWEEP: LORAPLUS_RATIO=0.0"),
+        ({"sampler": "beam:1"}, "SWEEP: SAMPLER='beam:1'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sweep.expand([bad], DEFAULTS)
