@@ -152,7 +152,7 @@ _CPU = {
     "RANK": 8,
     "LORA_TARGETS": "all",
     "LEARNING_RATE": 5e-4,
-    "MAX_STEPS": 100,
+    "MAX_STEPS": 75,
     "BATCH_SIZE": 4,
     "MAX_BATCH_TOKENS": 192,
     "EVAL_EVERY": 25,

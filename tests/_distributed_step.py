@@ -47,28 +47,39 @@ def collectives(hlo: str) -> int:
     return sum(len(re.findall(rf"= [^=\n]*? {c}(-start)?\(", hlo)) for c in COLLECTIVES)
 
 
-def step(spec: str, model: str = "tiny") -> dict:
+# DoRA, rsLoRA, LoRA+ and NEFTune at once (the "variants/" set-ups)
+VARIANTS = {"lora": {"scaling": "rslora", "dora": True}, "loraplus_ratio": 4.0, "neftune_alpha": 5.0}
+
+
+def step(spec: str, model: str = "tiny", variants: bool = False) -> dict:
     """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the
     most entries one device's output-layer matmul runs on (the largest compiled size, from the
-    step's HLO)."""
+    step's HLO); ``variants``: with :data:`VARIANTS`."""
     import keras
 
     devices.use_distribution(spec)
     lm = models.load_gemma(model, sequence_length=128)
     lm.backbone.token_embedding.embeddings.assign(lm.backbone.token_embedding.embeddings * 40.0)
-    training.enable_lora(lm, 4, "all", 8, seed=0)
+    options = VARIANTS if variants else {"lora": {}}
+    training.enable_lora(lm, 4, "all", 8, seed=0, **options["lora"])
     rng = np.random.default_rng(1)
     for var in lm.backbone.trainable_weights:  # non-zero B, so every adapter matrix gets a gradient
-        var.assign(rng.normal(size=var.shape).astype("float32") * 0.05)
+        noise = rng.normal(size=var.shape).astype("float32") * 0.05
+        var.assign(var * (1 + noise) if "dora" in var.path else noise)
     style = prompts.auto_style(model, lm.preprocessor.tokenizer)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, style, 128)
-    trainer = training.Trainer(lm, keras.optimizers.AdamW(learning_rate=1e-2, epsilon=1e-3))
+    trainer = training.Trainer(
+        lm,
+        keras.optimizers.AdamW(learning_rate=1e-2, epsilon=1e-3),
+        loraplus_ratio=options.get("loraplus_ratio", 1.0),
+        neftune_alpha=options.get("neftune_alpha", 0.0),
+    )
     # 3 and 5 rows: neither divides the data axis, so place_batch pads both with zero-weight rows
     micro = [
         batches.make_batch(arrays, np.arange(0, 3)),
         batches.make_batch(arrays, np.arange(3, 8)),
     ]
-    loss, state = trainer.update(micro, trainer.state())
+    loss, state = trainer.update(micro, trainer.state(), noise_seed=7)
     four = batches.make_batch(arrays, np.arange(0, 4))
     trainer.write_back(state)
     compiled = (
@@ -108,6 +119,8 @@ if __name__ == "__main__":
             print(json.dumps({**step("model:2x2"), "spec": spec}), flush=True)
         elif spec.startswith("gemma4/"):  # the same on the tiny Gemma 4
             print(json.dumps({**step(spec[7:], "tiny-gemma4"), "spec": spec}), flush=True)
+        elif spec.startswith("variants/"):  # the same with every LoRA variant
+            print(json.dumps({**step(spec[9:], variants=True), "spec": spec}), flush=True)
         else:
             try:
                 print(json.dumps(step(spec)), flush=True)

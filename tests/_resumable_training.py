@@ -1,8 +1,10 @@
 """Train the tiny Gemma for 12 updates with a checkpoint every 4 (a subprocess of
 tests/test_resume.py).
 
-Usage: python tests/_resumable_training.py OUT_DIR [--resume | --resume-from OWNER/KERNEL] [--slow]. ``--slow`` sleeps after each
-update so the test can signal the process between checkpoints; it does not change what is computed.
+Usage: python tests/_resumable_training.py OUT_DIR [--resume | --resume-from OWNER/KERNEL|FOLDER]
+[--slow] [--variants]. ``--slow`` sleeps after each update so the test can signal the process
+between checkpoints; it does not change what is computed. ``--variants`` trains with DoRA, rsLoRA,
+LoRA+ and NEFTune.
 """
 
 import sys
@@ -24,7 +26,13 @@ ROWS = [
     }
     for i in range(24)
 ]
+variants = (
+    {"scaling": "rslora", "dora": True, "loraplus_ratio": 4.0, "neftune_alpha": 5.0}
+    if "--variants" in sys.argv
+    else {}
+)
 cfg = training.TrainConfig(
+    **variants,
     rank=4,
     targets="all",
     learning_rate=1e-2,
@@ -38,12 +46,12 @@ cfg = training.TrainConfig(
 )
 if "--slow" in sys.argv:
     update = training.Trainer.update
-    training.Trainer.update = lambda self, micro, state: (
+    training.Trainer.update = lambda self, micro, state, *seed: (
         time.sleep(0.4),
-        update(self, micro, state),
+        update(self, micro, state, *seed),
     )[1]
 lm = models.load_gemma("tiny", sequence_length=128, seed=1)
-training.enable_lora(lm, cfg.rank, cfg.targets, 8, seed=cfg.seed)
+training.enable_lora(lm, cfg.rank, cfg.targets, 8, cfg.seed, cfg.scaling, cfg.dora)
 if "--resume-from" in sys.argv:  # an attached Kaggle kernel's output (NBUTILS_KAGGLE_INPUT)
     training.import_checkpoint(sys.argv[sys.argv.index("--resume-from") + 1], "kaggle", out)
 training.train_lora(

@@ -26,6 +26,7 @@ def steps():
             str(SCRIPT),
             *("none", "data", "model:2x2", "model:1x4"),
             *("gemma4/none", "gemma4/data", "gemma4/model:2x2"),
+            *("variants/none", "variants/model:2x2"),
             "hidden-split",
         ],
         capture_output=True,
@@ -40,7 +41,9 @@ def steps():
     }
 
 
-@pytest.mark.parametrize("spec", ["data", "model:2x2", "gemma4/data", "gemma4/model:2x2"])
+@pytest.mark.parametrize(
+    "spec", ["data", "model:2x2", "gemma4/data", "gemma4/model:2x2", "variants/model:2x2"]
+)
 def test_distributed_step_equals_one_device(steps, spec):
     # fp32 sums in another order (per-device partial sums, then an all-reduce) change the loss by
     # ~1e-7 relative. Adam's step lr·g/(|g| + epsilon) amplifies such noise where |g| is near

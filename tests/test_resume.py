@@ -114,6 +114,26 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert log_values(straight) == log_values(broken) and len(log_values(broken)) == 12
 
 
+def test_a_run_with_every_variant_resumes_to_the_uninterrupted_result(tmp_path):
+    """DoRA's magnitudes, LoRA+'s steps and NEFTune's noise (drawn from the update number) resume
+    exactly: 12 updates straight, and 8 of them then 4 more from its checkpoint in a new folder."""
+    straight, later = tmp_path / "straight", tmp_path / "later"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(straight), "--variants"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(later), "--variants", "--resume-from", str(straight)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RESUME: continuing after update 8" in done.stdout
+    assert len(adapter(straight)) == 3 * 14  # A, B and a DoRA magnitude per layer
+    for a, b in zip(adapter(straight), adapter(later), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_resume_refuses_other_parameters_or_data(tmp_path):
     cfg = training.TrainConfig(rank=4, targets="all", max_steps=2, checkpoint_every=1, batch_size=2)
     arrays = {"adapter": [np.zeros(3)], "optimizer": [np.zeros(3)], "best": []}
