@@ -231,8 +231,13 @@ PROFILES = {
         "notebook 05 plumbing (the tests)",
         {
             **_SMOKE,
-            # two float configurations and an int8 default: both kinds of base are trained
-            "SWEEP": [{"rank": 2, "quantize": ""}, {"rank": 4, "quantize": ""}],
+            # two float configurations and an int8 default: both kinds of base are trained; the
+            # third decodes the first's adapter with beam search (trained once)
+            "SWEEP": [
+                {"rank": 2, "quantize": ""},
+                {"rank": 4, "quantize": ""},
+                {"rank": 2, "quantize": "", "sampler": "beam:2"},
+            ],
             "RANK": 2,
             "QUANTIZE": "int8",
             "LEARNING_RATE": 5e-4,

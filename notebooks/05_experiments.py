@@ -146,19 +146,19 @@ def train_config(config: dict, folder, twin: dict | None) -> dict:
     if config["quantize"]:
         # before enable_lora, as keras.io's QLoRA recipe does
         training.quantize_base(lm, config["quantize"])
-    variant = {"scaling": config["scaling"], "dora": config["dora"]}
-    params = training.enable_lora(
-        lm, config["rank"], config["targets"], config["alpha"], seed=SEED, **variant
-    )
     cfg = training.TrainConfig.from_parameters({**globals(), **sweep.parameters(config)})
     if twin is None:
+        variant = {"scaling": config["scaling"], "dora": config["dora"]}
+        params = training.enable_lora(
+            lm, config["rank"], config["targets"], config["alpha"], seed=SEED, **variant
+        )
         optimizer = training.adamw(cfg, training.plan(cfg, len(splits["train"]))["updates"])
         result = training.train_lora(
             lm, optimizer, splits["train"], val_rows, cfg, template, SEQUENCE_LENGTH, folder
         )
     else:  # trained already: the same adapter, decoded another way
         training.load_adapter(lm, out / "sweep" / twin["name"] / "adapter.lora.h5", MODEL)
-        result = sweep.twin_training(twin)
+        params, result = training.parameter_summary(lm), sweep.twin_training(twin)
     training.save_adapter(
         lm,
         folder / "adapter.lora.h5",

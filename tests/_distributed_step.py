@@ -48,7 +48,11 @@ def collectives(hlo: str) -> int:
 
 
 # DoRA, rsLoRA, LoRA+ and NEFTune at once (the "variants/" set-ups)
-VARIANTS = {"lora": {"scaling": "rslora", "dora": True}, "loraplus_ratio": 4.0, "neftune_alpha": 5.0}
+VARIANTS = {
+    "lora": {"scaling": "rslora", "dora": True},
+    "loraplus_ratio": 4.0,
+    "neftune_alpha": 5.0,
+}
 
 
 def step(spec: str, model: str = "tiny", variants: bool = False) -> dict:

@@ -172,6 +172,7 @@ SWEEP_CONFIGS = {
     "r2-query+value-lr0.0005-a2",
     "r4-query+value-lr0.0005-a4",
     "r2-query+value-lr0.0005-a2-int8",
+    "r2-query+value-lr0.0005-a2-beam2",
 }
 
 
@@ -187,10 +188,18 @@ def sweep_run(smoke_run, tmp_path_factory):
 
 
 def test_sweep_runs_on_the_series_outputs(sweep_run):
-    """Two float configurations and the int8 default: trained, chosen, tested on an int8 base."""
+    """Two float configurations and the int8 default: trained, chosen, tested on an int8 base; a
+    third decodes the first's adapter with beam search, without training it again."""
     smoke_run, first = sweep_run
     run = smoke_run / "runs" / "smoke"
     assert set(first) == SWEEP_CONFIGS
+    sweep_dir = run / "sweep"
+    greedy, beam = (
+        json.loads((sweep_dir / f"r2-query+value-lr0.0005-a2{tag}" / "result.json").read_text())
+        for tag in ("", "-beam2")
+    )
+    assert beam["sampler"] == "beam:2" and beam["train_seconds"] == greedy["train_seconds"]
+    assert not (sweep_dir / "r2-query+value-lr0.0005-a2-beam2" / "train_log.csv").exists()
     assert (run / "sweep_report.md").read_text().startswith("# LoRA sweep")
     assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 1
 
@@ -206,7 +215,7 @@ def test_a_larger_grid_trains_only_the_new_configuration(sweep_run, tmp_path):
     sweep_dir = run / "sweep"
     # finished ones untouched
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
-    assert len(list(sweep_dir.iterdir())) == 4
+    assert len(list(sweep_dir.iterdir())) == 5
     assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 2
 
 
