@@ -114,10 +114,12 @@ def load_probe(path: Path) -> dict[str, np.ndarray]:
 
 
 def adapter_is_empty(backbone) -> bool:
-    """True when every LoRA ``B`` matrix is zero (as initialised): the adapter changes nothing."""
+    """True when every LoRA ``B`` matrix is zero and every DoRA magnitude ``‖W‖`` (as initialised):
+    the adapter changes nothing."""
 
     return all(
         not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_b))
+        and variants.magnitude_is_initial(layer)
         for layer in lora_layers(backbone)
     )
 

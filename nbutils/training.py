@@ -797,14 +797,15 @@ def _resume(
         print(f"RESUME: no checkpoint under {folder}; training from the start.")
         return state, None
     progress, arrays = load_checkpoint(path)
-    now, then = dataclasses.asdict(cfg), progress["config"]
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k)]
+    # a field newer than the checkpoint was at its default then
+    now, then = dataclasses.asdict(cfg), {**dataclasses.asdict(TrainConfig()), **progress["config"]}
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != then[k]]
     if changed:
         raise ValueError(
             f"{path}: made with "
-            + ", ".join(f"{k.upper()}={then.get(k)!r}" for k in changed)
+            + ", ".join(f"{parameter_name(k)}={then[k]!r}" for k in changed)
             + " but now "
-            + ", ".join(f"{k.upper()}={now[k]!r}" for k in changed)
+            + ", ".join(f"{parameter_name(k)}={now[k]!r}" for k in changed)
             + "; resume with the same parameters or use a new RUN_ID."
         )
     if progress.get("data_sha256") != fingerprint:

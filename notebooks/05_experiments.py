@@ -115,6 +115,7 @@ budget = {
     "clipnorm": CLIPNORM,
     "eval_every": EVAL_EVERY,
     "patience": PATIENCE,
+    "min_delta": MIN_DELTA,
     "val_rows": len(val_rows),
     "precision": policy,
     "seed": SEED,

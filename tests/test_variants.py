@@ -246,3 +246,11 @@ def test_steer_bars_early_stops_and_keeps_finished_beams():
     # row 0 stopped (5 at position 1); row 2's 5 is in its prompt, not an answer
     np.testing.assert_array_equal(out[0], [decoding.BARRED] * 5 + [0])
     assert (out[1:] == 0).all()
+
+
+def test_a_trained_dora_magnitude_is_not_an_empty_adapter():
+    lm = tiny_with(dora=True)
+    assert export.adapter_is_empty(lm.backbone)  # B = 0, m = ‖W‖: the base model
+    layer = query_layer(lm)
+    layer.dora_magnitude.assign(np.asarray(layer.dora_magnitude) * 1.01)
+    assert not export.adapter_is_empty(lm.backbone)
