@@ -40,17 +40,10 @@ PLAIN = {
     "sampler": "greedy",
     "min_new_tokens": 0,
 }
-# the notebook parameter of each key
+# the notebook parameter of each key (the training ones as ``TrainConfig`` names them)
 PARAMETERS = {
-    "rank": "RANK",
-    "targets": "LORA_TARGETS",
-    "learning_rate": "LEARNING_RATE",
-    "alpha": "LORA_ALPHA",
+    **{k: training.FIELD_PARAMETERS[k] for k in TRAINING_KEYS if k != "quantize"},
     "quantize": "QUANTIZE",
-    "scaling": "LORA_SCALING",
-    "loraplus_ratio": "LORAPLUS_RATIO",
-    "dora": "DORA",
-    "neftune_alpha": "NEFTUNE_ALPHA",
     "sampler": "SAMPLER",
     "min_new_tokens": "MIN_NEW_TOKENS",
 }
