@@ -135,24 +135,58 @@ def check_seeded_sampling(lm) -> None:
     np.testing.assert_array_equal(runs[0], keras_hub_tokens(lm, prompt[0], 10))
 
 
-def reference_beam_search(lm, prompt: list[int], n: int, beams: int) -> list[int]:
-    """Beam search by its definition, one unpadded prompt, the whole sequence recomputed each step:
-    keep the ``beams`` highest sums of log-probabilities; the best after ``n`` tokens."""
+def reference_log_probs(lm):
+    """One compiled forward of the whole sequence: log-probabilities of the next token at every
+    position of right-padded rows (a causal model reads them as unpadded)."""
+    import jax
     import keras
 
-    hypotheses = [(0.0, list(prompt))]
+    @jax.jit
+    def log_probs(x, mask):
+        hidden = lm.backbone(compat.text_inputs(lm.backbone, x, mask))
+        logits = lm.backbone.token_embedding(hidden, reverse=True)
+        return keras.ops.log_softmax(keras.ops.cast(logits, "float32"))
+
+    return log_probs
+
+
+def right_padded(rows: list[list[int]], shape: tuple[int, int]):
+    """``rows`` (all of one length) left-aligned in a zero array of ``shape``, and their mask."""
+    x = np.zeros(shape, np.int32)
+    x[: len(rows), : len(rows[0])] = rows
+    return x, np.tile(np.arange(shape[1]) < len(rows[0]), (shape[0], 1))
+
+
+def reference_beam_search(lm, prompt: list[int], n: int, beams: int) -> list[int]:
+    """Beam search by its definition, one prompt, every hypothesis recomputed from its first token
+    each step (no cache, no left padding): keep the ``beams`` highest sums of log-probabilities;
+    the best after ``n`` tokens."""
+    log_probs, hypotheses = reference_log_probs(lm), [(0.0, list(prompt))]
     for _ in range(n):
-        candidates = []
-        for score, ids in hypotheses:
-            x = np.array([ids], np.int32)
-            hidden = lm.backbone(compat.text_inputs(lm.backbone, x, np.ones_like(x, bool)))
-            logits = lm.backbone.token_embedding(hidden[:, -1], reverse=True)
-            logp = np.asarray(keras.ops.log_softmax(keras.ops.cast(logits, "float32")))[0]
-            candidates += [
-                (score + float(logp[t]), ids + [int(t)]) for t in np.argsort(-logp)[:beams]
-            ]
+        last = len(hypotheses[0][1]) - 1
+        x, mask = right_padded([ids for _, ids in hypotheses], (beams, len(prompt) + n))
+        logp = np.asarray(log_probs(x, mask))[:, last]
+        candidates = [
+            (score + float(logp[row, t]), ids + [int(t)])
+            for row, (score, ids) in enumerate(hypotheses)
+            for t in np.argsort(-logp[row])[:beams]
+        ]
         hypotheses = sorted(candidates, key=lambda c: -c[0])[:beams]
     return hypotheses[0][1][len(prompt) :]
+
+
+def reference_greedy(lm, prompt: list[int], n: int, stops: list[int], min_new: int) -> list[int]:
+    """Greedy decoding by its definition, recomputed each step, with the stop tokens barred for the
+    first ``min_new`` new tokens; the new tokens up to and including the first stop."""
+    log_probs, ids = reference_log_probs(lm), list(prompt)
+    for step in range(n):
+        logp = np.array(log_probs(*right_padded([ids], (1, len(prompt) + n))))[0, len(ids) - 1]
+        if step < min_new:
+            logp[stops] = -np.inf
+        ids.append(int(np.argmax(logp)))
+        if ids[-1] in stops:
+            break
+    return ids[len(prompt) :]
 
 
 def check_beam_search(lm) -> None:
@@ -169,20 +203,22 @@ def check_beam_search(lm) -> None:
 
 
 def check_min_new_tokens(lm) -> None:
-    """No stop token among the first MIN_NEW_TOKENS; until a stop is barred, greedy's tokens."""
+    """MIN_NEW_TOKENS=k decodes greedy's tokens by definition with the stops barred for k tokens.
+    The stops are chosen so that one row would stop at new token k - 1 without the bar and does
+    stop at token k with it: a bar one token short or one token long decodes otherwise."""
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS[:2], vocab)
-    plain = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 64, n, [vocab - 1])(
-        prompt_ids
-    )
-    stops = sorted({int(plain[0, 2]), int(plain[1, 3])})
-    ends = [first_stop(plain[r], stops) for r in (0, 1)]
-    new = decoding.make_decoder(
-        lm, evaluation.make_sampler("greedy"), 2, 64, n, stops, min_new_tokens=6
-    )(prompt_ids)
-    assert not np.isin(new[:, :6], stops).any(), new
-    for row, end in enumerate(ends):
-        np.testing.assert_array_equal(new[row, :end], plain[row, :end])
+    greedy = evaluation.make_sampler("greedy")
+    plain = decoding.make_decoder(lm, greedy, 2, 64, n, [vocab - 1])(prompt_ids)
+    k = 1 + next(j for j in range(3, n - 2) if plain[0, j] not in plain[0, :j])
+    barred = reference_greedy(lm, prompt_ids[0], n, [int(plain[0, k - 1])], k)
+    stops = sorted({int(plain[0, k - 1]), barred[k]})
+    assert first_stop(plain[0], stops) == k - 1, "pick other prompts: a stop comes earlier"
+    references = [reference_greedy(lm, prompt, n, stops, k) for prompt in prompt_ids]
+    assert len(references[0]) == k + 1, "pick other prompts: row 0 must stop at token k"
+    new = decoding.make_decoder(lm, greedy, 2, 64, n, stops, min_new_tokens=k)(prompt_ids)
+    for row, reference in enumerate(references):
+        np.testing.assert_array_equal(new[row, : len(reference)], reference)
 
 
 def check_forward(lm) -> str:
