@@ -1,5 +1,7 @@
 """LoRA variants (nbutils.variants): rsLoRA, LoRA+, DoRA and NEFTune against hand computations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -254,3 +256,54 @@ def test_a_trained_dora_magnitude_is_not_an_empty_adapter():
     layer = query_layer(lm)
     layer.dora_magnitude.assign(np.asarray(layer.dora_magnitude) * 1.01)
     assert not export.adapter_is_empty(lm.backbone)
+
+
+@functools.cache  # float32's figures serve both bf16 policies
+def one_update_with_every_variant(policy: str):
+    """Under ``policy``: an untrained DoRA+rsLoRA model's and its plain-LoRA twin's logits, one
+    update with LoRA+ and NEFTune, the loss, the new state and the trainer."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        plain, lm = tiny_with(scaling="rslora"), tiny_with(scaling="rslora", dora=True)
+        ids = np.array([[2, 10, 20, 30, 40, 50]])
+        inputs = {"token_ids": ids, "padding_mask": ids > 0}
+        logits = [np.asarray(m.backbone(inputs), np.float32) for m in (plain, lm)]
+        for layer in training.lora_layers(lm.backbone):  # a change bf16 alone would round away
+            layer.dora_magnitude.assign(np.asarray(layer.dora_magnitude) * 1.003)
+        logits.append(np.asarray(lm.backbone(inputs), np.float32))
+        for layer in training.lora_layers(lm.backbone):
+            variants.reset_magnitude(layer)
+        arrays = sequences.make_arrays(lm.preprocessor.tokenizer, ROWS, "gemma", 128)
+        optimizer = keras.optimizers.AdamW(learning_rate=1e-2)
+        trainer = training.Trainer(lm, optimizer, loraplus_ratio=4.0, neftune_alpha=5.0)
+        state = trainer.state()
+        loss, state = trainer.update([batches.make_batch(arrays, np.arange(4))], state, 7)
+        return logits, loss, state, trainer
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
+def test_variants_train_in_bf16_with_a_float32_magnitude(policy):
+    """Under either bf16 policy DoRA's magnitude and every adapter stay float32, an untrained DoRA
+    model computes its plain-LoRA twin's logits to bf16 rounding, a 0.3% larger magnitude changes
+    them, and one update with every variant is finite, near fp32's loss, and moves each
+    magnitude."""
+    (plain, dora, nudged), loss, state, trainer = one_update_with_every_variant(policy)
+    (plain32, _, _), loss32, _, _ = one_update_with_every_variant("float32")
+    assert trainer.backbone.compute_dtype == "bfloat16"
+    assert all(np.asarray(v).dtype == np.float32 for v in state[0])
+    scale = np.abs(plain32).max()
+    assert np.abs(plain - plain32).max() > 0  # bf16 did round
+    np.testing.assert_allclose(dora, plain, atol=2e-2 * scale)
+    assert (nudged != dora).any()  # a bf16 factor would round 1.003 to 1
+    assert np.isfinite(loss) and loss == pytest.approx(loss32, rel=2e-2)
+    kinds = [v.path.rsplit("/", 1)[-1] for v in trainer.trainable]
+    magnitudes = [new for kind, new in zip(kinds, state[0]) if kind == variants.MAGNITUDE]
+    norms = [
+        variants.column_norms(layer._kernel, layer.equation)
+        for layer in training.lora_layers(trainer.backbone)
+    ]
+    assert len(magnitudes) == len(norms) == 7 * trainer.backbone.num_layers
+    for m, norm in zip(magnitudes, norms):
+        assert np.isfinite(np.asarray(m)).all() and not np.array_equal(np.asarray(m), norm)
