@@ -20,6 +20,7 @@ import contextlib
 import math
 
 import jax
+import jax.numpy as jnp
 import keras
 from keras import ops
 
@@ -140,9 +141,13 @@ def scale_b_updates(before: list, after: list, b_mask: list[bool], ratio: float)
 
 
 def neftune_noise(key, shape: tuple, alpha: float, dtype):
-    """NEFTune's noise for embeddings of ``shape`` ``(rows, L, d)``: uniform in ``±alpha/sqrt(L·d)``."""
+    """NEFTune's noise for embeddings of ``shape`` ``(rows, L, d)``: uniform in ``±alpha/sqrt(L·d)``.
+    Each row draws from its own key (``key`` folded with the row's index), so rows a device mesh
+    adds to a batch leave the other rows' noise as it is."""
     bound = alpha / math.sqrt(shape[1] * shape[2])
-    return jax.random.uniform(key, shape, "float32", -bound, bound).astype(dtype)
+    keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(shape[0]))
+    draw = lambda k: jax.random.uniform(k, shape[1:], "float32", -bound, bound)  # noqa: E731
+    return jax.vmap(draw)(keys).astype(dtype)
 
 
 @contextlib.contextmanager

@@ -187,6 +187,17 @@ def test_neftune_noise_has_its_size_and_only_trains():
     bound = alpha / np.sqrt(10 * 16)
     assert np.abs(noise).max() <= bound and np.abs(noise).max() > 0.95 * bound
     assert abs(noise.std() - bound / np.sqrt(3)) < 0.1 * bound  # uniform on [-b, b]
+    # rows a mesh pads a batch with leave the others' noise alone, whatever JAX's threefry mode
+    partitionable = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", False)
+        two, three = (
+            np.asarray(variants.neftune_noise(jax.random.PRNGKey(0), (n, 10, 16), alpha, "float32"))
+            for n in (2, 3)
+        )
+    finally:
+        jax.config.update("jax_threefry_partitionable", partitionable)
+    np.testing.assert_array_equal(three[:2], two)
 
     lm = tiny_with()
     backbone = lm.backbone
