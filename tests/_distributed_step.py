@@ -55,10 +55,16 @@ VARIANTS = {
 }
 
 
-def step(spec: str, model: str = "tiny", variants: bool = False) -> dict:
-    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model, and the
-    most entries one device's output-layer matmul runs on (the largest compiled size, from the
-    step's HLO); ``variants``: with :data:`VARIANTS`."""
+def compiled_step(trainer, state, batch) -> str:
+    """The text of the compiled gradient step for ``batch`` (its HLO after XLA's passes)."""
+    inputs = devices.place_batch(batch.inputs())
+    return trainer.grad_step.lower(state[0], state[1], inputs, 1.0).compile().as_text()
+
+
+def step(spec: str, model: str = "tiny", variants: bool = False, hlo: bool = True) -> dict:
+    """Loss, updated adapter and kernel shardings after one update of a seeded tiny model; with
+    ``hlo``, the compiled step's collectives and the most entries one device's output-layer matmul
+    runs on (the largest compiled size); ``variants``: with :data:`VARIANTS`."""
     import keras
 
     devices.use_distribution(spec)
@@ -84,12 +90,9 @@ def step(spec: str, model: str = "tiny", variants: bool = False) -> dict:
         batches.make_batch(arrays, np.arange(3, 8)),
     ]
     loss, state = trainer.update(micro, trainer.state(), noise_seed=7)
-    four = batches.make_batch(arrays, np.arange(0, 4))
     trainer.write_back(state)
     compiled = (
-        trainer.grad_step.lower(state[0], state[1], devices.place_batch(four.inputs()), 1.0)
-        .compile()
-        .as_text()
+        compiled_step(trainer, state, batches.make_batch(arrays, np.arange(0, 4))) if hlo else ""
     )
     out_dims = [
         [int(d) for d in dims.split(",")]
@@ -109,7 +112,7 @@ def step(spec: str, model: str = "tiny", variants: bool = False) -> dict:
             getattr(devices.place_batch(micro[0].inputs())["token_ids"], "sharding", None)
         ),
         "adapter_devices": len(trainer.trainable[0].value.sharding.device_set),
-        "collectives": collectives(compiled),
+        "collectives": collectives(compiled) if hlo else None,
         "padded_rows": devices.place_batch(micro[0].inputs())["token_ids"].shape[0],
         "head_rows": head_rows,
     }
@@ -122,9 +125,13 @@ if __name__ == "__main__":
             devices.GEMMA_LAYOUT.update(HIDDEN_SPLIT)
             print(json.dumps({**step("model:2x2"), "spec": spec}), flush=True)
         elif spec.startswith("gemma4/"):  # the same on the tiny Gemma 4
-            print(json.dumps({**step(spec[7:], "tiny-gemma4"), "spec": spec}), flush=True)
+            print(
+                json.dumps({**step(spec[7:], "tiny-gemma4", hlo=False), "spec": spec}), flush=True
+            )
         elif spec.startswith("variants/"):  # the same with every LoRA variant
-            print(json.dumps({**step(spec[9:], variants=True), "spec": spec}), flush=True)
+            print(
+                json.dumps({**step(spec[9:], variants=True, hlo=False), "spec": spec}), flush=True
+            )
         else:
             try:
                 print(json.dumps(step(spec)), flush=True)

@@ -28,7 +28,6 @@ SLOW_FIXTURES = {
     "image_smoke_run",
     "gemma4_smoke_run",
     "image_gemma4_smoke_run",
-    "variants_smoke_run",
 }
 # the tiny Gemma 4 with the instruction-tuned layout (stop on its end-of-turn token)
 GEMMA4_PARAMS = ("MODEL", "tiny-gemma4", "STOP_TOKEN", "<turn|>")
@@ -97,19 +96,10 @@ def image_smoke_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gemma4_smoke_run(tmp_path_factory):
-    """The series on the tiny Gemma 4 (pinned stack), instruction-tuned layout. Returns its
-    folder."""
+    """The series on the tiny Gemma 4 (pinned stack), instruction-tuned layout, with every LoRA
+    variant and decoding choice at once (one series checks both). Returns its folder."""
     root = tmp_path_factory.mktemp("gemma4-smoke")
-    run_smoke_series(root, sys.executable, "gemma4", GEMMA4_PARAMS)
-    return root
-
-
-@pytest.fixture(scope="session")
-def variants_smoke_run(tmp_path_factory):
-    """The series on the tiny Gemma 3 with DoRA, rsLoRA, LoRA+, NEFTune, beam search and a minimum
-    answer length. Returns its folder."""
-    root = tmp_path_factory.mktemp("variants-smoke")
-    run_smoke_series(root, sys.executable, "variants", VARIANT_PARAMS)
+    run_smoke_series(root, sys.executable, "gemma4", (*GEMMA4_PARAMS, *VARIANT_PARAMS))
     return root
 
 

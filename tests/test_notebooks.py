@@ -113,10 +113,11 @@ def test_tiny_gemma4_runs_the_series(gemma4_smoke_run):
     check_gemma4_run(gemma4_smoke_run, "gemma4")
 
 
-def test_every_variant_runs_the_series_and_exports_exactly(variants_smoke_run):
-    """DoRA + rsLoRA + LoRA+ + NEFTune trained, beam search with a minimum length decoded by 02 and
-    04 alike, and every export of the merged DoRA model passes notebook 06's checks."""
-    run = variants_smoke_run / "runs" / "variants"
+def test_every_variant_runs_the_series_and_exports_exactly(gemma4_smoke_run):
+    """DoRA + rsLoRA + LoRA+ + NEFTune trained (on the tiny Gemma 4), beam search with a minimum
+    length decoded by 02 and 04 alike, and every export of the merged DoRA model passes notebook
+    06's checks (GGUF: the merge itself is checked on Gemma 3 in test_variants)."""
+    run = gemma4_smoke_run / "runs" / "gemma4"
     adapter = json.loads((run / "adapter.json").read_text())
     assert adapter["dora"] is True and adapter["scaling"] == "rslora"
     assert adapter["config"]["loraplus_ratio"] == 4 and adapter["config"]["neftune_alpha"] == 5
@@ -126,7 +127,7 @@ def test_every_variant_runs_the_series_and_exports_exactly(variants_smoke_run):
         predictions = [json.loads(line) for line in (run / name).open()]
         assert all(p["n_tokens"] >= 2 for p in predictions), name
     checks = json.loads((run / "export" / "export_verification.json").read_text())["checks"]
-    assert {"keras_preset", "transformers", "gguf"} <= set(checks)
+    assert {"keras_preset", "transformers", "merged_in_memory"} <= set(checks)
     assert all(c["passed"] for c in checks.values()), checks
 
 
