@@ -146,7 +146,7 @@ def neftune_noise(key, shape: tuple, alpha: float, dtype):
     adds to a batch leave the other rows' noise as it is."""
     bound = alpha / math.sqrt(shape[1] * shape[2])
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(shape[0]))
-    draw = lambda k: jax.random.uniform(k, shape[1:], "float32", -bound, bound)  # noqa: E731
+    draw = lambda k: jax.random.uniform(k, shape[1:], "float32", -bound, bound)
     return jax.vmap(draw)(keys).astype(dtype)
 
 

@@ -157,11 +157,11 @@ def right_padded(rows: list[list[int]], shape: tuple[int, int]):
     return x, np.tile(np.arange(shape[1]) < len(rows[0]), (shape[0], 1))
 
 
-def reference_beam_search(lm, prompt: list[int], n: int, beams: int) -> list[int]:
+def reference_beam_search(log_probs, prompt: list[int], n: int, beams: int) -> list[int]:
     """Beam search by its definition, one prompt, every hypothesis recomputed from its first token
-    each step (no cache, no left padding): keep the ``beams`` highest sums of log-probabilities;
-    the best after ``n`` tokens."""
-    log_probs, hypotheses = reference_log_probs(lm), [(0.0, list(prompt))]
+    each step (no cache, no left padding) by ``log_probs`` (:func:`reference_log_probs`): keep the
+    ``beams`` highest sums of log-probabilities; the best after ``n`` tokens."""
+    hypotheses = [(0.0, list(prompt))]
     for _ in range(n):
         last = len(hypotheses[0][1]) - 1
         x, mask = right_padded([ids for _, ids in hypotheses], (beams, len(prompt) + n))
@@ -175,10 +175,10 @@ def reference_beam_search(lm, prompt: list[int], n: int, beams: int) -> list[int
     return hypotheses[0][1][len(prompt) :]
 
 
-def reference_greedy(lm, prompt: list[int], n: int, stops: list[int], min_new: int) -> list[int]:
-    """Greedy decoding by its definition, recomputed each step, with the stop tokens barred for the
-    first ``min_new`` new tokens; the new tokens up to and including the first stop."""
-    log_probs, ids = reference_log_probs(lm), list(prompt)
+def reference_greedy(log_probs, prompt: list[int], n: int, stops: list[int], min_new: int) -> list:
+    """Greedy decoding by its definition, recomputed each step by ``log_probs``, with the stop
+    tokens barred for the first ``min_new`` new tokens; the new tokens up to the first stop."""
+    ids = list(prompt)
     for step in range(n):
         logp = np.array(log_probs(*right_padded([ids], (1, len(prompt) + n))))[0, len(ids) - 1]
         if step < min_new:
@@ -197,8 +197,9 @@ def check_beam_search(lm) -> None:
     beam = evaluation.make_sampler("beam:3")
     new = decoding.make_decoder(lm, beam, 4, 96, n, [vocab - 1])(prompt_ids)
     greedy = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 96, n, [vocab - 1])
+    log_probs = reference_log_probs(lm)
     for row, prompt in enumerate(prompt_ids):
-        np.testing.assert_array_equal(new[row], reference_beam_search(lm, prompt, n, 3))
+        np.testing.assert_array_equal(new[row], reference_beam_search(log_probs, prompt, n, 3))
     assert (new != greedy(prompt_ids)).any()  # beams found another answer somewhere
 
 
@@ -211,10 +212,11 @@ def check_min_new_tokens(lm) -> None:
     greedy = evaluation.make_sampler("greedy")
     plain = decoding.make_decoder(lm, greedy, 2, 64, n, [vocab - 1])(prompt_ids)
     k = 1 + next(j for j in range(3, n - 2) if plain[0, j] not in plain[0, :j])
-    barred = reference_greedy(lm, prompt_ids[0], n, [int(plain[0, k - 1])], k)
+    log_probs = reference_log_probs(lm)
+    barred = reference_greedy(log_probs, prompt_ids[0], n, [int(plain[0, k - 1])], k)
     stops = sorted({int(plain[0, k - 1]), barred[k]})
     assert first_stop(plain[0], stops) == k - 1, "pick other prompts: a stop comes earlier"
-    references = [reference_greedy(lm, prompt, n, stops, k) for prompt in prompt_ids]
+    references = [reference_greedy(log_probs, prompt, n, stops, k) for prompt in prompt_ids]
     assert len(references[0]) == k + 1, "pick other prompts: row 0 must stop at token k"
     new = decoding.make_decoder(lm, greedy, 2, 64, n, stops, min_new_tokens=k)(prompt_ids)
     for row, reference in enumerate(references):

@@ -99,8 +99,12 @@ def step(spec: str, model: str = "tiny", variants: bool = False, hlo: bool = Tru
         for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled)
     ]
     # 0: vocabulary sharded
-    head_rows = max(
-        (math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0
+    head_rows = (
+        max(
+            (math.prod(d[:-1]) for d in out_dims if d[-1] == lm.backbone.vocabulary_size), default=0
+        )
+        if hlo
+        else None
     )
     specs = {v.path: axes(v.value.sharding) for v in lm.backbone.weights}
     return {
