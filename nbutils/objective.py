@@ -57,11 +57,10 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
 
     rows, scored, dim = hidden.shape
     m = rows // groups * scored  # entries per block
-    # else: plain autodiff, one size (see below)
-    frozen = not any(v.trainable for v in layer.variables)
+    frozen = not any(v.trainable for v in layer.variables)  # else: plain autodiff (see below)
     # Several sizes pay on the CPU only: an accelerator would compile every branch and read the
     # branch index back to the host each step, for a matmul it runs fast at full size anyway.
-    several = frozen and devices.backend() == "cpu"
+    several = devices.backend() == "cpu"
     sizes = head_sizes(m) if several else head_sizes(m)[-1:]
     weighted = (weights > 0).reshape(groups, m)
     order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
@@ -119,7 +118,10 @@ def _nll_with_gradient(layer, frozen: bool) -> Callable:
     def plain(hidden, targets, values):
         with keras.StatelessScope(state_mapping=list(zip(layer.variables, values))):
             logits = keras.ops.cast(layer(hidden, reverse=True), "float32")
-        return keras.ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+        # log-sum-exp minus the target's logit: Keras' sparse cross-entropy multiplies a one-hot
+        # of the whole vocabulary, twice the time of the output layer's own matmul
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
 
     def forward(hidden, targets, values):
         nll, pullback = jax.vjp(lambda x: plain(x, targets, values), hidden)
