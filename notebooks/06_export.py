@@ -160,7 +160,7 @@ verification = {
     "probe_shape": list(inputs["token_ids"].shape),
     "device": export.device_record(),
 }
-files.write_json(folder / "export_verification.json", verification)
+verification_file = files.write_json(folder / "export_verification.json", verification)
 
 # %%
 display(
@@ -173,9 +173,7 @@ display(
 )
 failed = [k for k, c in checks.items() if c["passed"] is False]
 if failed:
-    raise AssertionError(
-        f"export check(s) failed: {', '.join(failed)} (see {folder / 'export_verification.json'})"
-    )
+    raise AssertionError(f"export check(s) failed: {', '.join(failed)} (see {verification_file})")
 
 # %% [markdown]
 # ## Summary
@@ -183,7 +181,7 @@ if failed:
 # would have been reported above.
 
 # %%
-saved = files.read_json(folder / "export_verification.json")
+saved = files.read_json(verification_file)
 assert all(c["passed"] is not False for c in saved["checks"].values())
 assert saved["device"]["matmul_precision"] == "highest"
 assert (

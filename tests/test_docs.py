@@ -38,7 +38,15 @@ def output_problems(nb_path) -> list[str]:
             for line in text.splitlines():
                 if noisy(line) or out.get("name") == "stderr":
                     problems.append(f"{nb_path.name} cell {i}: {line[:120]!r}")
+            if stray_value(out):
+                problems.append(f"{nb_path.name} cell {i}: a stray return value {text[:80]!r}")
     return problems
+
+
+def stray_value(output: dict) -> bool:
+    """A cell's last expression echoed as plain text (e.g. the path a write returns), not a
+    table, image or printed line."""
+    return output.get("output_type") == "execute_result" and set(output["data"]) == {"text/plain"}
 
 
 def check_clean_outputs(root, run_id: str) -> None:
@@ -81,13 +89,20 @@ def test_the_output_check_finds_noise(tmp_path):
                         name="stdout",
                         text="I0000 00:00:1.2 123 port.cc:153] oneDNN custom operations are on.\n",
                     ),
+                    nbformat.v4.new_output(
+                        "execute_result", data={"text/plain": "PosixPath('runs/x/a.json')"}
+                    ),
                 ],
             )
         ]
     )
     nbformat.write(nb, tmp_path / "x.ipynb")
     problems = output_problems(tmp_path / "x.ipynb")
-    assert len(problems) == 2 and "carriage return" in problems[0] and "port.cc" in problems[1]
+    assert len(problems) == 3 and "carriage return" in problems[0] and "port.cc" in problems[1]
+    assert "stray return value" in problems[2]
+    assert page_output_problems("    PosixPath('runs/x/a.json')\n") == [
+        "PosixPath('runs/x/a.json')"
+    ]
 
 
 def notebook_code(name: str) -> list[str]:
@@ -124,7 +139,7 @@ def page_output_problems(markdown: str) -> list[str]:
         fenced = fenced != line.startswith("```")
         if not fenced and line.startswith("    ") and line.strip():
             out = line[4:]
-            if noisy(out) or any(c in out for c in FORBIDDEN_CHARS):
+            if noisy(out) or any(c in out for c in FORBIDDEN_CHARS) or out.startswith("PosixPath("):
                 problems.append(out[:120])
     return problems
 
