@@ -177,7 +177,7 @@ def response_losses(
     backbone = lm.backbone
     if getattr(backbone, "_nbutils_nll", None) is None:
         backbone._nbutils_nll = jax.jit(
-            lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs)
+            lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs, gradient=False)
         )
     trainable, non_trainable = objective.variable_values(backbone)
     arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, template, sequence_length)

@@ -21,9 +21,9 @@ HEAD_STEP = 16  # the output layer runs on a multiple of this many scored entrie
 HEAD_SIZES = 8  # at most this many sizes compiled into each step (one is picked at run time)
 
 
-def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
+def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict, gradient=True):
     """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where unweighted),
-    computed statelessly.
+    computed statelessly; ``gradient=False`` when none will be taken (evaluation).
 
     ``inputs`` holds ``token_ids``/``padding_mask`` ``(rows, width)`` and
     ``positions``/``targets``/``weights`` ``(rows, scored)`` (see :class:`nbutils.batches.Batch`).
@@ -39,12 +39,13 @@ def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict):
         head_values = [v.value for v in backbone.token_embedding.variables]
     picked = keras.ops.take_along_axis(hidden, inputs["positions"][..., None], axis=1)
     groups = devices.data_shards(picked.shape[0])  # each device compacts and scores its own rows
+    layer = backbone.token_embedding
     return output_nll(
-        backbone.token_embedding, head_values, picked, inputs["targets"], inputs["weights"], groups
+        layer, head_values, picked, inputs["targets"], inputs["weights"], groups, gradient
     )
 
 
-def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
+def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1, gradient=True):
     """Cross-entropy of ``layer(hidden, reverse=True)`` at ``targets`` ``(rows, scored)``, 0 where
     ``weights`` is 0.
 
@@ -52,15 +53,18 @@ def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1):
     runs on the first ``k`` entries of every block, ``k`` the smallest of a few compiled sizes that
     holds them (``lax.switch``): one shape per batch shape whatever its response tokens, no work on
     padding, and blocks stay on the device holding their rows. ``values``: ``layer``'s variables'
-    values.
+    values; ``gradient=False``: none will be taken, so a trainable layer runs as a frozen one.
     """
 
     rows, scored, dim = hidden.shape
     m = rows // groups * scored  # entries per block
-    frozen = not any(v.trainable for v in layer.variables)  # else: plain autodiff (see below)
+    # no gradient for the layer's own weights (else: plain autodiff, one size, see below): LoRA
+    # freezes them, and evaluation (``gradient=False``) takes none
+    frozen = not gradient or not any(v.trainable for v in layer.variables)
     # Several sizes pay on the CPU only: an accelerator would compile every branch and read the
     # branch index back to the host each step, for a matmul it runs fast at full size anyway.
-    several = devices.backend() == "cpu"
+    # Autodiff through the branches would keep every branch's (entries, vocabulary) residuals.
+    several = frozen and devices.backend() == "cpu"
     sizes = head_sizes(m) if several else head_sizes(m)[-1:]
     weighted = (weights > 0).reshape(groups, m)
     order = jnp.argsort(~weighted, axis=1, stable=True)  # weighted entries first, in order
@@ -119,7 +123,7 @@ def _nll_with_gradient(layer, frozen: bool) -> Callable:
         with keras.StatelessScope(state_mapping=list(zip(layer.variables, values))):
             logits = keras.ops.cast(layer(hidden, reverse=True), "float32")
         # log-sum-exp minus the target's logit: Keras' sparse cross-entropy multiplies a one-hot
-        # of the whole vocabulary, twice the time of the output layer's own matmul
+        # of the whole vocabulary (see docs/design.md)
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 

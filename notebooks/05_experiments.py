@@ -226,7 +226,7 @@ choice = sweep.choose(results, val_scores, N_BOOTSTRAP, SEED, groups)
 chosen = next(r for r in results if r["name"] == choice["chosen"])
 conclusion = sweep.conclusion(choice, results)
 display(Markdown(conclusion))
-files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
+choice_file = files.write_json(out / "sweep_choice.json", sweep.choice_parameters(chosen))
 
 # %% [markdown]
 # ## 5. The chosen adapter on the test split, once
@@ -316,7 +316,7 @@ print(f"report: {report_path}")
 # there.
 
 # %%
-saved = files.read_json(out / "sweep_choice.json")
+saved = files.read_json(choice_file)
 assert len(results) == len(configs) and all(r["best_val_loss"] < float("inf") for r in results)
 assert saved["RANK"] == chosen["rank"] and saved["LORA_TARGETS"] == chosen["targets"]
 assert chosen["name"] in choice["candidates"] and chosen["trainable_params"] == min(

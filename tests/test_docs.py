@@ -44,8 +44,7 @@ def output_problems(nb_path) -> list[str]:
 
 
 def stray_value(output: dict) -> bool:
-    """A cell's last expression echoed as plain text (e.g. the path a write returns), not a
-    table, image or printed line."""
+    """A cell's last value echoed as plain text only (e.g. the path a write returns)."""
     return output.get("output_type") == "execute_result" and set(output["data"]) == {"text/plain"}
 
 
@@ -139,7 +138,7 @@ def page_output_problems(markdown: str) -> list[str]:
         fenced = fenced != line.startswith("```")
         if not fenced and line.startswith("    ") and line.strip():
             out = line[4:]
-            if noisy(out) or any(c in out for c in FORBIDDEN_CHARS) or out.startswith("PosixPath("):
+            if noisy(out) or any(c in out for c in FORBIDDEN_CHARS) or "PosixPath(" in out:
                 problems.append(out[:120])
     return problems
 

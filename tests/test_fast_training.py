@@ -116,9 +116,10 @@ def test_output_layer_gradient_equals_plain_autodiff(
     """The output layer's own backward pass (its gradient formed in the forward) against autodiff of
     the plain computation: 13 rows + 3 zero-weight rows x 16 entries need the second of eight
     compiled sizes (32, 64, ...), 5 x 20 entries the second of 16, 32, ..., 112 (more than the 100
-    entries); a trainable embedding gets its gradient too, through the branch. Each entry's loss is scaled differently,
-    as a loss that averages does. Off the CPU the layer runs at one size: no branch to compile
-    eight times, no index read back to the host."""
+    entries). A trainable embedding gets its gradient too, at one size (autodiff through the
+    branches would keep all their logits), and several sizes when no gradient is taken. Each
+    entry's loss is scaled differently, as a loss that averages does. Off the CPU the layer runs at
+    one size: no branch to compile eight times, no index read back to the host."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -159,11 +160,19 @@ def test_output_layer_gradient_equals_plain_autodiff(
 
     monkeypatch.setattr(devices, "backend", lambda: platform)
     branches = "cond[" in str(jax.make_jaxpr(fast)(trainable))
-    assert branches == (platform == "cpu")  # a trainable embedding too: evaluation of a base model
+    assert branches == (platform == "cpu" and not train_embedding)
+
+    def evaluation(trainable):  # no gradient: a base model's embedding runs at several sizes too
+        return objective.scored_nll(backbone, trainable, non_trainable, inputs, gradient=False)
+
+    assert ("cond[" in str(jax.make_jaxpr(evaluation)(trainable))) == (platform == "cpu")
     (want, want_grads), (got, got_grads) = (
         jax.jit(jax.value_and_grad(f))(trainable) for f in (plain, fast)
     )
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(jnp.sum(jax.jit(evaluation)(trainable) * scale)) == pytest.approx(
+        float(want), 1e-5
+    )
     largest = max(float(jnp.abs(g).max()) for g in want_grads)
     for w, g in zip(want_grads, got_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * largest)

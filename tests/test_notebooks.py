@@ -12,6 +12,7 @@ import jupytext
 import nbformat
 import papermill as pm
 import pytest
+from test_docs import output_problems
 
 from nbutils import config, data, paths, pipeline, runs
 
@@ -165,6 +166,7 @@ def run_sweep(smoke_run, folder, params: dict) -> str:
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert not output_problems(nb), output_problems(nb)  # what a reader of 05 sees, too
     executed = nbformat.read(nb, as_version=4)
     return "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
 
