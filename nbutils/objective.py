@@ -21,7 +21,7 @@ HEAD_STEP = 16  # the output layer runs on a multiple of this many scored entrie
 HEAD_SIZES = 8  # at most this many sizes compiled into each step (one is picked at run time)
 
 
-def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict, gradient=True):
+def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict, gradient: bool = True):
     """Cross-entropy ``(rows, scored)`` of each scored position's next token (0 where unweighted),
     computed statelessly; ``gradient=False`` when none will be taken (evaluation).
 
@@ -45,7 +45,9 @@ def scored_nll(backbone, trainable: list, non_trainable: list, inputs: dict, gra
     )
 
 
-def output_nll(layer, values: list, hidden, targets, weights, groups: int = 1, gradient=True):
+def output_nll(
+    layer, values: list, hidden, targets, weights, groups: int = 1, gradient: bool = True
+):
     """Cross-entropy of ``layer(hidden, reverse=True)`` at ``targets`` ``(rows, scored)``, 0 where
     ``weights`` is 0.
 
