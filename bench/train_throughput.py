@@ -111,7 +111,9 @@ def mean_response_loss(lm, rows: list[dict]) -> float:
     """Loss per response token on ``rows`` (the common yardstick of both arms)."""
     from nbutils import evaluation
 
-    losses = evaluation.response_losses(lm, rows, "gemma", SEQUENCE_LENGTH)
+    # one new token: only the reference losses are looked at
+    settings = (1, 16, "greedy", 0, 0, SEQUENCE_LENGTH)
+    losses = evaluation.answer_rows(lm, rows, "gemma", *settings, progress=False)[1]
     return sum(r["loss_sum"] for r in losses) / sum(r["loss_tokens"] for r in losses)
 
 

@@ -9,6 +9,11 @@ holding prompt tokens, then keras-hub's own sampler decodes exactly ``max_new_to
 every row. Padding is masked as keys; a row's positions shift with its padding, which rotary
 position embeddings do not see (attention scores depend on relative positions only), so the tokens
 are keras-hub's up to floating-point rounding.
+
+Given each row's reference (target ids), the prefill runs on through the reference too and scores
+it, teacher-forced, from the same hidden states: the evaluation loss costs no second pass over the
+prompts. Decoding then starts at ``end`` as before; each step writes its key/value over the
+reference's before attending, and the causal mask hides the positions after it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
-from nbutils import batches, compat
+from nbutils import batches, compat, devices, objective
 
 CHUNK = 32  # prompt tokens seeded into the cache per call of the compiled prefill
 BARRED = -1e9  # the logit of a token a row may not pick
@@ -44,6 +49,18 @@ def left_padded(
     for row, ids in enumerate(prompt_ids):
         token_ids[row, end - len(ids) : end], mask[row, end - len(ids) : end] = ids, True
     return token_ids, mask
+
+
+def teacher_forced(
+    token_ids: np.ndarray, target_ids: list[list[int]], end: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``token_ids`` with each row's targets from ``end`` on, each position's next token and
+    whether that is a target (the positions a reference is scored at)."""
+    full, weights = token_ids.copy(), np.zeros(token_ids.shape, np.float32)
+    for row, ids in enumerate(target_ids):
+        full[row, end : end + len(ids)] = ids
+        weights[row, end - 1 : end - 1 + len(ids)] = 1.0
+    return full, np.pad(full[:, 1:], ((0, 0), (0, 1))), weights
 
 
 def steer(logits, prompt, index, end: int, stop_token_ids: list[int], min_new: int, beams: int):
@@ -79,10 +96,12 @@ def make_decoder(
     max_new_tokens: int,
     stop_token_ids: list[int],
     min_new_tokens: int = 0,
-) -> Callable[[list[list[int]]], np.ndarray]:
-    """``decode(prompt_ids)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub ``sampler`` picks
-    after each of up to ``batch_size`` prompts, never a stop token among the first
-    ``min_new_tokens``.
+    max_target_tokens: int = 0,
+) -> Callable[..., tuple[np.ndarray, np.ndarray | None]]:
+    """``decode(prompt_ids, target_ids=None)`` → the ``(rows, max_new_tokens)`` tokens a keras-hub
+    ``sampler`` picks after each of up to ``batch_size`` prompts, never a stop token among the
+    first ``min_new_tokens``, and the cross-entropy ``(rows, positions)`` of each row's target ids
+    (up to ``max_target_tokens``) after its prompt, teacher-forced (None without targets).
 
     Decoding ends early once every row has produced one of ``stop_token_ids``; steps not run leave 0
     (a row that stopped earlier keeps decoding until then: callers cut each row at its first stop
@@ -93,7 +112,9 @@ def make_decoder(
         raise ValueError(
             f"end={end}: prompts must end at a positive multiple of {CHUNK} (see prompt_end)."
         )
-    backbone, length, layout = lm.backbone, end + max_new_tokens, compat.cache_layout(lm)
+    # the cache holds the new tokens, and during the prefill the targets (in whole chunks)
+    length = end + max(max_new_tokens, batches.round_up(max_target_tokens, CHUNK))
+    backbone, layout = lm.backbone, compat.cache_layout(lm)
     beams = sampler.num_beams if isinstance(sampler, keras_hub.samplers.BeamSampler) else 1
 
     def scope(state):
@@ -105,9 +126,17 @@ def make_decoder(
         ]
         return keras.StatelessScope(state_mapping=mapping)
 
-    def prefill(state, caches, token_ids, key_mask, start):
+    def prefill(state, caches, token_ids, key_mask, start, targets=None, weights=None):
         with scope(state):
-            return compat.cached_forward(lm, token_ids, caches, start, key_mask, layout)[1]
+            hidden, caches = compat.cached_forward(lm, token_ids, caches, start, key_mask, layout)
+            head = [v.value for v in backbone.token_embedding.variables]
+        if targets is None:
+            return caches, None
+        groups = devices.data_shards(hidden.shape[0])
+        layer = backbone.token_embedding
+        return caches, objective.output_nll(
+            layer, head, hidden, targets, weights, groups, gradient=False
+        )
 
     def decode(state, caches, token_ids, key_mask):
         beam_mask = ops.repeat(key_mask, beams, axis=0)  # as the BeamSampler repeats each row
@@ -125,13 +154,15 @@ def make_decoder(
             logits = steer(logits, prompt, index, end, stop_token_ids, min_new_tokens, beams)
             return logits, hidden[:, 0], cache
 
+        # the sampler decodes until the end of its prompt array (the cache may hold more)
+        token_ids = token_ids[:, : end + max_new_tokens]
         with scope(state) as s:
             out = sampler(
                 next=next,
                 prompt=token_ids,
                 cache=caches,
                 index=end,
-                mask=ops.broadcast_to(ops.arange(length) < end, (batch_size, length)),
+                mask=ops.broadcast_to(ops.arange(token_ids.shape[1]) < end, token_ids.shape),
                 stop_token_ids=tuple(stop_token_ids),
                 model=lm,
             )
@@ -140,8 +171,9 @@ def make_decoder(
 
     prefill_fn, decode_fn = jax.jit(prefill, donate_argnums=1), jax.jit(decode)
 
-    def run(prompt_ids: list[list[int]]) -> np.ndarray:
-        """The new tokens of each prompt (at most ``batch_size`` prompts)."""
+    def run(prompt_ids: list[list[int]], target_ids: list[list[int]] | None = None):
+        """The new tokens of each prompt (at most ``batch_size`` prompts) and the cross-entropy of
+        each target id."""
         if not 0 < len(prompt_ids) <= batch_size:
             raise ValueError(
                 f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}."
@@ -162,14 +194,42 @@ def make_decoder(
             [v.value for v in lm.non_trainable_variables],
         )
         caches = compat.empty_caches(lm, batch_size, length, layout)
+        scored = target_ids is not None and _check_targets(target_ids, prompt_ids, length - end)
+        if scored:
+            full, next_ids, weights = teacher_forced(token_ids, target_ids, end)
+            # the last target is predicted at end - 2 + its length
+            stop_at = end + batches.round_up(max(len(t) for t in target_ids) - 1, CHUNK)
+        else:
+            full, stop_at = token_ids, end
+        nll = []
         # earlier chunks hold padding only
-        for start in range((end - longest) // CHUNK * CHUNK, end, CHUNK):
-            caches = prefill_fn(
-                state, caches, token_ids[:, start : start + CHUNK], key_mask, np.int32(start)
+        for start in range((end - longest) // CHUNK * CHUNK, stop_at, CHUNK):
+            chunk = slice(start, start + CHUNK)
+            targets = (
+                (next_ids[:, chunk], weights[:, chunk]) if scored and start >= end - CHUNK else ()
             )
+            caches, out = prefill_fn(
+                state, caches, full[:, chunk], key_mask, np.int32(start), *targets
+            )
+            nll += [] if out is None else [np.asarray(out)]
         new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
         for variable, value in zip(sampler.variables, sampler_values):
             variable.assign(value)  # seeded samplers move on, as with keras-hub's generate
-        return np.asarray(new)[: len(prompt_ids)]
+        rows = len(prompt_ids)
+        if not scored:
+            return np.asarray(new)[:rows], None
+        return np.asarray(new)[:rows], np.concatenate(nll, axis=1)[:rows, CHUNK - 1 :]
 
     return run
+
+
+def _check_targets(target_ids: list[list[int]], prompt_ids: list[list[int]], room: int) -> bool:
+    """Whether there are targets to score (one list per prompt, each fitting the decoder)."""
+    if len(target_ids) != len(prompt_ids):
+        raise ValueError(f"{len(target_ids)} target lists for {len(prompt_ids)} prompts.")
+    longest = max(len(t) for t in target_ids)
+    if longest > room:
+        raise ValueError(
+            f"a target of {longest} tokens; make the decoder with max_target_tokens >= {longest}."
+        )
+    return longest > 0

@@ -11,13 +11,12 @@ import re
 import string
 import time
 
-import jax
 import keras_hub
 import numpy as np
 from keras import ops
 from rouge_score import rouge_scorer
 
-from nbutils import batches, compat, decoding, objective, prompts, sequences
+from nbutils import compat, decoding, prompts, sequences
 from nbutils import progress as progress_bar
 
 METRICS = ("rougeL_f1", "chrf", "exact_match", "response_loss", "stop_rate", "mean_tokens")
@@ -126,12 +125,38 @@ def generate(
     Each answer has at most ``max_new_tokens`` tokens, its stop token included, and no stop token
     among its first ``min_new_tokens`` (see :mod:`nbutils.decoding`).
     """
+    decoding_settings = (max_new_tokens, batch_size, sampler, seed, min_new_tokens)
+    return answer_rows(lm, rows, template, *decoding_settings, progress=progress)[0]
+
+
+def answer_rows(
+    lm,
+    rows: list[dict],
+    template,
+    max_new_tokens: int,
+    batch_size: int,
+    sampler: str,
+    seed: int,
+    min_new_tokens: int,
+    sequence_length: int | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], list[dict] | None]:
+    """:func:`generate`'s answers and, given ``sequence_length``, each reference's teacher-forced
+    loss (summed nats and token count of response + stop token) from the same prefill.
+
+    The loss is training's objective (:func:`nbutils.objective.output_nll`) at the positions before
+    each reference token.
+    """
     if not rows:
-        return []
+        return [], [] if sequence_length else None
     tokenizer = lm.preprocessor.tokenizer
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
-    prompt_ids = sequences.prompt_ids(tokenizer, rows, template)
+    pairs = sequences.encode(tokenizer, rows, template)
+    if sequence_length:
+        sequences.check_fit(rows, pairs, sequence_length)
+    prompt_ids = [p for p, _ in pairs]
+    target_ids = [t for _, t in pairs] if sequence_length else None
     batch_size = min(batch_size, len(rows))  # no empty rows decoded alongside a short list
     decode = decoding.make_decoder(
         lm,
@@ -141,15 +166,18 @@ def generate(
         max_new_tokens,
         [stop],
         min_new_tokens,
+        max(len(t) for t in target_ids) if target_ids else 0,
     )
     # similar lengths: fewer prefill chunks
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
-    results: dict[int, dict] = {}
+    results, losses = {}, {}
     bar = progress_bar.bar(len(rows), "generating", "row", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        for i, new in zip(idx, decode([prompt_ids[i] for i in idx])):
-            ids, stopped = answer_tokens(new, stop)
+        targets = [target_ids[i] for i in idx] if target_ids else None
+        new, nll = decode([prompt_ids[i] for i in idx], targets)
+        for k, i in enumerate(idx):
+            ids, stopped = answer_tokens(new[k], stop)
             results[i] = {
                 "id": rows[i].get("id", str(i)),
                 "instruction": rows[i]["instruction"],
@@ -159,41 +187,13 @@ def generate(
                 "stopped": stopped,
                 "n_tokens": len(ids),
             }
+            if targets:
+                row_nll = np.asarray(nll[k, : len(targets[k])], np.float64)
+                losses[i] = {"loss_sum": float(row_nll.sum()), "loss_tokens": len(targets[k])}
         bar.update(len(idx))
     bar.close()
-    return [results[i] for i in range(len(rows))]
-
-
-def response_losses(
-    lm, rows: list[dict], template, sequence_length: int, batch_size: int = 16
-) -> list[dict]:
-    """Teacher-forced loss on each reference response (+ stop token): per-row summed nats and token
-    count.
-
-    The same objective as training (:func:`nbutils.objective.scored_nll`), jit-compiled once per
-    batch shape.
-    """
-
-    backbone = lm.backbone
-    if getattr(backbone, "_nbutils_nll", None) is None:
-        backbone._nbutils_nll = jax.jit(
-            lambda t, n, inputs: objective.scored_nll(backbone, t, n, inputs, gradient=False)
-        )
-    trainable, non_trainable = objective.variable_values(backbone)
-    arrays = sequences.make_arrays(lm.preprocessor.tokenizer, rows, template, sequence_length)
-    out: dict[int, dict] = {}
-    for b in batches.eval_batches(arrays, batch_size):
-        nll = (
-            np.asarray(backbone._nbutils_nll(trainable, non_trainable, b.inputs()), np.float64)
-            * b.weights
-        )
-        for k, i in enumerate(b.rows):
-            if i >= 0:
-                out[int(i)] = {
-                    "loss_sum": float(nll[k].sum()),
-                    "loss_tokens": int(b.weights[k].sum()),
-                }
-    return [out[i] for i in range(len(rows))]
+    in_order = [results[i] for i in range(len(rows))]
+    return in_order, [losses[i] for i in range(len(rows))] if target_ids else None
 
 
 def normalise(text: str) -> str:
@@ -325,16 +325,13 @@ def run_inference(
     seed: int,
     min_new_tokens: int = 0,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Generate + teacher-forced loss + per-row scores; returns predictions, scores and timings."""
+    """Answers, teacher-forced reference losses (one pass, :func:`answer_rows`) and per-row
+    scores; returns predictions, scores and the time taken."""
     t0 = time.perf_counter()
-    predictions = generate(
-        lm, rows, template, max_new_tokens, batch_size, sampler, seed, min_new_tokens=min_new_tokens
-    )
-    t1 = time.perf_counter()
-    losses = response_losses(lm, rows, template, sequence_length)
-    t2 = time.perf_counter()
+    decoding_settings = (max_new_tokens, batch_size, sampler, seed, min_new_tokens)
+    predictions, losses = answer_rows(lm, rows, template, *decoding_settings, sequence_length)
     return (
         predictions,
         score_rows(predictions, losses),
-        {"generate_s": round(t1 - t0, 1), "loss_s": round(t2 - t1, 1)},
+        {"generate_s": round(time.perf_counter() - t0, 1)},
     )

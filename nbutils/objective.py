@@ -1,7 +1,8 @@
 """The objective: next-token cross-entropy at the scored (response) positions only.
 
-Training (:class:`nbutils.training.Trainer`) and the teacher-forced evaluation loss
-(:func:`nbutils.evaluation.response_losses`) both call :func:`scored_nll`, so they cannot disagree.
+Training (:class:`nbutils.training.Trainer`, through :func:`scored_nll`) and the teacher-forced
+evaluation loss (scored in generation's prefill, :mod:`nbutils.decoding`) both call
+:func:`output_nll`, so they cannot disagree.
 The 262k-word output layer dominates a step, so :func:`output_nll` runs it once, on the scored
 entries actually present (rounded up to one of a few sizes), and forms its gradient in the forward
 pass.

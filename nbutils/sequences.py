@@ -72,6 +72,18 @@ def lengths(tokenizer, rows: list[dict], template) -> tuple[list[int], list[int]
     return [len(p) for p, _ in pairs], [len(t) for _, t in pairs]
 
 
+def check_fit(rows: list[dict], pairs: list[tuple], sequence_length: int) -> list[tuple]:
+    """``pairs`` (see :func:`encode`) if each fits ``sequence_length`` tokens, else a one-line
+    error naming the row."""
+    for i, (row, (p, t)) in enumerate(zip(rows, pairs)):
+        if len(p) + len(t) > sequence_length:
+            raise ValueError(
+                f"row {row.get('id', i)}: {len(p) + len(t)} tokens > SEQUENCE_LENGTH={sequence_length}; "
+                "re-run notebook 01 with the same SEQUENCE_LENGTH."
+            )
+    return pairs
+
+
 def make_arrays(
     tokenizer, rows: list[dict], template, sequence_length: int
 ) -> dict[str, np.ndarray]:
@@ -80,15 +92,10 @@ def make_arrays(
     ``response_mask`` marks the response and stop tokens; the loss is taken at the positions
     *before* them (see :func:`loss_positions`).
     """
-    pairs = encode(tokenizer, rows, template)
+    pairs = check_fit(rows, encode(tokenizer, rows, template), sequence_length)
     ids = np.zeros((len(rows), sequence_length), np.int32)
     response = np.zeros((len(rows), sequence_length), bool)
     for i, (p, t) in enumerate(pairs):
-        if len(p) + len(t) > sequence_length:
-            raise ValueError(
-                f"row {rows[i].get('id', i)}: {len(p) + len(t)} tokens > SEQUENCE_LENGTH={sequence_length}; "
-                "re-run notebook 01 with the same SEQUENCE_LENGTH."
-            )
         ids[i, : len(p) + len(t)] = p + t
         response[i, len(p) : len(p) + len(t)] = True
     return {"token_ids": ids, "padding_mask": ids != 0, "response_mask": response}

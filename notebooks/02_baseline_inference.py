@@ -72,9 +72,10 @@ print(prompt + "⟶", answer.removeprefix(prompt)[:300])
 
 # %% [markdown]
 # ## 3. The whole test split, and the reference loss
-# The same generation, batched over rows of similar length and capped at `MAX_NEW_TOKENS`. We also
-# compute the teacher-forced **response loss**: how surprised the model is by the reference answers
-# (lower is better; `exp(loss)` is the perplexity).
+# The same generation, batched over rows of similar length and capped at `MAX_NEW_TOKENS`. The
+# same pass over each prompt also scores the reference answer that follows it, teacher-forced: the
+# **response loss**, how surprised the model is by the references (lower is better; `exp(loss)` is
+# the perplexity).
 
 # %%
 predictions, scores, timing = evaluation.run_inference(

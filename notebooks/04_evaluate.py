@@ -83,7 +83,7 @@ predictions, scores, timing = evaluation.run_inference(
 )
 files.write_jsonl(out / "tuned_predictions.jsonl", predictions)
 files.write_jsonl(out / "tuned_scores.jsonl", scores)
-print(f"answers in {timing['generate_s']} s, reference losses in {timing['loss_s']} s")
+print(f"answers and reference losses in {timing['generate_s']} s")
 
 # %% [markdown]
 # ## 3. Baseline vs tuned

@@ -85,12 +85,42 @@ def check_batch_matches_keras_hub(lm) -> None:
     # then batches whose leading chunks hold padding only (skipped): 31 and 32 tokens of padding,
     # and 76
     for batch in (prompt_ids, prompts_of((65, 64), vocab), prompts_of((5, 20), vocab)):
-        new = decode(batch)
+        new = decode(batch)[0]
         assert new.shape == (len(batch), n), new.shape
         for row, prompt in enumerate(batch):
             np.testing.assert_array_equal(
                 new[row], keras_hub_tokens(lm, prompt, n), err_msg=f"row of {len(prompt)} tokens"
             )
+
+
+def reference_nll(lm, prompt: list[int], targets: list[int]) -> np.ndarray:
+    """Cross-entropy of each of ``targets`` after ``prompt``: one unpadded forward pass, full
+    logits, log-softmax."""
+    import keras
+
+    ids = np.array([prompt + targets], np.int32)
+    hidden = lm.backbone(compat.text_inputs(lm.backbone, ids, np.ones_like(ids, bool)))
+    logits = keras.ops.cast(lm.backbone.token_embedding(hidden, reverse=True), "float32")
+    log_probs = np.asarray(keras.ops.log_softmax(logits, axis=-1))[0]
+    return np.array([-log_probs[len(prompt) - 1 + k, t] for k, t in enumerate(targets)])
+
+
+def check_scored_prefill(lm) -> None:
+    """With targets (1, 40 and 3 tokens: one and two chunks after the prompts), the prefill scores
+    each as a plain forward pass does, and the new tokens are those decoded without targets."""
+    vocab, n = lm.backbone.vocabulary_size, 12
+    prompt_ids = prompts_of(LENGTHS, vocab)
+    targets = [t[1:] for t in prompts_of((2, 41, 4), vocab)]
+    greedy = evaluation.make_sampler("greedy")
+    plain, none = decoding.make_decoder(lm, greedy, 4, 96, n, [vocab - 1])(prompt_ids)
+    decode = decoding.make_decoder(lm, greedy, 4, 96, n, [vocab - 1], max_target_tokens=40)
+    new, nll = decode(prompt_ids, targets)
+    assert none is None and nll.shape[0] == len(prompt_ids), nll.shape
+    np.testing.assert_array_equal(new, plain)
+    for row, (prompt, target) in enumerate(zip(prompt_ids, targets)):
+        expected = reference_nll(lm, prompt, target)
+        np.testing.assert_allclose(nll[row, : len(target)], expected, rtol=2e-4, atol=2e-4)
+        assert (nll[row, len(target) :] == 0).all()
 
 
 def check_early_stop(lm) -> None:
@@ -100,7 +130,7 @@ def check_early_stop(lm) -> None:
     prompt_ids = prompts_of(LENGTHS[:2], vocab)
     plain = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, [vocab - 1])(
         prompt_ids
-    )
+    )[0]
     stops, ends = next(
         (s, e)
         for a in plain[0, 1:]
@@ -111,7 +141,7 @@ def check_early_stop(lm) -> None:
     )
     new = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 64, n, sorted(stops))(
         prompt_ids
-    )
+    )[0]
     np.testing.assert_array_equal(new[:, : ends[1] + 1], plain[:, : ends[1] + 1])
     assert (new[:, ends[1] + 1 :] == 0).all(), new  # the loop ended when the second row stopped
     stop = int(plain[0, ends[0]])
@@ -127,10 +157,10 @@ def check_seeded_sampling(lm) -> None:
         decoding.make_decoder(lm, evaluation.make_sampler("top_k:50", seed), 1, 64, 10, [1])
         for seed in (7, 7, 8)
     ]
-    runs = [decode(prompt)[0] for decode in decoders]
+    runs = [decode(prompt)[0][0] for decode in decoders]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert (runs[0] != runs[2]).any()
-    assert (decoders[0](prompt)[0] != runs[0]).any()  # the seed generator's state moved on
+    assert (decoders[0](prompt)[0][0] != runs[0]).any()  # the seed generator's state moved on
     lm.compile(sampler=evaluation.make_sampler("top_k:50", 7))
     np.testing.assert_array_equal(runs[0], keras_hub_tokens(lm, prompt[0], 10))
 
@@ -195,12 +225,12 @@ def check_beam_search(lm) -> None:
     vocab, n = lm.backbone.vocabulary_size, 6
     prompt_ids = prompts_of(LENGTHS, vocab)
     beam = evaluation.make_sampler("beam:3")
-    new = decoding.make_decoder(lm, beam, 4, 96, n, [vocab - 1])(prompt_ids)
+    new = decoding.make_decoder(lm, beam, 4, 96, n, [vocab - 1])(prompt_ids)[0]
     greedy = decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 4, 96, n, [vocab - 1])
     log_probs = reference_log_probs(lm)
     for row, prompt in enumerate(prompt_ids):
         np.testing.assert_array_equal(new[row], reference_beam_search(log_probs, prompt, n, 3))
-    assert (new != greedy(prompt_ids)).any()  # beams found another answer somewhere
+    assert (new != greedy(prompt_ids)[0]).any()  # beams found another answer somewhere
 
 
 def check_min_new_tokens(lm) -> None:
@@ -210,7 +240,7 @@ def check_min_new_tokens(lm) -> None:
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS[:2], vocab)
     greedy = evaluation.make_sampler("greedy")
-    plain = decoding.make_decoder(lm, greedy, 2, 64, n, [vocab - 1])(prompt_ids)
+    plain = decoding.make_decoder(lm, greedy, 2, 64, n, [vocab - 1])(prompt_ids)[0]
     k = 1 + next(j for j in range(3, n - 2) if plain[0, j] not in plain[0, :j])
     log_probs = reference_log_probs(lm)
     barred = reference_greedy(log_probs, prompt_ids[0], n, [int(plain[0, k - 1])], k)
@@ -218,7 +248,7 @@ def check_min_new_tokens(lm) -> None:
     assert first_stop(plain[0], stops) == k - 1, "pick other prompts: a stop comes earlier"
     references = [reference_greedy(log_probs, prompt, n, stops, k) for prompt in prompt_ids]
     assert len(references[0]) == k + 1, "pick other prompts: row 0 must stop at token k"
-    new = decoding.make_decoder(lm, greedy, 2, 64, n, stops, min_new_tokens=k)(prompt_ids)
+    new = decoding.make_decoder(lm, greedy, 2, 64, n, stops, min_new_tokens=k)(prompt_ids)[0]
     for row, reference in enumerate(references):
         np.testing.assert_array_equal(new[row, : len(reference)], reference)
 
@@ -239,6 +269,7 @@ def check_forward(lm) -> str:
 
 CHECKS = (
     check_batch_matches_keras_hub,
+    check_scored_prefill,
     check_early_stop,
     check_seeded_sampling,
     check_beam_search,

@@ -69,3 +69,5 @@ def test_decoder_refuses_what_it_cannot_decode(lm):
         decode([[2, 5]] * 3)
     with pytest.raises(ValueError, match="33 tokens does not end by position 32"):
         decode([[2] * 33])
+    with pytest.raises(ValueError, match="max_target_tokens >= 5"):
+        decode([[2, 5]], [[7] * 5])

@@ -171,7 +171,8 @@ def test_generation_records_tokens_and_stop(tiny_lm):
 
 
 def test_response_loss_matches_a_direct_computation():
-    """Loss over response tokens only, checked against a plain full-logits computation."""
+    """Loss over response tokens only, from generation's prefill, checked against a plain
+    full-logits computation; the answers are generate's."""
     import keras
 
     from nbutils import models
@@ -181,7 +182,9 @@ def test_response_loss_matches_a_direct_computation():
     # a random tiny model is nearly uniform: make per-token losses differ
     embeddings.assign(embeddings * 40.0)
     tiny_lm = lm
-    losses = evaluation.response_losses(tiny_lm, ROWS, "gemma", 64, batch_size=2)
+    settings = (3, 2, "greedy", 0, 0)  # max_new_tokens, batch_size, sampler, seed, min_new_tokens
+    answers, losses = evaluation.answer_rows(tiny_lm, ROWS, "gemma", *settings, 64, progress=False)
+    assert answers == evaluation.generate(tiny_lm, ROWS, "gemma", 3, 2, progress=False)
     tok = tiny_lm.preprocessor.tokenizer
     for row, got in zip(ROWS, losses):
         p, t = sequences.encode_example(tok, row, "gemma")

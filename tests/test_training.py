@@ -106,11 +106,12 @@ def test_training_changes_only_the_adapter_and_lowers_loss(tiny, tmp_path):
         batch_size=4,
         patience=5,
     )
-    before = evaluation.response_losses(tiny, ROWS, "gemma", 64)
+    loss_only = (1, 16, "greedy", 0, 0, 64)  # one new token: the answers are not looked at
+    before = evaluation.answer_rows(tiny, ROWS, "gemma", *loss_only, progress=False)[1]
     result = training.train_lora(
         tiny, adamw(cfg, len(ROWS)), ROWS, ROWS[:4], cfg, "gemma", 64, tmp_path
     )
-    after = evaluation.response_losses(tiny, ROWS, "gemma", 64)
+    after = evaluation.answer_rows(tiny, ROWS, "gemma", *loss_only, progress=False)[1]
     mean = lambda ls: sum(r["loss_sum"] for r in ls) / sum(r["loss_tokens"] for r in ls)
     assert mean(after) < mean(before) - 0.05, (mean(before), mean(after))
     frozen_after = {v.path: np.array(v) for v in tiny.backbone.non_trainable_weights}
