@@ -18,6 +18,8 @@ reference's before attending, and the causal mask hides the positions after it.
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -114,7 +116,90 @@ def make_decoder(
         )
     # the cache holds the new tokens, and during the prefill the targets (in whole chunks)
     length = end + max(max_new_tokens, batches.round_up(max_target_tokens, CHUNK))
-    backbone, layout = lm.backbone, compat.cache_layout(lm)
+    layout = compat.cache_layout(lm)
+    settings = (batch_size, end, length, max_new_tokens, tuple(stop_token_ids), min_new_tokens)
+    steps, key = _COMPILED.setdefault(lm, {}), (_sampler_key(sampler), *settings)
+    if key not in steps:
+        steps[key] = _steps(lm, sampler, *settings, layout)
+    prefill_fn, decode_fn = steps[key]
+
+    def run(prompt_ids: list[list[int]], target_ids: list[list[int]] | None = None):
+        """The new tokens of each prompt (at most ``batch_size`` prompts) and the cross-entropy of
+        each target id."""
+        if not 0 < len(prompt_ids) <= batch_size:
+            raise ValueError(
+                f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}."
+            )
+        longest = max(len(p) for p in prompt_ids)
+        if longest > end:
+            raise ValueError(
+                f"a prompt of {longest} tokens does not end by position {end}; make the decoder with prompt_end(all prompts)."
+            )
+        # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the
+        # batch decoding
+        token_ids, key_mask = left_padded(
+            prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length
+        )
+        state = (
+            [v.value for v in sampler.variables],
+            [v.value for v in lm.trainable_variables],
+            [v.value for v in lm.non_trainable_variables],
+        )
+        caches = compat.empty_caches(lm, batch_size, length, layout)
+        scored = target_ids is not None and _check_targets(target_ids, prompt_ids, length - end)
+        if scored:
+            full, next_ids, weights = teacher_forced(token_ids, target_ids, end)
+            # the last target is predicted at end - 2 + its length
+            stop_at = end + batches.round_up(max(len(t) for t in target_ids) - 1, CHUNK)
+        else:
+            full, stop_at = token_ids, end
+        nll = []
+        # earlier chunks hold padding only
+        for start in range((end - longest) // CHUNK * CHUNK, stop_at, CHUNK):
+            chunk = slice(start, start + CHUNK)
+            targets = (
+                (next_ids[:, chunk], weights[:, chunk]) if scored and start >= end - CHUNK else ()
+            )
+            caches, out = prefill_fn(
+                state, caches, full[:, chunk], key_mask, np.int32(start), *targets
+            )
+            nll += [] if out is None else [np.asarray(out)]
+        new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
+        for variable, value in zip(sampler.variables, sampler_values):
+            variable.assign(value)  # seeded samplers move on, as with keras-hub's generate
+        rows = len(prompt_ids)
+        if not scored:
+            return np.asarray(new)[:rows], None
+        return np.asarray(new)[:rows], np.concatenate(nll, axis=1)[:rows, CHUNK - 1 :]
+
+    return run
+
+
+# per model: the jit-compiled prefill and decode loop of each decoder shape and sampler, so a later
+# decoder of the same kind (another call of generate, the base model with its adapter off) compiles
+# nothing; the sampler's and the model's variable values are arguments
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sampler_key(sampler) -> tuple:
+    """What a compiled decode loop depends on of ``sampler``: its class and configuration."""
+    return type(sampler), json.dumps(sampler.get_config(), sort_keys=True, default=str)
+
+
+def _steps(
+    lm,
+    sampler,
+    batch_size: int,
+    end: int,
+    length: int,
+    max_new_tokens: int,
+    stop_token_ids: tuple[int, ...],
+    min_new_tokens: int,
+    layout: str,
+) -> tuple[Callable, Callable]:
+    """The jitted ``prefill(state, caches, token_ids, key_mask, start[, targets, weights])`` and
+    ``decode(state, caches, token_ids, key_mask)`` of :func:`make_decoder`."""
+    backbone = lm.backbone
     beams = sampler.num_beams if isinstance(sampler, keras_hub.samplers.BeamSampler) else 1
 
     def scope(state):
@@ -169,58 +254,7 @@ def make_decoder(
             values = [s.get_current_value(v) for v in sampler.variables]
         return out[:, end:], [v if v is not None else w for v, w in zip(values, state[0])]
 
-    prefill_fn, decode_fn = jax.jit(prefill, donate_argnums=1), jax.jit(decode)
-
-    def run(prompt_ids: list[list[int]], target_ids: list[list[int]] | None = None):
-        """The new tokens of each prompt (at most ``batch_size`` prompts) and the cross-entropy of
-        each target id."""
-        if not 0 < len(prompt_ids) <= batch_size:
-            raise ValueError(
-                f"decode takes 1 to {batch_size} prompts (the decoder's batch_size), not {len(prompt_ids)}."
-            )
-        longest = max(len(p) for p in prompt_ids)
-        if longest > end:
-            raise ValueError(
-                f"a prompt of {longest} tokens does not end by position {end}; make the decoder with prompt_end(all prompts)."
-            )
-        # unused rows repeat the last prompt: greedy, they stop when it does, so they never keep the
-        # batch decoding
-        token_ids, key_mask = left_padded(
-            prompt_ids + prompt_ids[-1:] * (batch_size - len(prompt_ids)), batch_size, end, length
-        )
-        state = (
-            [v.value for v in sampler.variables],
-            [v.value for v in lm.trainable_variables],
-            [v.value for v in lm.non_trainable_variables],
-        )
-        caches = compat.empty_caches(lm, batch_size, length, layout)
-        scored = target_ids is not None and _check_targets(target_ids, prompt_ids, length - end)
-        if scored:
-            full, next_ids, weights = teacher_forced(token_ids, target_ids, end)
-            # the last target is predicted at end - 2 + its length
-            stop_at = end + batches.round_up(max(len(t) for t in target_ids) - 1, CHUNK)
-        else:
-            full, stop_at = token_ids, end
-        nll = []
-        # earlier chunks hold padding only
-        for start in range((end - longest) // CHUNK * CHUNK, stop_at, CHUNK):
-            chunk = slice(start, start + CHUNK)
-            targets = (
-                (next_ids[:, chunk], weights[:, chunk]) if scored and start >= end - CHUNK else ()
-            )
-            caches, out = prefill_fn(
-                state, caches, full[:, chunk], key_mask, np.int32(start), *targets
-            )
-            nll += [] if out is None else [np.asarray(out)]
-        new, sampler_values = decode_fn(state, caches, token_ids, key_mask)
-        for variable, value in zip(sampler.variables, sampler_values):
-            variable.assign(value)  # seeded samplers move on, as with keras-hub's generate
-        rows = len(prompt_ids)
-        if not scored:
-            return np.asarray(new)[:rows], None
-        return np.asarray(new)[:rows], np.concatenate(nll, axis=1)[:rows, CHUNK - 1 :]
-
-    return run
+    return jax.jit(prefill, donate_argnums=1), jax.jit(decode)
 
 
 def _check_targets(target_ids: list[list[int]], prompt_ids: list[list[int]], room: int) -> bool:

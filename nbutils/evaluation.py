@@ -7,6 +7,7 @@ the stop token. Metrics come from established packages (``rouge-score``, ``sacre
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import time
@@ -88,6 +89,7 @@ def first_argmax(x, block: int = 512):
     return ops.cast(best, "int32") * block + ops.cast(ops.argmax(inside, axis=-1), "int32")
 
 
+@functools.cache
 def greedy_sampler_class() -> type:
     """keras-hub's ``GreedySampler`` picking its token with :func:`first_argmax` (the same tokens,
     faster on a CPU)."""

@@ -71,3 +71,16 @@ def test_decoder_refuses_what_it_cannot_decode(lm):
         decode([[2] * 33])
     with pytest.raises(ValueError, match="max_target_tokens >= 5"):
         decode([[2, 5]], [[7] * 5])
+
+
+def test_decoders_of_one_kind_share_their_compiled_steps(lm):
+    """A second decoder with the same shapes and sampler settings compiles nothing; any other
+    setting gets its own steps (the checks above decode with several on one model)."""
+    compiled = lambda: len(decoding._COMPILED.get(lm, {}))
+    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1])
+    before = compiled()
+    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1])
+    assert compiled() == before
+    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1], min_new_tokens=1)
+    decoding.make_decoder(lm, evaluation.make_sampler("top_k:5", 3), 2, 32, 4, [1])
+    assert compiled() == before + 2
