@@ -19,7 +19,6 @@ reference's before attending, and the causal mask hides the positions after it.
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Callable
 
 import jax
@@ -118,7 +117,9 @@ def make_decoder(
     length = end + max(max_new_tokens, batches.round_up(max_target_tokens, CHUNK))
     layout = compat.cache_layout(lm)
     settings = (batch_size, end, length, max_new_tokens, tuple(stop_token_ids), min_new_tokens)
-    steps, key = _COMPILED.setdefault(lm, {}), (_sampler_key(sampler), *settings)
+    # in the model's own __dict__ (not a Keras-tracked attribute): they go with the model
+    steps = vars(lm).setdefault("_nbutils_decoder_steps", {})
+    key = (_sampler_key(sampler), *settings)
     if key not in steps:
         steps[key] = _steps(lm, sampler, *settings, layout)
     prefill_fn, decode_fn = steps[key]
@@ -146,7 +147,9 @@ def make_decoder(
             [v.value for v in lm.non_trainable_variables],
         )
         caches = compat.empty_caches(lm, batch_size, length, layout)
-        scored = target_ids is not None and _check_targets(target_ids, prompt_ids, length - end)
+        scored = target_ids is not None and _check_targets(
+            target_ids, prompt_ids, max_target_tokens
+        )
         if scored:
             full, next_ids, weights = teacher_forced(token_ids, target_ids, end)
             # the last target is predicted at end - 2 + its length
@@ -175,12 +178,6 @@ def make_decoder(
     return run
 
 
-# per model: the jit-compiled prefill and decode loop of each decoder shape and sampler, so a later
-# decoder of the same kind (another call of generate, the base model with its adapter off) compiles
-# nothing; the sampler's and the model's variable values are arguments
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _sampler_key(sampler) -> tuple:
     """What a compiled decode loop depends on of ``sampler``: its class and configuration."""
     return type(sampler), json.dumps(sampler.get_config(), sort_keys=True, default=str)
@@ -198,7 +195,12 @@ def _steps(
     layout: str,
 ) -> tuple[Callable, Callable]:
     """The jitted ``prefill(state, caches, token_ids, key_mask, start[, targets, weights])`` and
-    ``decode(state, caches, token_ids, key_mask)`` of :func:`make_decoder`."""
+    ``decode(state, caches, token_ids, key_mask)`` of :func:`make_decoder`.
+
+    Kept per model for each decoder shape and sampler, so a later decoder of the same kind (another
+    call of generate; the base model with its adapter off) compiles nothing: the sampler's and the
+    model's variable values are arguments.
+    """
     backbone = lm.backbone
     beams = sampler.num_beams if isinstance(sampler, keras_hub.samplers.BeamSampler) else 1
 

@@ -2,7 +2,7 @@
 
 Training (:class:`nbutils.training.Trainer`, through :func:`scored_nll`) and the teacher-forced
 evaluation loss (scored in generation's prefill, :mod:`nbutils.decoding`) both call
-:func:`output_nll`, so they cannot disagree.
+:func:`output_nll`: the same loss of the hidden states.
 The 262k-word output layer dominates a step, so :func:`output_nll` runs it once, on the scored
 entries actually present (rounded up to one of a few sizes), and forms its gradient in the forward
 pass.

@@ -111,16 +111,22 @@ def check_scored_prefill(lm) -> None:
     vocab, n = lm.backbone.vocabulary_size, 12
     prompt_ids = prompts_of(LENGTHS, vocab)
     targets = [t[1:] for t in prompts_of((2, 41, 4), vocab)]
-    greedy = evaluation.make_sampler("greedy")
-    plain, none = decoding.make_decoder(lm, greedy, 4, 96, n, [vocab - 1])(prompt_ids)
-    decode = decoding.make_decoder(lm, greedy, 4, 96, n, [vocab - 1], max_target_tokens=40)
-    new, nll = decode(prompt_ids, targets)
-    assert none is None and nll.shape[0] == len(prompt_ids), nll.shape
-    np.testing.assert_array_equal(new, plain)
+    for spec in ("greedy", "beam:3"):
+        sampler = evaluation.make_sampler(spec)
+        plain, none = decoding.make_decoder(lm, sampler, 4, 96, n, [vocab - 1])(prompt_ids)
+        decode = decoding.make_decoder(lm, sampler, 4, 96, n, [vocab - 1], max_target_tokens=40)
+        new, nll = decode(prompt_ids, targets)
+        assert none is None and nll.shape[0] == len(prompt_ids), nll.shape
+        np.testing.assert_array_equal(new, plain, err_msg=spec)
     for row, (prompt, target) in enumerate(zip(prompt_ids, targets)):
         expected = reference_nll(lm, prompt, target)
         np.testing.assert_allclose(nll[row, : len(target)], expected, rtol=2e-4, atol=2e-4)
         assert (nll[row, len(target) :] == 0).all()
+    # the cache sized by the new tokens (more than the targets need): the same losses
+    _, short = decoding.make_decoder(lm, sampler, 4, 96, 40, [vocab - 1], max_target_tokens=4)(
+        prompt_ids[:1], targets[:1]
+    )
+    np.testing.assert_allclose(short[0, :1], nll[0, :1], rtol=1e-5, atol=1e-5)
 
 
 def check_early_stop(lm) -> None:

@@ -76,11 +76,15 @@ def test_decoder_refuses_what_it_cannot_decode(lm):
 def test_decoders_of_one_kind_share_their_compiled_steps(lm):
     """A second decoder with the same shapes and sampler settings compiles nothing; any other
     setting gets its own steps (the checks above decode with several on one model)."""
-    compiled = lambda: len(decoding._COMPILED.get(lm, {}))
-    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1])
+    compiled = lambda: len(vars(lm).get("_nbutils_decoder_steps", {}))
+    greedy = evaluation.make_sampler
+    decoding.make_decoder(lm, greedy("greedy"), 2, 32, 4, [1])
     before = compiled()
-    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1])
+    decoding.make_decoder(lm, greedy("greedy"), 2, 32, 4, [1])
     assert compiled() == before
-    decoding.make_decoder(lm, evaluation.make_sampler("greedy"), 2, 32, 4, [1], min_new_tokens=1)
-    decoding.make_decoder(lm, evaluation.make_sampler("top_k:5", 3), 2, 32, 4, [1])
-    assert compiled() == before + 2
+    decoding.make_decoder(lm, greedy("greedy"), 2, 32, 4, [1], min_new_tokens=1)
+    decoding.make_decoder(lm, greedy("top_k:5", 3), 2, 32, 4, [1])
+    decoding.make_decoder(lm, greedy("greedy"), 1, 32, 4, [1])  # batch size
+    decoding.make_decoder(lm, greedy("greedy"), 2, 64, 4, [1])  # prompt end
+    decoding.make_decoder(lm, greedy("greedy"), 2, 32, 4, [1], max_target_tokens=33)  # cache
+    assert compiled() == before + 5

@@ -244,10 +244,16 @@ def test_unverified_gemma3_sizes_are_refused(gguf_reader, blocks, width, rope):
 
 def test_loading_a_model_frees_a_dropped_one():
     """A dropped Keras model lives on in reference cycles; load_gemma collects it before building
-    the next one."""
+    the next one, also after it generated (its compiled decoders go with it)."""
+    from nbutils import evaluation
+
     gc.disable()  # only load_gemma's own collection may free it
     try:
-        dropped = weakref.ref(models.load_gemma(models.TINY_MODEL, sequence_length=16))
+        lm = models.load_gemma(models.TINY_MODEL, sequence_length=16)
+        row = {"id": "a", "instruction": "Name a colour.", "input": "", "output": "Blue."}
+        evaluation.answer_rows(lm, [row], "gemma", 2, 1, "greedy", 0, 0, 64, progress=False)
+        dropped = weakref.ref(lm)
+        del lm
         assert dropped() is not None  # cycles keep it alive without a collection
         models.load_gemma(models.TINY_MODEL, sequence_length=16)
         assert dropped() is None
