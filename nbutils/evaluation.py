@@ -154,11 +154,12 @@ def answer_rows(
     tokenizer = lm.preprocessor.tokenizer
     stop = sequences.stop_token_id(tokenizer, template)
     texts = [prompts.render_prompt(r, template) for r in rows]
-    pairs = sequences.encode(tokenizer, rows, template)
     if sequence_length:
+        pairs = sequences.encode(tokenizer, rows, template)
         sequences.check_fit(rows, pairs, sequence_length)
-    prompt_ids = [p for p, _ in pairs]
-    target_ids = [t for _, t in pairs] if sequence_length else None
+        prompt_ids, target_ids = [p for p, _ in pairs], [t for _, t in pairs]
+    else:  # answers only: the references are not tokenized
+        prompt_ids, target_ids = sequences.prompt_ids(tokenizer, rows, template), None
     batch_size = min(batch_size, len(rows))  # no empty rows decoded alongside a short list
     decode = decoding.make_decoder(
         lm,

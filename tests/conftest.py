@@ -1,10 +1,22 @@
 """Shared fixtures: the real embedded Gemma (converted once, cached) and the tiny random Gemma."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One JAX compilation cache for the test session and every process it starts (series, scripts;
+# jax keys its entries by its own version, so the other stacks' runs keep theirs apart): a program
+# that many tests run compiles once. A truncated entry (a process killed while writing) only warns
+# and compiles again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nbutils-tests-jax-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest
 

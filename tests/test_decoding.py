@@ -48,16 +48,14 @@ def test_cache_layout_and_forward_match_call_with_cache(lm):
     reason="`make test-all` builds .venv-kaggle-image (the Kaggle image's stack)",
 )
 def test_decoding_on_the_kaggle_image_stack():
-    """The same checks with keras-hub 0.26, whose Gemma 3 keeps its cache as one stacked array."""
+    """The same checks with keras-hub 0.26, whose Gemma 3 keeps its cache as one stacked array (Gemma
+    2's layout is the same in both versions: the pinned stack checks it)."""
     script = paths.REPO_ROOT / "tests" / "_decoding_checks.py"
     done = subprocess.run(
         [str(IMAGE_PYTHON), str(script)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-        "gemma3": "stacked",
-        "gemma2": "stacked",
-    }
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"gemma3": "stacked"}
 
 
 def test_decoder_refuses_what_it_cannot_decode(lm):

@@ -133,24 +133,32 @@ def test_every_variant_runs_the_series_and_exports_exactly(gemma4_smoke_run):
 
 
 @pytest.mark.slow
-def test_all_notebooks_run_under_nbval(tmp_path, monkeypatch):
-    """01 -> 04 -> 06 with the smoke profile's parameters, executed by nbval; Kaggle credentials in
-    the environment reach none of the files written."""
+def test_every_notebook_runs_under_nbval(tmp_path, monkeypatch):
+    """01 -> 06 executed by nbval in one go: the smoke profile's parameters, and 05 (not in the
+    series) with sweep-smoke's on the same 01/02 outputs; Kaggle credentials in the environment
+    reach none of the files written."""
     from conftest import FAKE_KAGGLE
     from test_kaggle import secret_leaks
 
     for name, value in FAKE_KAGGLE.items():
         monkeypatch.setenv(name, value)
-    proc = nbval(
-        tmp_path,
-        prepare(
-            tmp_path, pipeline.SERIES, {**pipeline.PROFILES["smoke"].values, "RUN_ID": "nbval"}
-        ),
+    smoke, sweep = (pipeline.PROFILES[p].values for p in ("smoke", "sweep-smoke"))
+    assert all(
+        pipeline.for_notebook(smoke, n) == pipeline.for_notebook(sweep, n)
+        for n in ("01_prepare_data", "02_baseline_inference")
     )
+    prepared = [
+        prepare(
+            tmp_path, [name], {**(sweep if name == "05_experiments" else smoke), "RUN_ID": "nbval"}
+        )[0]
+        for name in pipeline.NOTEBOOKS
+    ]
+    proc = nbval(tmp_path, prepared)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    report = (tmp_path / "runs" / "nbval" / "report.md").read_text()
-    assert "| ROUGE-L F1 |" in report
-    assert (tmp_path / "runs" / "nbval" / "export" / "export_verification.json").exists()
+    run = tmp_path / "runs" / "nbval"
+    assert "| ROUGE-L F1 |" in (run / "report.md").read_text()
+    assert (run / "sweep_report.md").exists()
+    assert (run / "export" / "export_verification.json").exists()
     assert not secret_leaks(tmp_path, list(FAKE_KAGGLE.values()))
 
 
@@ -220,15 +228,6 @@ def test_a_larger_grid_trains_only_the_new_configuration(sweep_run, tmp_path):
     assert {d: (sweep_dir / d / "result.json").stat().st_mtime_ns for d in first} == first
     assert len(list(sweep_dir.iterdir())) == 5
     assert len(json.loads((run / "sweep_test.json").read_text())["evaluations"]) == 2
-
-
-@pytest.mark.slow
-def test_sweep_series_runs_under_nbval(tmp_path):
-    """01 -> 02 -> 05 (sweep-smoke) executed by nbval."""
-    params = {**pipeline.PROFILES["sweep-smoke"].values, "RUN_ID": "sweep"}
-    proc = nbval(tmp_path, prepare(tmp_path, pipeline.SWEEP_SERIES, params))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert (tmp_path / "runs" / "sweep" / "sweep_report.md").exists()
 
 
 def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch):
