@@ -10,8 +10,8 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One JAX compilation cache for the test session and every process it starts (series, scripts;
 # jax keys its entries by its own version, so the other stacks' runs keep theirs apart): a program
-# that many tests run compiles once. A truncated entry (a process killed while writing) only warns
-# and compiles again.
+# that many tests run compiles once. A truncated entry (a process killed while writing it) would
+# warn in every process that reads it: test_resume gives the processes it kills a cache of their own.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nbutils-tests-jax-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)

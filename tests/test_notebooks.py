@@ -134,9 +134,9 @@ def test_every_variant_runs_the_series_and_exports_exactly(gemma4_smoke_run):
 
 @pytest.mark.slow
 def test_every_notebook_runs_under_nbval(tmp_path, monkeypatch):
-    """01 -> 06 executed by nbval in one go: the smoke profile's parameters, and 05 (not in the
-    series) with sweep-smoke's on the same 01/02 outputs; Kaggle credentials in the environment
-    reach none of the files written."""
+    """01 -> 06 executed by nbval in one go: 05 (sweep-smoke's parameters) right after 01 and 02, as
+    the sweep series runs it, then 03, 04 and 06 (smoke's) on the same 01/02 outputs; Kaggle
+    credentials in the environment reach none of the files written."""
     from conftest import FAKE_KAGGLE
     from test_kaggle import secret_leaks
 
@@ -145,13 +145,17 @@ def test_every_notebook_runs_under_nbval(tmp_path, monkeypatch):
     smoke, sweep = (pipeline.PROFILES[p].values for p in ("smoke", "sweep-smoke"))
     assert all(
         pipeline.for_notebook(smoke, n) == pipeline.for_notebook(sweep, n)
-        for n in ("01_prepare_data", "02_baseline_inference")
+        for n in pipeline.SWEEP_SERIES[:2]
     )
+    assert pipeline.SWEEP_SERIES[:2] == pipeline.SERIES[:2]
+    order = (*pipeline.SWEEP_SERIES, *pipeline.SERIES[2:])
     prepared = [
         prepare(
-            tmp_path, [name], {**(sweep if name == "05_experiments" else smoke), "RUN_ID": "nbval"}
+            tmp_path,
+            [name],
+            {**(sweep if name in pipeline.SWEEP_SERIES else smoke), "RUN_ID": "nbval"},
         )[0]
-        for name in pipeline.NOTEBOOKS
+        for name in order
     ]
     proc = nbval(tmp_path, prepared)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

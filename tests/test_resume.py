@@ -18,12 +18,20 @@ from nbutils import models, training
 SCRIPT = Path(__file__).with_name("_resumable_training.py")
 
 
-def start(out: Path, *flags: str) -> subprocess.Popen:
+@pytest.fixture
+def env(tmp_path):
+    """The processes' environment: a compilation cache of their own (a process killed while
+    writing an entry leaves it truncated, and no other test's process should meet it)."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+
+
+def start(out: Path, env: dict, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
@@ -50,15 +58,20 @@ def adapter(out: Path) -> list[np.ndarray]:
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, env):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     # runs beside the interrupted one (deterministic: order is free)
     with open(tmp_path / "straight.err", "w") as err:
         uninterrupted = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(straight)], stdout=subprocess.DEVNULL, stderr=err
+            [sys.executable, str(SCRIPT), str(straight)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
         )
     try:
-        proc = start(broken, "--slow")  # 1. killed without warning just after its first checkpoint
+        proc = start(
+            broken, env, "--slow"
+        )  # 1. killed without warning just after its first checkpoint
         wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -66,7 +79,7 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert training.latest_checkpoint(broken / "checkpoints").name == "update-000004"
 
         # 2. resumed, then stopped with SIGTERM: it checkpoints, then exits
-        proc = start(broken, "--resume", "--slow")
+        proc = start(broken, env, "--resume", "--slow")
         wait_for(broken / "checkpoints" / "update-000008" / "progress.json", proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -78,7 +91,7 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
         )
         assert "RESUME: continuing after update 4" in out
 
-        proc = start(broken, "--resume")  # 3. resumed to the end
+        proc = start(broken, env, "--resume")  # 3. resumed to the end
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
