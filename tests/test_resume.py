@@ -69,9 +69,8 @@ def test_killed_and_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, en
             env=env,
         )
     try:
-        proc = start(
-            broken, env, "--slow"
-        )  # 1. killed without warning just after its first checkpoint
+        # 1. killed without warning just after its first checkpoint
+        proc = start(broken, env, "--slow")
         wait_for(broken / "checkpoints" / "update-000004" / "progress.json", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
