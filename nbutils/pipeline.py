@@ -16,9 +16,11 @@ import datetime as dt
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import papermill as pm
+from traitlets.config import Config
 
 from nbutils import config, data, files, paths, provenance, runs
 
@@ -143,13 +145,22 @@ def resume(run_id: str) -> dict:
     return execute(run_id, series, {**saved["parameters"], "RESUME": True}, done)
 
 
+def local_kernel(folder: str) -> dict:
+    """papermill options that connect to each kernel over Unix sockets in ``folder`` (a private
+    temporary folder) instead of TCP ports on localhost; Windows has no such sockets."""
+    if os.name != "posix":
+        return {}
+    sockets = {"transport": "ipc", "ip": os.path.join(folder, "kernel")}
+    return {"config": Config({"KernelManager": sockets})}
+
+
 def execute(run_id: str, series: tuple, params: dict, done: dict) -> dict:
     """Run the notebooks of ``series`` not in ``done`` (name -> seconds) into ``runs/<run_id>/``."""
 
     # the kernels inherit it: plain progress lines in saved outputs
     os.environ.setdefault("NBUTILS_PROGRESS", "lines")
     out, timings = paths.RUNS_DIR / run_id, dict(done)
-    with papermill_log(out / "pipeline.log"):
+    with papermill_log(out / "pipeline.log"), tempfile.TemporaryDirectory() as sockets:
         for name in series:
             if name in done:
                 continue
@@ -164,6 +175,7 @@ def execute(run_id: str, series: tuple, params: dict, done: dict) -> dict:
                 progress_bar=False,
                 log_output=True,
                 stdout_file=None,
+                **local_kernel(sockets),
             )
             timings[name] = round(time.perf_counter() - start, 1)
             files.write_json(out / "timings.json", timings)

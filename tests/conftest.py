@@ -78,6 +78,7 @@ def run_smoke_series(root, python: str, run_id: str, params=(), **env) -> None:
         timeout=1200,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (root / f"{run_id}.stderr").write_text(done.stderr)  # what the terminal showed besides progress
 
 
 @pytest.fixture(scope="session")

@@ -243,6 +243,12 @@ def test_step_before_its_prerequisite_says_which_notebook(tmp_path, monkeypatch)
         runs.read_step_output("r1", "02_baseline_inference")
 
 
+def test_the_pipeline_prints_nothing_on_stderr(smoke_run):
+    """The terminal of a run shows its progress only: ipykernel warns on stderr about a kernel on
+    TCP ports, so the pipeline connects over Unix sockets."""
+    assert (smoke_run / "smoke.stderr").read_text() == ""
+
+
 def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
     assert config.parse("RANK", "16") == 16 and config.parse("LORA_TARGETS", "all") == "all"
     assert config.parse("COLUMNS", "{'a': 'b'}") == {"a": "b"}
