@@ -147,8 +147,9 @@ def resume(run_id: str) -> dict:
 
 def local_kernel(folder: str) -> dict:
     """papermill options that connect to each kernel over Unix sockets in ``folder`` (a private
-    temporary folder) instead of TCP ports on localhost; Windows has no such sockets."""
-    if os.name != "posix":
+    temporary folder) instead of TCP ports on localhost; Windows has no such sockets, and macOS
+    takes socket paths of at most 104 characters."""
+    if os.name != "posix" or len(folder) > 90:
         return {}
     sockets = {"transport": "ipc", "ip": os.path.join(folder, "kernel")}
     return {"config": Config({"KernelManager": sockets})}

@@ -249,6 +249,12 @@ def test_the_pipeline_prints_nothing_on_stderr(smoke_run):
     assert (smoke_run / "smoke.stderr").read_text() == ""
 
 
+def test_kernels_fall_back_to_tcp_where_unix_sockets_cannot_go():
+    sockets = pipeline.local_kernel("/tmp/tmpabc")["config"]["KernelManager"]
+    assert sockets == {"transport": "ipc", "ip": "/tmp/tmpabc/kernel"}
+    assert pipeline.local_kernel("/" + "t" * 100) == {}  # past the socket path limit
+
+
 def test_pipeline_parameters_and_run_ids(tmp_path, monkeypatch):
     assert config.parse("RANK", "16") == 16 and config.parse("LORA_TARGETS", "all") == "all"
     assert config.parse("COLUMNS", "{'a': 'b'}") == {"a": "b"}
